@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Starts the local cluster of the client contract: the message service on 127.0.0.1:50051
+# and two gateways on 127.0.0.1:8080 and 127.0.0.1:8081, against DATABASE_URL and
+# REDIS_URL (local defaults). Ctrl-C stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DATABASE_URL="${DATABASE_URL:-postgres://localhost/chat}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+DEV_SECRET="dev-secret-change-me"
+export JWT_SECRET="${JWT_SECRET:-$DEV_SECRET}"
+export RUST_LOG="${RUST_LOG:-info}"
+PROFILE="${PROFILE:-release}"
+
+if [ "$PROFILE" = release ]; then
+  cargo build --release --workspace --bins
+  BIN=target/release
+else
+  cargo build --workspace --bins
+  BIN=target/debug
+fi
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  if [ ${#pids[@]} -gt 0 ]; then
+    echo "stopping the cluster..."
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
+}
+trap cleanup INT TERM EXIT
+
+wait_ready() { # url, name, pid
+  for _ in $(seq 1 150); do
+    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    if ! kill -0 "$3" 2>/dev/null; then echo "$2 exited during start-up" >&2; exit 1; fi
+    sleep 0.2
+  done
+  echo "$2 not ready after 30 s" >&2
+  exit 1
+}
+
+MESSAGE_ADDR=127.0.0.1:50051 "$BIN/chat-message" &
+pids+=($!)
+GATEWAY_ADDR=127.0.0.1:8080 MESSAGE_SERVICE_URL=http://127.0.0.1:50051 "$BIN/chat-gateway" &
+pids+=($!)
+GATEWAY_ADDR=127.0.0.1:8081 MESSAGE_SERVICE_URL=http://127.0.0.1:50051 "$BIN/chat-gateway" &
+pids+=($!)
+
+wait_ready http://127.0.0.1:8080/readyz "gateway A" "${pids[1]}"
+wait_ready http://127.0.0.1:8081/readyz "gateway B" "${pids[2]}"
+
+secret_hint=""
+[ "$JWT_SECRET" = "$DEV_SECRET" ] && secret_hint=" (dev default; set JWT_SECRET to override)"
+cat <<INFO
+
+  chat cluster is up
+    message service  grpc://127.0.0.1:50051
+    gateway A        ws://127.0.0.1:8080/ws   http://127.0.0.1:8080/readyz
+    gateway B        ws://127.0.0.1:8081/ws   http://127.0.0.1:8081/readyz
+    database         $DATABASE_URL
+    redis            $REDIS_URL
+    JWT_SECRET       $JWT_SECRET$secret_hint
+
+  a dev token:  JWT_SECRET=$JWT_SECRET $BIN/chatctl token --sub alice
+  Ctrl-C stops the cluster.
+
+INFO
+
+# Exit (and stop the rest) as soon as any process dies.
+wait -n "${pids[@]}"
+echo "a cluster process exited; stopping the rest" >&2
+exit 1

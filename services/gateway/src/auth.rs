@@ -1,0 +1,212 @@
+//! Client authentication: JWT verification and where a token may come from.
+
+use jsonwebtoken::{decode, errors::ErrorKind, Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 30;
+/// Longest user id (`sub`).
+pub const MAX_SUB_CHARS: usize = 128;
+/// Longest token accepted at all; anything longer is rejected before parsing.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// The claims the gateway uses. `sub` is the user id everywhere downstream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// Defaulted so a missing `sub` is reported as such, not as a JSON error.
+    #[serde(default)]
+    pub sub: String,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+impl Claims {
+    /// The JWT role `admin`: the only thing "admin" ever means.
+    pub fn is_admin(&self) -> bool {
+        self.role.as_deref() == Some("admin")
+    }
+}
+
+/// Why a token was refused. The message is safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("token expired")]
+    Expired,
+    #[error("token is larger than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
+    #[error("token has no usable sub (1 to {MAX_SUB_CHARS} characters)")]
+    BadSubject,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Verifies tokens against one key and one pinned algorithm.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    /// An HS256 verifier. `iss` and `aud` are checked only when configured.
+    pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(iss) = issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        match audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            // Without a configured audience, a token that names one is still fine.
+            None => validation.validate_aud = false,
+        }
+        Self { key: DecodingKey::from_secret(secret), validation }
+    }
+
+    /// The claims of a valid token.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooLarge);
+        }
+        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|err| match err.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::BadSubject,
+            _ => AuthError::Invalid(err.to_string()),
+        })?;
+        let claims = data.claims;
+        let n = claims.sub.chars().count();
+        if n == 0 || n > MAX_SUB_CHARS {
+            return Err(AuthError::BadSubject);
+        }
+        Ok(claims)
+    }
+}
+
+/// The token of an `Authorization: Bearer <jwt>` header value.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"test-secret";
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    fn sign(claims: serde_json::Value) -> String {
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::hs256(SECRET, None, None)
+    }
+
+    #[test]
+    fn a_valid_token_yields_its_claims() {
+        let token = sign(json!({"sub": "alice", "exp": now() + 60, "name": "Alice", "role": "admin"}));
+        let claims = verifier().verify(&token).unwrap();
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.name.as_deref(), Some("Alice"));
+        assert!(claims.is_admin());
+    }
+
+    #[test]
+    fn expiry_is_enforced_with_30_seconds_of_leeway() {
+        let within = sign(json!({"sub": "alice", "exp": now() - 10}));
+        assert!(verifier().verify(&within).is_ok());
+        let expired = sign(json!({"sub": "alice", "exp": now() - 120}));
+        assert_eq!(verifier().verify(&expired), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn exp_is_required() {
+        let token = sign(json!({"sub": "alice"}));
+        assert!(matches!(verifier().verify(&token), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn sub_must_be_present_and_at_most_128_characters() {
+        let missing = sign(json!({"exp": now() + 60}));
+        assert_eq!(verifier().verify(&missing), Err(AuthError::BadSubject));
+        let empty = sign(json!({"sub": "", "exp": now() + 60}));
+        assert_eq!(verifier().verify(&empty), Err(AuthError::BadSubject));
+        let long = sign(json!({"sub": "x".repeat(129), "exp": now() + 60}));
+        assert_eq!(verifier().verify(&long), Err(AuthError::BadSubject));
+    }
+
+    #[test]
+    fn a_token_signed_with_another_key_is_refused() {
+        let token =
+            encode(&Header::default(), &json!({"sub": "a", "exp": now() + 60}), &EncodingKey::from_secret(b"other"))
+                .unwrap();
+        assert!(matches!(verifier().verify(&token), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn unsigned_alg_none_tokens_are_refused() {
+        use base64_url as b64;
+        let header = b64::encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64::encode(format!(r#"{{"sub":"alice","exp":{}}}"#, now() + 60).as_bytes());
+        let token = format!("{header}.{body}.");
+        assert!(matches!(verifier().verify(&token), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn garbage_and_oversized_tokens_are_refused() {
+        assert!(matches!(verifier().verify("not a jwt"), Err(AuthError::Invalid(_))));
+        assert_eq!(verifier().verify(&"a".repeat(MAX_TOKEN_BYTES + 1)), Err(AuthError::TooLarge));
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let v = Verifier::hs256(SECRET, Some("https://auth.example"), Some("chat"));
+        let good = sign(json!({"sub": "a", "exp": now() + 60, "iss": "https://auth.example", "aud": "chat"}));
+        assert!(v.verify(&good).is_ok());
+        let wrong_iss = sign(json!({"sub": "a", "exp": now() + 60, "iss": "evil", "aud": "chat"}));
+        assert!(v.verify(&wrong_iss).is_err());
+        let wrong_aud = sign(json!({"sub": "a", "exp": now() + 60, "iss": "https://auth.example", "aud": "x"}));
+        assert!(v.verify(&wrong_aud).is_err());
+        // Without configuration, an aud claim is not a reason to refuse.
+        assert!(verifier().verify(&wrong_aud).is_ok());
+    }
+
+    #[test]
+    fn bearer_header_parsing() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
+
+    /// Minimal unpadded base64url for hand-made test tokens.
+    mod base64_url {
+        pub fn encode(input: &[u8]) -> String {
+            const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let mut out = String::new();
+            for chunk in input.chunks(3) {
+                let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+                for i in 0..=chunk.len() {
+                    out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                }
+            }
+            out
+        }
+    }
+}

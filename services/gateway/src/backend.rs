@@ -1,0 +1,90 @@
+//! The gRPC client of the message service: one shared tonic `Channel`, and the caller
+//! identity always taken from the verified token.
+
+use std::time::Duration;
+
+use chat_common::startup::Retry;
+use chat_proto::v1 as pb;
+use chat_proto::v1::chat_service_client::ChatServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::auth::Claims;
+use crate::error::CommandError;
+
+/// Handle to the message service; cheap to clone (clones share the HTTP/2 channel).
+#[derive(Clone)]
+pub struct Backend {
+    chat: ChatServiceClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+/// The identity sent with every call.
+pub fn caller(claims: &Claims) -> pb::Caller {
+    pb::Caller { user_id: claims.sub.clone(), name: claims.name.clone(), admin: claims.is_admin() }
+}
+
+impl Backend {
+    /// A channel to `url` with a per-call deadline of `timeout`; waits, with bounded
+    /// retries, until the service reports SERVING.
+    pub async fn connect(url: &str, timeout: Duration, retry: Retry) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        let backend = Self { chat: ChatServiceClient::new(channel.clone()), health: HealthClient::new(channel) };
+        retry
+            .run(&format!("message service at {url}"), || async {
+                match backend.serving().await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("not serving yet".to_owned()),
+                    Err(status) => Err(status.message().to_owned()),
+                }
+            })
+            .await?;
+        Ok(backend)
+    }
+
+    /// True when the message service reports SERVING.
+    pub async fn is_serving(&self) -> bool {
+        matches!(self.serving().await, Ok(true))
+    }
+
+    async fn serving(&self) -> Result<bool, tonic::Status> {
+        let reply = self.health.clone().check(HealthCheckRequest { service: String::new() }).await?;
+        Ok(reply.into_inner().status == ServingStatus::Serving as i32)
+    }
+
+    /// Creates a room owned by the caller.
+    pub async fn create_room(&self, req: pb::CreateRoomRequest) -> Result<pb::Room, CommandError> {
+        let reply = self.chat.clone().create_room(req).await?.into_inner();
+        reply.room.ok_or_else(missing)
+    }
+
+    /// Checks access to a room and returns its newest seq.
+    pub async fn join_room(&self, caller: pb::Caller, room_id: String) -> Result<i64, CommandError> {
+        let reply = self.chat.clone().join_room(pb::JoinRoomRequest { caller: Some(caller), room_id }).await?;
+        Ok(reply.into_inner().last_seq)
+    }
+
+    /// Stores and publishes a message.
+    pub async fn send_message(&self, req: pb::SendMessageRequest) -> Result<pb::Message, CommandError> {
+        let reply = self.chat.clone().send_message(req).await?.into_inner();
+        reply.message.ok_or_else(missing)
+    }
+
+    /// A page of history.
+    pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, CommandError> {
+        Ok(self.chat.clone().history(req).await?.into_inner())
+    }
+}
+
+fn missing() -> CommandError {
+    CommandError::from(tonic::Status::internal("message service returned an empty reply"))
+}

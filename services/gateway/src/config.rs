@@ -1,0 +1,126 @@
+//! The gateway's configuration: flags or environment variables, read once.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_common::startup::Retry;
+use clap::Parser;
+
+/// Configuration of a gateway. Every flag can also be set through the environment
+/// variable named beside it.
+#[derive(Clone, Parser)]
+#[command(name = "chat-gateway", version, about = "Chat WebSocket gateway")]
+pub struct Config {
+    /// Address for HTTP and WebSocket (`/ws`).
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// gRPC URL of the message service.
+    #[arg(long, env = "MESSAGE_SERVICE_URL", default_value = "http://127.0.0.1:50051")]
+    pub message_service_url: String,
+
+    /// Redis URL for subscribing to room events.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Prefix of every Redis channel name; the message service must use the same one.
+    #[arg(long, env = "REDIS_CHANNEL_PREFIX", default_value = "chat")]
+    pub redis_channel_prefix: String,
+
+    /// HS256 key that signs client tokens. Required.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+
+    /// When set, tokens must carry this `iss`.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, tokens must carry this `aud`.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Interval of server WebSocket pings; a connection silent for twice this is dropped.
+    #[arg(long, env = "HEARTBEAT_MS", default_value_t = 25_000)]
+    pub heartbeat_ms: u64,
+
+    /// Seconds a client has to send its `auth` frame when the handshake carried no token.
+    #[arg(long, env = "AUTH_TIMEOUT_SECS", default_value_t = 10)]
+    pub auth_timeout_secs: u64,
+
+    /// Largest accepted text frame, in bytes; larger ones get `too_large`.
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+
+    /// Frames queued for one connection before it counts as too slow and is disconnected.
+    #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// Deadline of each gRPC call to the message service, in milliseconds.
+    #[arg(long, env = "GRPC_TIMEOUT_MS", default_value_t = 5_000)]
+    pub grpc_timeout_ms: u64,
+
+    /// Attempts to reach the message service and Redis at start before giving up.
+    #[arg(long, env = "STARTUP_ATTEMPTS", default_value_t = 40)]
+    pub startup_attempts: u32,
+
+    /// Milliseconds between those attempts.
+    #[arg(long, env = "STARTUP_RETRY_MS", default_value_t = 500)]
+    pub startup_retry_ms: u64,
+
+    /// Seconds that open connections get to close after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+
+    /// `json` for one JSON object per log line, `text` for humans.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("message_service_url", &self.message_service_url)
+            .field("redis_url", &self.redis_url)
+            .field("jwt_secret", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Rejects values that parse but cannot work, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.jwt_secret.is_empty() {
+            return Err("JWT_SECRET must not be empty".into());
+        }
+        if !self.message_service_url.starts_with("http://") && !self.message_service_url.starts_with("https://") {
+            return Err("MESSAGE_SERVICE_URL must be an http:// URL".into());
+        }
+        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
+            return Err("REDIS_URL must be a redis:// URL".into());
+        }
+        if self.redis_channel_prefix.is_empty() || self.redis_channel_prefix.contains(['{', '}']) {
+            return Err("REDIS_CHANNEL_PREFIX must be non-empty and contain no braces".into());
+        }
+        if self.heartbeat_ms < 100 {
+            return Err("HEARTBEAT_MS must be at least 100".into());
+        }
+        if self.outbound_queue < 8 {
+            return Err("OUTBOUND_QUEUE must be at least 8".into());
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err("MAX_FRAME_BYTES must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    /// The start-up retry policy.
+    pub fn startup_retry(&self) -> Retry {
+        Retry { attempts: self.startup_attempts, delay: Duration::from_millis(self.startup_retry_ms) }
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+}

@@ -1,0 +1,136 @@
+//! Protocol error codes, and the one mapping from gRPC statuses onto them.
+
+use serde::Serialize;
+use tonic::Code;
+
+/// The `code` of an `error` frame (and of HTTP error bodies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+/// A command failed: what the client sees in its `error` reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct CommandError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl CommandError {
+    /// An error with a code and a client-facing message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// A `bad_request` error.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+}
+
+impl From<tonic::Status> for CommandError {
+    fn from(status: tonic::Status) -> Self {
+        let code = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => ErrorCode::BadRequest,
+            Code::Unauthenticated => ErrorCode::Unauthorized,
+            Code::PermissionDenied => ErrorCode::Forbidden,
+            Code::NotFound => ErrorCode::NotFound,
+            Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => ErrorCode::Conflict,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
+                ErrorCode::Unavailable
+            }
+            _ => ErrorCode::Internal,
+        };
+        let message = match code {
+            // Transport details (addresses, h2 errors) are for our logs, not for clients.
+            ErrorCode::Unavailable => {
+                tracing::warn!(status = %status, "message service unavailable");
+                "message service unavailable; retry".to_owned()
+            }
+            ErrorCode::Internal => {
+                tracing::error!(status = %status, "message service internal error");
+                "internal error".to_owned()
+            }
+            _ => status.message().to_owned(),
+        };
+        Self { code, message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_map_to_protocol_codes() {
+        let cases = [
+            (Code::InvalidArgument, ErrorCode::BadRequest),
+            (Code::PermissionDenied, ErrorCode::Forbidden),
+            (Code::NotFound, ErrorCode::NotFound),
+            (Code::AlreadyExists, ErrorCode::Conflict),
+            (Code::Unavailable, ErrorCode::Unavailable),
+            (Code::DeadlineExceeded, ErrorCode::Unavailable),
+            (Code::Internal, ErrorCode::Internal),
+            (Code::Unknown, ErrorCode::Internal),
+        ];
+        for (grpc, want) in cases {
+            assert_eq!(CommandError::from(tonic::Status::new(grpc, "m")).code, want, "{grpc:?}");
+        }
+    }
+
+    #[test]
+    fn internal_details_are_not_passed_to_clients() {
+        let err = CommandError::from(tonic::Status::unavailable("tcp connect 10.0.0.7:50051 refused"));
+        assert!(!err.message.contains("10.0.0.7"));
+        let err = CommandError::from(tonic::Status::not_found("room not found"));
+        assert_eq!(err.message, "room not found");
+    }
+
+    #[test]
+    fn codes_serialise_in_snake_case() {
+        assert_eq!(serde_json::to_string(&ErrorCode::BadRequest).unwrap(), "\"bad_request\"");
+        assert_eq!(serde_json::to_string(&ErrorCode::TooLarge).unwrap(), "\"too_large\"");
+    }
+}
+
+/// An HTTP error response: `{"error":{"code","message"}}` with its status.
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: axum::http::StatusCode,
+    pub error: CommandError,
+}
+
+impl HttpError {
+    /// A 401 `unauthorized` response.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: axum::http::StatusCode::UNAUTHORIZED,
+            error: CommandError::new(ErrorCode::Unauthorized, message),
+        }
+    }
+
+    /// A 503 `unavailable` response.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            error: CommandError::new(ErrorCode::Unavailable, message),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for HttpError {
+    fn into_response(self) -> axum::response::Response {
+        let body = serde_json::json!({"error": {"code": self.error.code, "message": self.error.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}

@@ -1,0 +1,105 @@
+//! The WebSocket gateway: terminates client connections, authenticates them with JWT,
+//! forwards commands to the message service over gRPC, and pushes room events it hears
+//! on Redis to the local connections that joined those rooms.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod fanout;
+pub mod http;
+pub mod outbox;
+pub mod protocol;
+pub mod session;
+pub mod state;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_common::channels::Channels;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::fanout::Fanout;
+use crate::state::{AppState, ConnSettings};
+
+/// How often the message service's health is checked for `/readyz`.
+const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A gateway with its backends connected and its port bound, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    grace: Duration,
+}
+
+impl Application {
+    /// Connects to the message service and Redis (bounded retries) and binds the port.
+    /// `shutdown` is the token whose cancellation starts the drain.
+    pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let retry = config.startup_retry();
+        let verifier =
+            Verifier::hs256(config.jwt_secret.as_bytes(), config.jwt_issuer.as_deref(), config.jwt_audience.as_deref());
+        let backend =
+            Backend::connect(&config.message_service_url, Duration::from_millis(config.grpc_timeout_ms), retry).await?;
+        let fanout = Fanout::connect(&config.redis_url, Channels::new(&config.redis_channel_prefix), retry).await?;
+        let settings = ConnSettings {
+            heartbeat: config.heartbeat(),
+            auth_timeout: Duration::from_secs(config.auth_timeout_secs),
+            max_frame_bytes: config.max_frame_bytes,
+            outbound_queue: config.outbound_queue,
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let state = AppState::new(verifier, backend, fanout, settings, shutdown);
+        Ok(Self { listener, state, grace: Duration::from_secs(config.shutdown_grace_secs) })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the shutdown token is cancelled; then every connection is told to
+    /// reconnect and closed with 1012, within the grace period.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let state = self.state;
+        let shutdown = state.shutdown().clone();
+        // The dispatcher outlives the HTTP server so connections still draining get events.
+        let dispatcher_stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(state.fanout().clone().run_dispatcher(dispatcher_stop.clone()));
+        tokio::spawn(watch_backend(state.clone()));
+
+        let app = http::router(state.clone());
+        let stopped = shutdown.clone();
+        axum::serve(self.listener, app).with_graceful_shutdown(async move { stopped.cancelled().await }).await?;
+
+        state.connections().close();
+        if tokio::time::timeout(self.grace, state.connections().wait()).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "connections still open after the grace period");
+        }
+        dispatcher_stop.cancel();
+        let _ = dispatcher.await;
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}
+
+/// Keeps the readiness flag in step with the message service's health.
+async fn watch_backend(state: AppState) {
+    loop {
+        let serving = state.backend().is_serving().await;
+        state.set_backend_serving(serving);
+        tokio::select! {
+            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
+            _ = state.shutdown().cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The outbound side of one connection: a bounded queue of frames, and the one way to
+//! close the connection with a code.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::ws::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Close code for a client that cannot keep up ("try again later": it may reconnect
+/// and recover with `since_seq`).
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+/// Why a connection is being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// Handle to a connection's queue; cheap to clone, shared with the fan-out.
+#[derive(Clone)]
+pub struct Outbox {
+    id: u64,
+    tx: mpsc::Sender<Message>,
+    closing: CancellationToken,
+    reason: Arc<OnceLock<CloseReason>>,
+}
+
+impl Outbox {
+    /// A queue of `capacity` frames for connection `id`, and its receiving end.
+    pub fn new(id: u64, capacity: usize) -> (Self, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let outbox = Self { id, tx, closing: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
+        (outbox, rx)
+    }
+
+    /// The connection's id, unique within this gateway.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Queues an event without waiting. A full queue means the client reads slower than
+    /// its rooms produce; rather than buffer without bound, the connection is closed
+    /// with 1013 and the client recovers what it missed on reconnect.
+    pub fn push_event(&self, frame: Message) {
+        match self.tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(conn = self.id, "outbound queue full; disconnecting slow consumer");
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer");
+            }
+            // The connection is already going away.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Queues a reply, waiting while the queue is full (this only slows the reading of
+    /// this client's own commands). False once the connection is closing.
+    pub async fn reply(&self, frame: Message) -> bool {
+        tokio::select! {
+            sent = self.tx.send(frame) => sent.is_ok(),
+            _ = self.closing.cancelled() => false,
+        }
+    }
+
+    /// Asks the connection to close with `code`; the first reason given wins.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.reason.set(CloseReason { code, reason });
+        self.closing.cancel();
+    }
+
+    /// Resolves once `close` has been called.
+    pub async fn closing(&self) {
+        self.closing.cancelled().await
+    }
+
+    /// The reason given to `close`, if it has been called.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.reason.get().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_closes_the_connection_instead_of_growing() {
+        let (outbox, mut rx) = Outbox::new(1, 2);
+        outbox.push_event(Message::Text("a".into()));
+        outbox.push_event(Message::Text("b".into()));
+        assert_eq!(outbox.close_reason(), None);
+        outbox.push_event(Message::Text("c".into()));
+        assert_eq!(outbox.close_reason(), Some(CloseReason { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer" }));
+        assert_eq!(rx.len(), 2, "the queue never holds more than its capacity");
+        assert!(!outbox.reply(Message::Text("d".into())).await, "replies stop once closing");
+        rx.recv().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_first_close_reason_wins() {
+        let (outbox, _rx) = Outbox::new(1, 2);
+        outbox.close(4001, "token expired");
+        outbox.close(1012, "restart");
+        assert_eq!(outbox.close_reason().unwrap().code, 4001);
+    }
+}

@@ -1,0 +1,129 @@
+//! What every connection and handler of one gateway shares.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::backend::Backend;
+use crate::fanout::Fanout;
+
+/// Per-connection limits and timings, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    pub heartbeat: Duration,
+    pub auth_timeout: Duration,
+    pub max_frame_bytes: usize,
+    pub outbound_queue: usize,
+}
+
+/// Cheap-to-clone handle to the gateway's shared parts.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    verifier: Verifier,
+    backend: Backend,
+    fanout: Fanout,
+    settings: ConnSettings,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    next_conn: AtomicU64,
+    backend_serving: AtomicBool,
+    started: Instant,
+}
+
+impl AppState {
+    /// Shared state over connected backends.
+    pub fn new(
+        verifier: Verifier,
+        backend: Backend,
+        fanout: Fanout,
+        settings: ConnSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                verifier,
+                backend,
+                fanout,
+                settings,
+                shutdown,
+                connections: TaskTracker::new(),
+                next_conn: AtomicU64::new(1),
+                backend_serving: AtomicBool::new(true),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.inner.verifier
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    pub fn fanout(&self) -> &Fanout {
+        &self.inner.fanout
+    }
+
+    pub fn settings(&self) -> ConnSettings {
+        self.inner.settings
+    }
+
+    /// Cancelled when the gateway starts shutting down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Tracks every WebSocket connection task, so shutdown can wait for them.
+    pub fn connections(&self) -> &TaskTracker {
+        &self.inner.connections
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.inner.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the gateway started: a cheap monotonic clock for heartbeats.
+    pub fn uptime_ms(&self) -> u64 {
+        self.inner.started.elapsed().as_millis() as u64
+    }
+
+    /// Records the last health check of the message service.
+    pub fn set_backend_serving(&self, serving: bool) {
+        self.inner.backend_serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Readiness: not draining, the message service serving, Redis connected.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            draining: self.inner.shutdown.is_cancelled(),
+            message_service: self.inner.backend_serving.load(Ordering::Relaxed),
+            redis: self.inner.fanout.is_connected(),
+        }
+    }
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Readiness {
+    pub draining: bool,
+    pub message_service: bool,
+    pub redis: bool,
+}
+
+impl Readiness {
+    /// Ready to take new connections.
+    pub fn is_ready(&self) -> bool {
+        !self.draining && self.message_service && self.redis
+    }
+}

@@ -1,0 +1,82 @@
+//! The message service's configuration: flags or environment variables, read once.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_common::startup::Retry;
+use clap::Parser;
+
+/// Configuration of the message service. Every flag can also be set through the
+/// environment variable named beside it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chat-message", version, about = "Chat message service (gRPC)")]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "MESSAGE_ADDR", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Postgres connection URL. The database is created if it does not exist.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://localhost/chat")]
+    pub database_url: String,
+
+    /// Create the database named in DATABASE_URL when it is missing.
+    #[arg(long, env = "CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_database: bool,
+
+    /// Maximum Postgres connections in the pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20)]
+    pub db_max_connections: u32,
+
+    /// Redis URL for publishing events.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Prefix of every Redis channel name; gateways must use the same one.
+    #[arg(long, env = "REDIS_CHANNEL_PREFIX", default_value = "chat")]
+    pub redis_channel_prefix: String,
+
+    /// Attempts to reach Postgres and Redis at start before giving up.
+    #[arg(long, env = "STARTUP_ATTEMPTS", default_value_t = 20)]
+    pub startup_attempts: u32,
+
+    /// Milliseconds between those attempts.
+    #[arg(long, env = "STARTUP_RETRY_MS", default_value_t = 500)]
+    pub startup_retry_ms: u64,
+
+    /// Seconds that in-flight RPCs get to finish after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+
+    /// `json` for one JSON object per log line, `text` for humans.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl Config {
+    /// Rejects values that parse but cannot work, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
+            return Err("DATABASE_URL must be a postgres:// URL".into());
+        }
+        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
+            return Err("REDIS_URL must be a redis:// URL".into());
+        }
+        if self.db_max_connections == 0 {
+            return Err("DB_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if self.redis_channel_prefix.is_empty() || self.redis_channel_prefix.contains(['{', '}']) {
+            return Err("REDIS_CHANNEL_PREFIX must be non-empty and contain no braces".into());
+        }
+        Ok(())
+    }
+
+    /// The start-up retry policy.
+    pub fn startup_retry(&self) -> Retry {
+        Retry { attempts: self.startup_attempts, delay: Duration::from_millis(self.startup_retry_ms) }
+    }
+
+    /// The shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}

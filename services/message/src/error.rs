@@ -1,0 +1,99 @@
+//! The message service's error type, and its one mapping onto gRPC statuses.
+
+use tonic::{Code, Status};
+
+/// Why a request failed. Each variant maps to one gRPC code, which the gateway maps to
+/// one protocol error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request itself is malformed (protocol `bad_request`).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The room or message does not exist (protocol `not_found`).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The caller may not do this (protocol `forbidden`).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// The request collides with stored state (protocol `conflict`).
+    #[error("{0}")]
+    Conflict(String),
+    /// Postgres is unreachable or overloaded; the caller may retry (protocol `unavailable`).
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else; the cause is logged, never sent to the client (protocol `internal`).
+    #[error("internal error")]
+    Internal(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for ServiceError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => ServiceError::Unavailable(err),
+            sqlx::Error::Database(ref db) if is_transient(db.code().as_deref()) => ServiceError::Unavailable(err),
+            _ => ServiceError::Internal(err),
+        }
+    }
+}
+
+/// SQLSTATE classes that mean "try again": connection exceptions (08), insufficient
+/// resources (53), operator intervention such as shutdown (57), serialization failures
+/// and deadlocks (40).
+fn is_transient(code: Option<&str>) -> bool {
+    matches!(code.map(|c| &c[..2.min(c.len())]), Some("08" | "53" | "57" | "40"))
+}
+
+impl From<ServiceError> for Status {
+    fn from(err: ServiceError) -> Self {
+        match &err {
+            ServiceError::Unavailable(cause) => tracing::warn!(error = %cause, "database unavailable"),
+            ServiceError::Internal(cause) => tracing::error!(error = %cause, "internal error"),
+            _ => {}
+        }
+        let code = match err {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::Forbidden(_) => Code::PermissionDenied,
+            ServiceError::Conflict(_) => Code::AlreadyExists,
+            ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_maps_to_its_grpc_code_without_leaking_causes() {
+        let cases = [
+            (ServiceError::InvalidArgument("text too long".into()), Code::InvalidArgument, "text too long"),
+            (ServiceError::NotFound("room"), Code::NotFound, "room not found"),
+            (ServiceError::Forbidden("not a member of this room"), Code::PermissionDenied, "not a member of this room"),
+            (ServiceError::Conflict("taken".into()), Code::AlreadyExists, "taken"),
+            (ServiceError::Unavailable(sqlx::Error::PoolTimedOut), Code::Unavailable, "database unavailable"),
+            (ServiceError::Internal(sqlx::Error::RowNotFound), Code::Internal, "internal error"),
+        ];
+        for (err, code, message) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            assert_eq!(status.message(), message);
+        }
+    }
+
+    #[test]
+    fn connection_and_resource_sqlstates_are_transient() {
+        assert!(is_transient(Some("08006")));
+        assert!(is_transient(Some("53300")));
+        assert!(is_transient(Some("57P01")));
+        assert!(is_transient(Some("40001")));
+        assert!(!is_transient(Some("23505")));
+        assert!(!is_transient(None));
+    }
+}

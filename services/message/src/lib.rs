@@ -1,0 +1,114 @@
+//! The message service: the one writer of rooms and messages. It stores each message in
+//! Postgres (gapless per-room seq) and then publishes it to Redis for the gateways.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod publish;
+pub mod store;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_common::channels::Channels;
+use chat_proto::v1::chat_service_server::ChatServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+
+use crate::api::ChatApi;
+use crate::config::Config;
+use crate::publish::Publisher;
+use crate::store::Store;
+
+/// How often the health status is re-checked against Postgres and Redis.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A message service with its backends connected and its port bound, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    store: Store,
+    publisher: Publisher,
+    grace: Duration,
+}
+
+impl Application {
+    /// Connects to Postgres (creating and migrating the database) and Redis, with
+    /// bounded retries, and binds the gRPC port.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let retry = config.startup_retry();
+        let store =
+            Store::connect(&config.database_url, config.create_database, config.db_max_connections, retry).await?;
+        let publisher =
+            Publisher::connect(&config.redis_url, Channels::new(&config.redis_channel_prefix), retry).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        Ok(Self { listener, store, publisher, grace: config.shutdown_grace() })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets in-flight RPCs finish within the
+    /// grace period.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let api = ChatApi::new(self.store.clone(), self.publisher.clone());
+        let health_task =
+            tokio::spawn(report_health(reporter, self.store.clone(), self.publisher.clone(), shutdown.clone()));
+
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let stopped = shutdown.clone();
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(ChatServiceServer::new(api))
+            .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await });
+        tokio::pin!(server);
+
+        tokio::select! {
+            res = &mut server => res?,
+            _ = shutdown.cancelled() => {
+                // The server stops accepting at once and drains in-flight RPCs; bound that.
+                match tokio::time::timeout(self.grace, &mut server).await {
+                    Ok(res) => res?,
+                    Err(_) => tracing::warn!(grace = ?self.grace, "in-flight RPCs still running after the grace period"),
+                }
+            }
+        }
+        health_task.abort();
+        self.publisher.quit().await;
+        tracing::info!("message service stopped");
+        Ok(())
+    }
+}
+
+/// Keeps the gRPC health status in step with the backends, so gateways and Kubernetes
+/// stop routing to a message service that cannot reach Postgres or Redis.
+async fn report_health(reporter: HealthReporter, store: Store, publisher: Publisher, shutdown: CancellationToken) {
+    let mut serving = None;
+    loop {
+        let healthy = publisher.is_connected() && store.is_healthy().await;
+        if serving != Some(healthy) {
+            if healthy {
+                reporter.set_serving::<ChatServiceServer<ChatApi>>().await;
+                reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("a backend is unreachable; reporting NOT_SERVING");
+                reporter.set_not_serving::<ChatServiceServer<ChatApi>>().await;
+                reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            }
+            serving = Some(healthy);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Input rules of the contract, checked here because the message service is the one
+//! authority every path (WebSocket, REST) goes through.
+
+use crate::error::ServiceError;
+
+/// Longest message text, in Unicode scalar values.
+pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest user id (JWT `sub`).
+pub const MAX_USER_ID_CHARS: usize = 128;
+/// Longest room name.
+pub const MAX_ROOM_NAME_CHARS: usize = 200;
+/// Most members one `create_room` may name.
+pub const MAX_CREATE_MEMBERS: usize = 1000;
+/// Longest `client_msg_id`.
+pub const MAX_CLIENT_MSG_ID_CHARS: usize = 64;
+
+fn invalid(msg: impl Into<String>) -> ServiceError {
+    ServiceError::InvalidArgument(msg.into())
+}
+
+/// Parses a room id. Ids are opaque strings to clients; one that is not ours names no room.
+pub fn room_id(raw: &str) -> Result<i64, ServiceError> {
+    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or(ServiceError::NotFound("room"))
+}
+
+/// Parses a message id the same way.
+pub fn message_id(raw: &str) -> Result<i64, ServiceError> {
+    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or(ServiceError::NotFound("message"))
+}
+
+/// A user id must be 1..=128 characters.
+pub fn user_id(id: &str) -> Result<(), ServiceError> {
+    let n = id.chars().count();
+    if n == 0 || n > MAX_USER_ID_CHARS {
+        return Err(invalid(format!("user ids must be 1 to {MAX_USER_ID_CHARS} characters")));
+    }
+    Ok(())
+}
+
+/// The members named at room creation, without duplicates and without the creator.
+pub fn members(creator: &str, members: Vec<String>) -> Result<Vec<String>, ServiceError> {
+    if members.len() > MAX_CREATE_MEMBERS {
+        return Err(invalid(format!("at most {MAX_CREATE_MEMBERS} members per request")));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(members.len());
+    for m in members {
+        user_id(&m)?;
+        if m != creator && !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// An optional room name: trimmed, empty means none, at most 200 characters.
+pub fn room_name(name: Option<String>) -> Result<Option<String>, ServiceError> {
+    let Some(name) = name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    if name.chars().count() > MAX_ROOM_NAME_CHARS {
+        return Err(invalid(format!("room names are at most {MAX_ROOM_NAME_CHARS} characters")));
+    }
+    Ok(Some(name))
+}
+
+/// Message text: 1..=4000 characters, or empty when attachments carry the content.
+pub fn text(text: &str, has_attachments: bool) -> Result<(), ServiceError> {
+    let n = text.chars().count();
+    if n > MAX_TEXT_CHARS {
+        return Err(invalid(format!("text is {n} characters; the limit is {MAX_TEXT_CHARS}")));
+    }
+    if n == 0 && !has_attachments {
+        return Err(invalid("text must not be empty"));
+    }
+    Ok(())
+}
+
+/// Message kind: `text` (the default), `image` or `file`.
+pub fn message_kind(kind: Option<&str>) -> Result<&'static str, ServiceError> {
+    match kind {
+        None | Some("text") => Ok("text"),
+        Some("image") => Ok("image"),
+        Some("file") => Ok("file"),
+        Some(other) => Err(invalid(format!("unknown message kind {other:?}; expected text, image or file"))),
+    }
+}
+
+/// An optional `client_msg_id`: 1..=64 characters.
+pub fn client_msg_id(id: Option<&str>) -> Result<(), ServiceError> {
+    match id {
+        Some(id) if id.is_empty() || id.chars().count() > MAX_CLIENT_MSG_ID_CHARS => {
+            Err(invalid(format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID_CHARS} characters")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A history page size: 1..=100, 0 meaning the default 50.
+pub fn history_limit(limit: u32) -> Result<i64, ServiceError> {
+    match limit {
+        0 => Ok(50),
+        1..=100 => Ok(i64::from(limit)),
+        _ => Err(invalid("limit must be between 1 and 100")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_limited_to_4000_characters_not_bytes() {
+        assert!(text(&"é".repeat(4000), false).is_ok());
+        assert!(text(&"a".repeat(4001), false).is_err());
+        assert!(text("", false).is_err());
+        assert!(text("", true).is_ok());
+    }
+
+    #[test]
+    fn members_are_deduplicated_and_exclude_the_creator() {
+        let got = members("alice", vec!["bob".into(), "alice".into(), "bob".into(), "carol".into()]).unwrap();
+        assert_eq!(got, vec!["bob".to_owned(), "carol".to_owned()]);
+        assert!(members("alice", vec![String::new()]).is_err());
+        assert!(members("alice", vec!["x".repeat(129)]).is_err());
+    }
+
+    #[test]
+    fn ids_that_are_not_ours_name_nothing() {
+        assert_eq!(room_id("42").unwrap(), 42);
+        assert!(matches!(room_id("abc"), Err(ServiceError::NotFound("room"))));
+        assert!(matches!(room_id("0"), Err(ServiceError::NotFound("room"))));
+        assert!(matches!(message_id("-3"), Err(ServiceError::NotFound("message"))));
+    }
+
+    #[test]
+    fn history_limit_defaults_to_50_and_stops_at_100() {
+        assert_eq!(history_limit(0).unwrap(), 50);
+        assert_eq!(history_limit(100).unwrap(), 100);
+        assert!(history_limit(101).is_err());
+    }
+
+    #[test]
+    fn room_names_are_trimmed_and_bounded() {
+        assert_eq!(room_name(Some("  general ".into())).unwrap().as_deref(), Some("general"));
+        assert_eq!(room_name(Some("   ".into())).unwrap(), None);
+        assert!(room_name(Some("n".repeat(201))).is_err());
+    }
+
+    #[test]
+    fn kinds_and_client_msg_ids_follow_the_contract() {
+        assert_eq!(message_kind(None).unwrap(), "text");
+        assert_eq!(message_kind(Some("image")).unwrap(), "image");
+        assert!(message_kind(Some("video")).is_err());
+        assert!(client_msg_id(Some("")).is_err());
+        assert!(client_msg_id(Some(&"c".repeat(65))).is_err());
+        assert!(client_msg_id(Some("c-1")).is_ok());
+        assert!(client_msg_id(None).is_ok());
+    }
+}

@@ -1,0 +1,342 @@
+//! Test harness for end-to-end tests: a fresh Postgres database per cluster, the real
+//! `chat-message` and `chat-gateway` binaries on free ports, and a WebSocket client
+//! that speaks the protocol.
+#![deny(rust_2018_idioms)]
+
+use std::collections::VecDeque;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected thing may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// The secret every test cluster signs tokens with.
+pub const SECRET: &str = "e2e-test-secret";
+
+/// Path of a workspace binary built next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000_000)
+}
+
+/// Base URL of the Postgres server tests use (no database name).
+pub fn postgres_base() -> String {
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// The Redis tests use.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A uniquely named database, dropped when this value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Names a fresh database; the message service creates and migrates it.
+    pub fn new() -> Self {
+        let name = unique("chat_test");
+        let url = format!("{}/{name}", postgres_base());
+        Self { name, url }
+    }
+
+    /// A connection to the test database.
+    pub async fn connect(&self) -> Result<PgConnection> {
+        Ok(PgConnection::connect(&self.url).await?)
+    }
+}
+
+impl Default for TestDb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = format!("{}/postgres", postgres_base());
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        // Drop runs outside any async context we can rely on: use a private runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let mut conn = PgConnection::connect(&admin).await?;
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .join();
+    }
+}
+
+/// A message service and `n` gateways, on free ports, against a fresh database.
+pub struct Cluster {
+    pub db: TestDb,
+    pub grpc_addr: String,
+    pub gateways: Vec<String>,
+    message: Child,
+    gateway_procs: Vec<Child>,
+}
+
+impl Cluster {
+    /// Starts the cluster and waits until every gateway reports ready.
+    pub async fn start(gateways: usize) -> Result<Self> {
+        let db = TestDb::new();
+        // A private channel namespace: other clusters on the same Redis never cross-talk.
+        let prefix = unique("e2e");
+        let grpc_port = free_port();
+        let grpc_addr = format!("127.0.0.1:{grpc_port}");
+        let message = Command::new(bin("chat-message"))
+            .env("MESSAGE_ADDR", &grpc_addr)
+            .env("DATABASE_URL", &db.url)
+            .env("REDIS_URL", redis_url())
+            .env("REDIS_CHANNEL_PREFIX", &prefix)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning chat-message")?;
+        let mut gateway_procs = Vec::new();
+        let mut urls = Vec::new();
+        for _ in 0..gateways {
+            let port = free_port();
+            let child = Command::new(bin("chat-gateway"))
+                .env("GATEWAY_ADDR", format!("127.0.0.1:{port}"))
+                .env("MESSAGE_SERVICE_URL", format!("http://{grpc_addr}"))
+                .env("REDIS_URL", redis_url())
+                .env("REDIS_CHANNEL_PREFIX", &prefix)
+                .env("JWT_SECRET", SECRET)
+                .env("HEARTBEAT_MS", "5000")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("spawning chat-gateway")?;
+            gateway_procs.push(child);
+            urls.push(format!("127.0.0.1:{port}"));
+        }
+        let mut cluster = Self { db, grpc_addr, gateways: urls, message, gateway_procs };
+        for gw in cluster.gateways.clone() {
+            cluster.wait_ready(&gw).await?;
+        }
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&mut self, gw: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = http_get(gw, "/readyz").await {
+                return Ok(());
+            }
+            if let Some(status) = self.message.try_wait()? {
+                bail!("chat-message exited early: {status}");
+            }
+            for p in &mut self.gateway_procs {
+                if let Some(status) = p.try_wait()? {
+                    bail!("chat-gateway exited early: {status}");
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("gateway {gw} not ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The `ws://` URL of gateway `i`.
+    pub fn ws_url(&self, i: usize) -> String {
+        format!("ws://{}/ws", self.gateways[i])
+    }
+
+    /// Connects `user` to gateway `i` with a header token and reads the welcome.
+    pub async fn client(&self, i: usize, user: &str) -> Result<WsClient> {
+        let (client, welcome) = WsClient::connect_bearer(&self.ws_url(i), &token(user)).await?;
+        anyhow::ensure!(welcome["type"] == "welcome", "expected welcome, got {welcome}");
+        Ok(client)
+    }
+}
+
+/// A token for `sub`, valid for an hour.
+pub fn token(sub: &str) -> String {
+    token_with(json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + 3600}))
+}
+
+/// A token with exactly these claims, signed with the cluster secret.
+pub fn token_with(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("signing")
+}
+
+/// A minimal HTTP/1.1 GET: status code and body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad response: {text}"))?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok((status, body))
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A protocol-speaking WebSocket client.
+pub struct WsClient {
+    ws: Ws,
+    /// Frames read while waiting for something else, in arrival order.
+    pending: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl WsClient {
+    /// Connects with `Authorization: Bearer` and returns the client and its first frame.
+    pub async fn connect_bearer(url: &str, token: &str) -> Result<(Self, Value)> {
+        let mut req = url.into_client_request()?;
+        req.headers_mut().insert("Authorization", format!("Bearer {token}").parse()?);
+        Self::connect_request(req).await
+    }
+
+    /// Connects with a prepared request and returns the client and its first frame.
+    pub async fn connect_request<R: IntoClientRequest + Unpin>(req: R) -> Result<(Self, Value)> {
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let mut client = Self::from_stream(ws);
+        let first = client.recv().await?;
+        Ok((client, first))
+    }
+
+    /// Wraps an already upgraded socket (nothing read yet).
+    pub fn from_stream(ws: Ws) -> Self {
+        Self { ws, pending: VecDeque::new(), next_id: 1 }
+    }
+
+    /// Sends one JSON frame as text.
+    pub async fn send(&mut self, frame: &Value) -> Result<()> {
+        self.send_text(frame.to_string()).await
+    }
+
+    /// Sends raw text.
+    pub async fn send_text(&mut self, text: String) -> Result<()> {
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    /// The next frame off the socket (ignoring pings), or an error on close or timeout.
+    async fn read_frame(&mut self) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("no frame within {WAIT:?}"))?
+                .ok_or_else(|| anyhow!("connection ended"))??;
+            match msg {
+                Message::Text(text) => return Ok(serde_json::from_str(&text)?),
+                Message::Close(frame) => bail!("closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame: buffered first, then off the socket.
+    pub async fn recv(&mut self) -> Result<Value> {
+        match self.pending.pop_front() {
+            Some(v) => Ok(v),
+            None => self.read_frame().await,
+        }
+    }
+
+    /// The close frame's code once the server closes (frames before it are skipped).
+    pub async fn closed(&mut self) -> Result<Option<u16>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msg =
+                tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| anyhow!("not closed in time"))?;
+            match msg {
+                None | Some(Err(_)) => return Ok(None),
+                Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Sends `command` with a fresh id and returns the reply carrying that id; other
+    /// frames that arrive meanwhile stay buffered for `recv`/`event`.
+    pub async fn request(&mut self, mut command: Value) -> Result<Value> {
+        let id = format!("r{}", self.next_id);
+        self.next_id += 1;
+        command["id"] = json!(id);
+        self.send(&command).await?;
+        loop {
+            let frame = self.read_frame().await?;
+            if frame["id"] == json!(id) {
+                return Ok(frame);
+            }
+            self.pending.push_back(frame);
+        }
+    }
+
+    /// Like `request`, but fails unless the reply is an `ack`.
+    pub async fn ack(&mut self, command: Value) -> Result<Value> {
+        let reply = self.request(command.clone()).await?;
+        anyhow::ensure!(reply["type"] == "ack", "{command} → {reply}");
+        Ok(reply)
+    }
+
+    /// Frames read while waiting for something else, not yet consumed.
+    pub fn buffered(&self) -> impl Iterator<Item = &Value> {
+        self.pending.iter()
+    }
+
+    /// The next event of `kind`, from the buffer or the socket; other frames stay buffered.
+    pub async fn event(&mut self, kind: &str) -> Result<Value> {
+        if let Some(pos) = self.pending.iter().position(|f| f["type"] == kind) {
+            return Ok(self.pending.remove(pos).unwrap_or_default());
+        }
+        loop {
+            let frame = self.read_frame().await?;
+            if frame["type"] == kind {
+                return Ok(frame);
+            }
+            self.pending.push_back(frame);
+        }
+    }
+}

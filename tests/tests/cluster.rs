@@ -1,0 +1,207 @@
+//! The cluster end to end: two real gateways and a real message service against real
+//! Postgres and Redis, driven by WebSocket clients as a chat app would.
+
+use anyhow::Result;
+use chat_tests::{http_get, token, token_with, Cluster, WsClient};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+async fn group_room(owner: &mut WsClient, members: &[&str]) -> Result<String> {
+    let reply =
+        owner.ack(json!({"type": "create_room", "kind": "group", "name": "general", "members": members})).await?;
+    Ok(reply["room"]["id"].as_str().expect("room id is a string").to_owned())
+}
+
+#[tokio::test]
+async fn messages_cross_gateways_in_gapless_seq_order_and_are_stored() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut bob = cluster.client(1, "bob").await?;
+
+    let room = group_room(&mut alice, &["bob"]).await?;
+    let joined = bob.ack(json!({"type": "join", "room": room})).await?;
+    assert_eq!(joined["room"], json!(room));
+    assert_eq!(joined["last_seq"], 0);
+
+    for i in 1..=100 {
+        let ack = alice.ack(json!({"type": "send", "room": room, "text": format!("hello {i}")})).await?;
+        assert_eq!(ack["message"]["seq"], i);
+    }
+    for i in 1..=100 {
+        let event = bob.event("message").await?;
+        assert_eq!(event["room"], json!(room));
+        assert_eq!(event["message"]["seq"], i, "bob got {event}");
+        assert_eq!(event["message"]["text"], format!("hello {i}"));
+        assert_eq!(event["message"]["sender_id"], "alice");
+    }
+
+    let mut db = cluster.db.connect().await?;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE room_id = $1::bigint ORDER BY seq")
+        .bind(&room)
+        .fetch_all(&mut db)
+        .await?;
+    assert_eq!(seqs, (1..=100).collect::<Vec<i64>>());
+    let last_seq: i64 =
+        sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1::bigint").bind(&room).fetch_one(&mut db).await?;
+    assert_eq!(last_seq, 100);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_non_member_cannot_join_and_an_unknown_room_is_not_found() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut mallory = cluster.client(1, "mallory").await?;
+    let room = group_room(&mut alice, &["bob"]).await?;
+
+    let reply = mallory.request(json!({"type": "join", "room": room})).await?;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["code"], "forbidden");
+    let reply = mallory.request(json!({"type": "send", "room": room, "text": "let me in"})).await?;
+    assert_eq!(reply["code"], "forbidden");
+    let reply = mallory.request(json!({"type": "history", "room": room})).await?;
+    assert_eq!(reply["code"], "forbidden");
+    let reply = mallory.request(json!({"type": "join", "room": "999999"})).await?;
+    assert_eq!(reply["code"], "not_found");
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_tokens_get_http_401_with_a_json_error() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let expired = token_with(json!({"sub": "alice", "exp": chrono::Utc::now().timestamp() - 3600}));
+    for bad in ["garbage", expired.as_str()] {
+        let err = WsClient::connect_bearer(&cluster.ws_url(0), bad).await.err().expect("refused");
+        let tokio_tungstenite::tungstenite::Error::Http(resp) =
+            err.downcast::<tokio_tungstenite::tungstenite::Error>()?
+        else {
+            panic!("expected an HTTP error");
+        };
+        assert_eq!(resp.status(), 401);
+        let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())?;
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    // The query-string form is checked the same way.
+    let url = format!("{}?token=garbage", cluster.ws_url(0));
+    assert!(WsClient::connect_request(url).await.is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_work_in_the_query_string_and_in_a_first_auth_frame() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let (_c, welcome) = WsClient::connect_request(format!("{}?token={}", cluster.ws_url(0), token("alice"))).await?;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["user_id"], "alice");
+    assert!(welcome["session_id"].is_string());
+    assert!(welcome["heartbeat_ms"].as_u64().unwrap_or(0) > 0);
+    assert!(welcome["server_time"].is_string());
+
+    let (ws, _) = tokio_tungstenite::connect_async(cluster.ws_url(0).into_client_request()?).await?;
+    let mut client = WsClient::from_stream(ws);
+    client.send(&json!({"type": "auth", "token": token("bob")})).await?;
+    let welcome = client.recv().await?;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["user_id"], "bob");
+    let pong = client.request(json!({"type": "ping"})).await?;
+    assert_eq!(pong["type"], "pong");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_first_frame_gets_unauthorized_then_close_1008() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let (ws, _) = tokio_tungstenite::connect_async(cluster.ws_url(0).into_client_request()?).await?;
+    let mut client = WsClient::from_stream(ws);
+    client.send(&json!({"type": "auth", "id": "a1", "token": "garbage"})).await?;
+    let error = client.recv().await?;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["code"], "unauthorized");
+    assert_eq!(error["id"], "a1");
+    assert_eq!(client.closed().await?, Some(1008));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retried_send_returns_the_stored_message_without_a_duplicate() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = group_room(&mut alice, &[]).await?;
+    let send = json!({"type": "send", "room": room, "text": "once", "client_msg_id": "c-1"});
+    let first = alice.ack(send.clone()).await?;
+    let again = alice.ack(send).await?;
+    assert_eq!(first["message"], again["message"]);
+    assert_eq!(first["message"]["client_msg_id"], "c-1");
+
+    let mut db = cluster.db.connect().await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut db).await?;
+    assert_eq!(count, 1);
+    let next = alice.ack(json!({"type": "send", "room": room, "text": "next"})).await?;
+    assert_eq!(next["message"]["seq"], 2, "a retry does not consume a seq");
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_pages_in_ascending_order_and_leave_stops_events() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut bob = cluster.client(1, "bob").await?;
+    let room = group_room(&mut alice, &["bob"]).await?;
+    for i in 1..=5 {
+        alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
+    }
+    let page = bob.ack(json!({"type": "history", "room": room, "limit": 2})).await?;
+    let seqs: Vec<i64> = page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![4, 5]);
+    assert_eq!(page["has_more"], true);
+    let page = bob.ack(json!({"type": "history", "room": room, "before_seq": 4, "limit": 10})).await?;
+    let seqs: Vec<i64> = page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert_eq!(page["has_more"], false);
+    let page = bob.ack(json!({"type": "history", "room": room, "after_seq": 3})).await?;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+
+    bob.ack(json!({"type": "join", "room": room})).await?;
+    bob.ack(json!({"type": "leave", "room": room})).await?;
+    let other = group_room(&mut alice, &["bob"]).await?;
+    bob.ack(json!({"type": "join", "room": other})).await?;
+    alice.ack(json!({"type": "send", "room": room, "text": "after leave"})).await?;
+    alice.ack(json!({"type": "send", "room": other, "text": "marker"})).await?;
+    // Redis delivers in publish order: had the left room's event reached bob, it
+    // would have arrived before the marker.
+    let marker = bob.event("message").await?;
+    assert_eq!(marker["message"]["text"], "marker", "got {marker}");
+    assert!(bob.buffered().all(|f| f["type"] != "message"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_frames_get_bad_request_and_the_connection_stays_open() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    alice.send_text("{not json".into()).await?;
+    let reply = alice.recv().await?;
+    assert_eq!(reply["code"], "bad_request");
+    let reply = alice.request(json!({"type": "teleport"})).await?;
+    assert_eq!(reply["code"], "bad_request");
+    let reply = alice.request(json!({"type": "send", "text": "no room"})).await?;
+    assert_eq!(reply["code"], "bad_request");
+    let room = group_room(&mut alice, &[]).await?;
+    let reply = alice.request(json!({"type": "send", "room": room, "text": "x".repeat(4001)})).await?;
+    assert_eq!(reply["code"], "bad_request");
+    let reply = alice.request(json!({"type": "send", "room": room, "text": "y".repeat(70_000)})).await?;
+    assert_eq!(reply["code"], "too_large");
+    let pong = alice.request(json!({"type": "ping"})).await?;
+    assert_eq!(pong["type"], "pong");
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_endpoints_answer_without_a_token() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let (status, _) = http_get(&cluster.gateways[0], "/healthz").await?;
+    assert_eq!(status, 200);
+    let (status, body) = http_get(&cluster.gateways[0], "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}
