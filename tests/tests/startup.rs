@@ -1,0 +1,84 @@
+//! Start-up failures end with a clear message and a non-zero exit, never a hang.
+
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::Result;
+use chat_tests::{bin, free_port, redis_url, TestDb};
+use tokio::process::Command;
+
+/// A binary with none of this process's environment, so only what a test sets counts.
+fn command(name: &str) -> Command {
+    let mut cmd = Command::new(bin(name));
+    cmd.env_clear().env("RUST_LOG", "warn").kill_on_drop(true);
+    cmd
+}
+
+async fn run(mut cmd: Command) -> Result<Output> {
+    Ok(tokio::time::timeout(Duration::from_secs(60), cmd.output()).await??)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_gateway_without_jwt_secret_refuses_to_start() -> Result<()> {
+    let out = run(command("chat-gateway")).await?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("JWT_SECRET"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_empty_jwt_secret_is_rejected_by_validation() -> Result<()> {
+    let mut cmd = command("chat-gateway");
+    cmd.env("JWT_SECRET", "");
+    let out = run(cmd).await?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("JWT_SECRET"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_message_service_gives_up_on_an_unreachable_postgres() -> Result<()> {
+    let mut cmd = command("chat-message");
+    cmd.env("DATABASE_URL", format!("postgres://postgres@127.0.0.1:{}/chat", free_port()))
+        .env("STARTUP_ATTEMPTS", "2")
+        .env("STARTUP_RETRY_MS", "50")
+        .env("MESSAGE_ADDR", format!("127.0.0.1:{}", free_port()));
+    let out = run(cmd).await?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Postgres still unreachable after 2 attempts"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_message_service_gives_up_on_an_unreachable_redis() -> Result<()> {
+    let db = TestDb::new();
+    let mut cmd = command("chat-message");
+    cmd.env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", free_port()))
+        .env("STARTUP_ATTEMPTS", "2")
+        .env("STARTUP_RETRY_MS", "50")
+        .env("MESSAGE_ADDR", format!("127.0.0.1:{}", free_port()));
+    let out = run(cmd).await?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Redis still unreachable after 2 attempts"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_gateway_gives_up_on_an_unreachable_message_service() -> Result<()> {
+    let mut cmd = command("chat-gateway");
+    cmd.env("JWT_SECRET", "s")
+        .env("MESSAGE_SERVICE_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("REDIS_URL", redis_url())
+        .env("STARTUP_ATTEMPTS", "2")
+        .env("STARTUP_RETRY_MS", "50")
+        .env("GATEWAY_ADDR", format!("127.0.0.1:{}", free_port()));
+    let out = run(cmd).await?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("still unreachable after 2 attempts"), "{}", stderr(&out));
+    Ok(())
+}
