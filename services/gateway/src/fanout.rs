@@ -156,7 +156,7 @@ impl Fanout {
                 Some(message) => protocol::message_event(&message),
                 None => return,
             },
-            None => return,
+            _ => return,
         };
         self.deliver(room, Utf8Bytes::from(frame));
     }

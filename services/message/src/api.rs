@@ -1,10 +1,8 @@
 //! The `chat.v1.ChatService` gRPC handlers: validate, store, publish.
 
 use chat_proto::v1::chat_service_server::ChatService;
-use chat_proto::v1::{
-    Caller, CreateRoomRequest, CreateRoomResponse, HistoryRequest, HistoryResponse, JoinRoomRequest, JoinRoomResponse,
-    RoomKind, SendMessageRequest, SendMessageResponse,
-};
+use chat_proto::v1::envelope::Event;
+use chat_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::error::ServiceError;
@@ -30,16 +28,18 @@ impl ChatApi {
 fn caller(caller: Option<Caller>) -> Result<Caller, ServiceError> {
     let caller = caller.ok_or_else(|| ServiceError::InvalidArgument("caller is required".into()))?;
     validate::user_id(&caller.user_id)?;
+    tracing::Span::current().record("user", caller.user_id.as_str());
     Ok(caller)
 }
+
+type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl ChatService for ChatApi {
     #[tracing::instrument(skip_all, fields(user))]
-    async fn create_room(&self, req: Request<CreateRoomRequest>) -> Result<Response<CreateRoomResponse>, Status> {
+    async fn create_room(&self, req: Request<CreateRoomRequest>) -> Reply<CreateRoomResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
-        tracing::Span::current().record("user", caller.user_id.as_str());
         let kind = RoomKind::try_from(req.kind)
             .ok()
             .filter(|k| *k != RoomKind::Unspecified)
@@ -47,24 +47,26 @@ impl ChatService for ChatApi {
         let name = validate::room_name(req.name)?;
         let members = validate::members(&caller.user_id, req.members)?;
         let room = self.store.create_room(&caller, kind, name, members).await?;
+        for member in room.members.iter().filter(|m| m.user_id != caller.user_id) {
+            let event = Event::RoomAdded(RoomAdded { user_id: member.user_id.clone(), room: Some(room.clone()) });
+            self.publisher.user_event(&member.user_id, event).await;
+        }
         Ok(Response::new(CreateRoomResponse { room: Some(room) }))
     }
 
     #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
-    async fn join_room(&self, req: Request<JoinRoomRequest>) -> Result<Response<JoinRoomResponse>, Status> {
+    async fn join_room(&self, req: Request<JoinRoomRequest>) -> Reply<JoinRoomResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
-        tracing::Span::current().record("user", caller.user_id.as_str());
         let room_id = validate::room_id(&req.room_id)?;
-        let last_seq = self.store.join(&caller, room_id).await?;
-        Ok(Response::new(JoinRoomResponse { last_seq }))
+        let (last_seq, members) = self.store.join(&caller, room_id).await?;
+        Ok(Response::new(JoinRoomResponse { last_seq, members }))
     }
 
     #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id, seq))]
-    async fn send_message(&self, req: Request<SendMessageRequest>) -> Result<Response<SendMessageResponse>, Status> {
+    async fn send_message(&self, req: Request<SendMessageRequest>) -> Reply<SendMessageResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
-        tracing::Span::current().record("user", caller.user_id.as_str());
         let room_id = validate::room_id(&req.room_id)?;
         if !req.attachment_ids.is_empty() {
             return Err(ServiceError::InvalidArgument("unknown attachment id".into()).into());
@@ -83,21 +85,136 @@ impl ChatService for ChatApi {
         tracing::Span::current().record("seq", message.seq);
         // Published after the commit, and again on a retry: a client retries when it did
         // not see the ack, which may also mean the first publish never happened.
-        if let Err(err) = self.publisher.message_created(&message).await {
-            tracing::warn!(%err, "message stored but not published; gateways will repair the gap");
-        }
+        self.publisher.message_created(&message).await;
         Ok(Response::new(SendMessageResponse { message: Some(message), duplicate }))
     }
 
     #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
-    async fn history(&self, req: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
+    async fn history(&self, req: Request<HistoryRequest>) -> Reply<HistoryResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
-        tracing::Span::current().record("user", caller.user_id.as_str());
         let room_id = validate::room_id(&req.room_id)?;
         let page =
             Page { before_seq: req.before_seq, after_seq: req.after_seq, limit: validate::history_limit(req.limit)? };
         let (messages, has_more) = self.store.history(&caller, room_id, page).await?;
         Ok(Response::new(HistoryResponse { messages, has_more }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
+    async fn add_members(&self, req: Request<AddMembersRequest>) -> Reply<AddMembersResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let room_id = validate::room_id(&req.room_id)?;
+        let members = validate::members(&caller.user_id, req.members)?;
+        if members.is_empty() {
+            return Err(ServiceError::InvalidArgument("members must name at least one other user".into()).into());
+        }
+        let (room, added) = self.store.add_members(&caller, room_id, members).await?;
+        for user_id in &added {
+            let event = Event::RoomAdded(RoomAdded { user_id: user_id.clone(), room: Some(room.clone()) });
+            self.publisher.user_event(user_id, event).await;
+        }
+        Ok(Response::new(AddMembersResponse { room: Some(room), added }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
+    async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Reply<RemoveMemberResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let room_id = validate::room_id(&req.room_id)?;
+        validate::user_id(&req.user_id)?;
+        let removed = self.store.remove_member(&caller, room_id, &req.user_id).await?;
+        if removed {
+            let event = Event::RoomRemoved(RoomRemoved { user_id: req.user_id.clone(), room_id: req.room_id });
+            self.publisher.user_event(&req.user_id, event).await;
+        }
+        Ok(Response::new(RemoveMemberResponse { removed }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user))]
+    async fn list_rooms(&self, req: Request<ListRoomsRequest>) -> Reply<ListRoomsResponse> {
+        let caller = caller(req.into_inner().caller)?;
+        let rooms = self.store.list_rooms(&caller).await?;
+        Ok(Response::new(ListRoomsResponse { rooms }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, message = %req.get_ref().message_id))]
+    async fn edit_message(&self, req: Request<EditMessageRequest>) -> Reply<EditMessageResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let message_id = validate::message_id(&req.message_id)?;
+        validate::text(&req.text, false)?;
+        let message = self.store.edit_message(&caller, message_id, &req.text).await?;
+        let event = Event::MessageEdited(MessageEdited { message: Some(message.clone()) });
+        self.publisher.room_event(&message.room_id, event).await;
+        Ok(Response::new(EditMessageResponse { message: Some(message) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, message = %req.get_ref().message_id))]
+    async fn delete_message(&self, req: Request<DeleteMessageRequest>) -> Reply<DeleteMessageResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let message_id = validate::message_id(&req.message_id)?;
+        let (room_id, seq, changed) = self.store.delete_message(&caller, message_id).await?;
+        let room_id = room_id.to_string();
+        if changed {
+            let event =
+                Event::MessageDeleted(MessageDeleted { room_id: room_id.clone(), message_id: req.message_id, seq });
+            self.publisher.room_event(&room_id, event).await;
+        }
+        Ok(Response::new(DeleteMessageResponse { room_id, seq }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, message = %req.get_ref().message_id))]
+    async fn react(&self, req: Request<ReactRequest>) -> Reply<ReactResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let message_id = validate::message_id(&req.message_id)?;
+        validate::emoji(&req.emoji)?;
+        let (room_id, changed) = self.store.react(&caller, message_id, &req.emoji, req.add).await?;
+        let room_id = room_id.to_string();
+        if changed {
+            let event = Event::Reaction(ReactionChanged {
+                room_id: room_id.clone(),
+                message_id: req.message_id,
+                user_id: caller.user_id,
+                emoji: req.emoji,
+                added: req.add,
+            });
+            self.publisher.room_event(&room_id, event).await;
+        }
+        Ok(Response::new(ReactResponse { room_id, changed }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
+    async fn mark_read(&self, req: Request<MarkReadRequest>) -> Reply<MarkReadResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let room_id = validate::room_id(&req.room_id)?;
+        if req.seq < 0 {
+            return Err(ServiceError::InvalidArgument("seq must not be negative".into()).into());
+        }
+        let read_seq = self.store.mark_read(&caller, room_id, req.seq).await?;
+        let event = Event::Read(ReadReceipt { room_id: req.room_id.clone(), user_id: caller.user_id, seq: read_seq });
+        self.publisher.room_event(&req.room_id, event).await;
+        Ok(Response::new(MarkReadResponse { read_seq }))
+    }
+
+    async fn room_seq(&self, req: Request<RoomSeqRequest>) -> Reply<RoomSeqResponse> {
+        let room_id = validate::room_id(&req.get_ref().room_id)?;
+        Ok(Response::new(RoomSeqResponse { last_seq: self.store.room_seq(room_id).await? }))
+    }
+
+    async fn room_messages(&self, req: Request<RoomMessagesRequest>) -> Reply<RoomMessagesResponse> {
+        let req = req.into_inner();
+        let room_id = validate::room_id(&req.room_id)?;
+        let limit = i64::from(req.limit.clamp(1, 1000));
+        let messages = self.store.room_messages(room_id, req.after_seq, req.before_seq, limit).await?;
+        Ok(Response::new(RoomMessagesResponse { messages }))
+    }
+
+    async fn user_rooms(&self, req: Request<UserRoomsRequest>) -> Reply<UserRoomsResponse> {
+        let rooms = self.store.user_rooms(&req.get_ref().user_id).await?;
+        Ok(Response::new(UserRoomsResponse { room_ids: rooms.into_iter().map(|id| id.to_string()).collect() }))
     }
 }

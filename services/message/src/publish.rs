@@ -15,16 +15,6 @@ pub struct Publisher {
     channels: Channels,
 }
 
-/// Publishing failed. The event is already stored, so gateways recover it from Postgres
-/// (gap repair); the caller logs this and carries on.
-#[derive(Debug, thiserror::Error)]
-#[error("publish to {channel} failed: {source}")]
-pub struct PublishError {
-    channel: String,
-    #[source]
-    source: fred::error::Error,
-}
-
 impl Publisher {
     /// Connects with bounded retries; later disconnects are retried forever in the background.
     pub async fn connect(url: &str, channels: Channels, retry: Retry) -> anyhow::Result<Self> {
@@ -39,21 +29,27 @@ impl Publisher {
         self.client.is_connected()
     }
 
-    /// Publishes a stored message on its room's channel.
-    pub async fn message_created(&self, message: &Message) -> Result<(), PublishError> {
-        let channel = self.channels.room(&message.room_id);
-        let envelope = Envelope {
-            trace_context: Default::default(),
-            event: Some(Event::MessageCreated(MessageCreated { message: Some(message.clone()) })),
-        };
-        self.publish(channel, envelope).await
+    /// Publishes an event on a room's channel. Failures are logged, not returned: the
+    /// change is already stored, and gateways repair lost messages from Postgres.
+    pub async fn room_event(&self, room_id: &str, event: Event) {
+        self.publish(self.channels.room(room_id), event).await
     }
 
-    async fn publish(&self, channel: String, envelope: Envelope) -> Result<(), PublishError> {
-        let payload = envelope.encode_to_vec();
-        match self.client.publish::<i64, _, _>(channel.as_str(), payload).await {
-            Ok(_receivers) => Ok(()),
-            Err(source) => Err(PublishError { channel, source }),
+    /// Publishes an event on a user's channel (every connection of that user).
+    pub async fn user_event(&self, user_id: &str, event: Event) {
+        self.publish(self.channels.user(user_id), event).await
+    }
+
+    /// Publishes a stored message on its room's channel.
+    pub async fn message_created(&self, message: &Message) {
+        let event = Event::MessageCreated(MessageCreated { message: Some(message.clone()) });
+        self.room_event(&message.room_id, event).await
+    }
+
+    async fn publish(&self, channel: String, event: Event) {
+        let payload = Envelope { trace_context: Default::default(), event: Some(event) }.encode_to_vec();
+        if let Err(err) = self.client.publish::<i64, _, _>(channel.as_str(), payload).await {
+            tracing::warn!(%err, %channel, "event stored but not published");
         }
     }
 

@@ -95,6 +95,18 @@ pub fn client_msg_id(id: Option<&str>) -> Result<(), ServiceError> {
     }
 }
 
+/// Longest reaction emoji, in characters (sequences with modifiers run long).
+pub const MAX_EMOJI_CHARS: usize = 32;
+
+/// A reaction: 1..=32 characters, no surrounding whitespace.
+pub fn emoji(emoji: &str) -> Result<(), ServiceError> {
+    let n = emoji.chars().count();
+    if n == 0 || n > MAX_EMOJI_CHARS || emoji.trim() != emoji {
+        return Err(invalid(format!("emoji must be 1 to {MAX_EMOJI_CHARS} characters without spaces around")));
+    }
+    Ok(())
+}
+
 /// A history page size: 1..=100, 0 meaning the default 50.
 pub fn history_limit(limit: u32) -> Result<i64, ServiceError> {
     match limit {

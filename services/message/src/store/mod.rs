@@ -1,0 +1,170 @@
+//! Postgres storage of rooms, members, messages and reactions.
+//!
+//! `rooms` holds room and membership queries, `messages` everything about messages;
+//! this module holds the handle, connection set-up and the access rules both use.
+
+mod messages;
+mod rooms;
+
+pub use messages::{NewMessage, Page};
+
+use std::time::Duration;
+
+use chat_common::startup::Retry;
+use chat_proto::v1::{Caller, Message, RoomKind};
+use chrono::{DateTime, Utc};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::error::ServiceError;
+
+/// Handle to the database; cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects (creating the database if asked and missing), with bounded retries,
+    /// and applies the embedded migrations.
+    pub async fn connect(url: &str, create: bool, max_connections: u32, retry: Retry) -> anyhow::Result<Self> {
+        let options: PgConnectOptions = url.parse()?;
+        if create {
+            retry
+                .run("Postgres", || async {
+                    if !Postgres::database_exists(url).await? {
+                        tracing::info!("creating database");
+                        Postgres::create_database(url).await?;
+                    }
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await?;
+        }
+        let pool = retry
+            .run("Postgres", || {
+                PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(options.clone())
+            })
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// True when Postgres answers a trivial query.
+    pub async fn is_healthy(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// The caller's standing in a room. `NotFound` when the room does not exist.
+    async fn standing(&self, caller: &Caller, room_id: i64) -> Result<Standing, ServiceError> {
+        let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT r.last_seq, r.kind, m.role FROM rooms r \
+             LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = $2 WHERE r.id = $1",
+        )
+        .bind(room_id)
+        .bind(&caller.user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (last_seq, kind, role) = row.ok_or(ServiceError::NotFound("room"))?;
+        Ok(Standing { last_seq, support: kind == "support", role, admin: caller.admin })
+    }
+
+    /// The caller's standing in a room they may read; `Forbidden` otherwise.
+    async fn readable(&self, caller: &Caller, room_id: i64) -> Result<Standing, ServiceError> {
+        let standing = self.standing(caller, room_id).await?;
+        if standing.can_read() {
+            Ok(standing)
+        } else {
+            Err(ServiceError::Forbidden("not a member of this room"))
+        }
+    }
+}
+
+/// What a caller may do in one room.
+#[derive(Debug, Clone)]
+struct Standing {
+    last_seq: i64,
+    support: bool,
+    /// `owner` or `member`; `None` for non-members.
+    role: Option<String>,
+    admin: bool,
+}
+
+impl Standing {
+    /// Members read and write; in a support room, so does every admin.
+    fn can_read(&self) -> bool {
+        self.role.is_some() || (self.support && self.admin)
+    }
+
+    /// The room owner and admins manage membership and moderate messages.
+    fn can_manage(&self) -> bool {
+        self.admin || self.role.as_deref() == Some("owner")
+    }
+}
+
+/// Columns of a message as clients see it: a deleted message keeps its seq but loses
+/// its text. A macro so every query stays a `&'static str` (sqlx refuses built strings).
+macro_rules! message_columns {
+    () => {
+        "id, room_id, seq, sender_id, sender_name, kind, \
+         CASE WHEN deleted_at IS NULL THEN body END AS body, reply_to, client_msg_id, \
+         created_at, edited_at, deleted_at IS NOT NULL AS deleted"
+    };
+}
+use message_columns;
+
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    id: i64,
+    room_id: i64,
+    seq: i64,
+    sender_id: String,
+    sender_name: Option<String>,
+    kind: String,
+    body: Option<String>,
+    reply_to: Option<i64>,
+    client_msg_id: Option<String>,
+    created_at: DateTime<Utc>,
+    edited_at: Option<DateTime<Utc>>,
+    deleted: bool,
+}
+
+impl From<MessageRow> for Message {
+    fn from(r: MessageRow) -> Self {
+        Message {
+            id: r.id.to_string(),
+            room_id: r.room_id.to_string(),
+            seq: r.seq,
+            sender_id: r.sender_id,
+            sender_name: r.sender_name,
+            kind: r.kind,
+            text: r.body,
+            attachments: Vec::new(),
+            reply_to: r.reply_to.map(|id| id.to_string()),
+            client_msg_id: r.client_msg_id,
+            created_at_ms: r.created_at.timestamp_millis(),
+            edited_at_ms: r.edited_at.map(|t| t.timestamp_millis()),
+            deleted: r.deleted,
+            reactions: Vec::new(),
+        }
+    }
+}
+
+fn kind_name(kind: RoomKind) -> &'static str {
+    match kind {
+        RoomKind::Direct => "direct",
+        RoomKind::Support => "support",
+        RoomKind::Group | RoomKind::Unspecified => "group",
+    }
+}
+
+fn kind_of(name: &str) -> RoomKind {
+    match name {
+        "direct" => RoomKind::Direct,
+        "support" => RoomKind::Support,
+        _ => RoomKind::Group,
+    }
+}
