@@ -67,10 +67,9 @@ impl Backend {
         reply.room.ok_or_else(missing)
     }
 
-    /// Checks access to a room and returns its newest seq.
-    pub async fn join_room(&self, caller: pb::Caller, room_id: String) -> Result<i64, CommandError> {
-        let reply = self.chat.clone().join_room(pb::JoinRoomRequest { caller: Some(caller), room_id }).await?;
-        Ok(reply.into_inner().last_seq)
+    /// Checks access to a room; returns its newest seq and its members.
+    pub async fn join_room(&self, caller: pb::Caller, room_id: String) -> Result<pb::JoinRoomResponse, CommandError> {
+        Ok(self.chat.clone().join_room(pb::JoinRoomRequest { caller: Some(caller), room_id }).await?.into_inner())
     }
 
     /// Stores and publishes a message.
@@ -82,6 +81,69 @@ impl Backend {
     /// A page of history.
     pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, CommandError> {
         Ok(self.chat.clone().history(req).await?.into_inner())
+    }
+}
+
+impl Backend {
+    /// Adds members to a room.
+    pub async fn add_members(&self, req: pb::AddMembersRequest) -> Result<pb::AddMembersResponse, CommandError> {
+        Ok(self.chat.clone().add_members(req).await?.into_inner())
+    }
+
+    /// Removes a member from a room.
+    pub async fn remove_member(&self, req: pb::RemoveMemberRequest) -> Result<bool, CommandError> {
+        Ok(self.chat.clone().remove_member(req).await?.into_inner().removed)
+    }
+
+    /// The caller's rooms.
+    pub async fn list_rooms(&self, caller: pb::Caller) -> Result<Vec<pb::RoomSummary>, CommandError> {
+        let req = pb::ListRoomsRequest { caller: Some(caller) };
+        Ok(self.chat.clone().list_rooms(req).await?.into_inner().rooms)
+    }
+
+    /// Edits a message.
+    pub async fn edit_message(&self, req: pb::EditMessageRequest) -> Result<pb::Message, CommandError> {
+        self.chat.clone().edit_message(req).await?.into_inner().message.ok_or_else(missing)
+    }
+
+    /// Deletes a message.
+    pub async fn delete_message(
+        &self,
+        req: pb::DeleteMessageRequest,
+    ) -> Result<pb::DeleteMessageResponse, CommandError> {
+        Ok(self.chat.clone().delete_message(req).await?.into_inner())
+    }
+
+    /// Adds or removes a reaction.
+    pub async fn react(&self, req: pb::ReactRequest) -> Result<pb::ReactResponse, CommandError> {
+        Ok(self.chat.clone().react(req).await?.into_inner())
+    }
+
+    /// Moves a read position.
+    pub async fn mark_read(&self, req: pb::MarkReadRequest) -> Result<i64, CommandError> {
+        Ok(self.chat.clone().mark_read(req).await?.into_inner().read_seq)
+    }
+
+    /// A room's newest seq (internal).
+    pub async fn room_seq(&self, room_id: String) -> Result<i64, CommandError> {
+        Ok(self.chat.clone().room_seq(pb::RoomSeqRequest { room_id }).await?.into_inner().last_seq)
+    }
+
+    /// Messages with `after < seq < before`, ascending (internal).
+    pub async fn room_messages(
+        &self,
+        room_id: String,
+        after_seq: i64,
+        before_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<pb::Message>, CommandError> {
+        let req = pb::RoomMessagesRequest { room_id, after_seq, before_seq, limit };
+        Ok(self.chat.clone().room_messages(req).await?.into_inner().messages)
+    }
+
+    /// The rooms a user belongs to (internal).
+    pub async fn user_rooms(&self, user_id: String) -> Result<Vec<String>, CommandError> {
+        Ok(self.chat.clone().user_rooms(pb::UserRoomsRequest { user_id }).await?.into_inner().room_ids)
     }
 }
 

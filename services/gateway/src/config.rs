@@ -51,6 +51,10 @@ pub struct Config {
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub max_frame_bytes: usize,
 
+    /// Most simultaneous connections of one user across the cluster (0: no limit).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
+    pub max_connections_per_user: u32,
+
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,

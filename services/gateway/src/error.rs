@@ -24,12 +24,19 @@ pub enum ErrorCode {
 pub struct CommandError {
     pub code: ErrorCode,
     pub message: String,
+    /// With `rate_limited`: when the client may try again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl CommandError {
     /// An error with a code and a client-facing message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), retry_after_ms: None }
+    }
+
+    /// A `rate_limited` error telling the client when to try again.
+    pub fn rate_limited(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self { code: ErrorCode::RateLimited, message: message.into(), retry_after_ms: Some(retry_after_ms) }
     }
 
     /// A `bad_request` error.
@@ -63,7 +70,7 @@ impl From<tonic::Status> for CommandError {
             }
             _ => status.message().to_owned(),
         };
-        Self { code, message }
+        Self { code, message, retry_after_ms: None }
     }
 }
 

@@ -1,8 +1,6 @@
-//! Room fan-out: one Redis subscription per room that has local listeners, and delivery
-//! of each event to every local connection that joined the room.
-//!
-//! An event is turned into its JSON frame once per gateway; each connection's queue
-//! gets a cheap clone of the same bytes.
+//! Redis fan-out: subscribes this gateway to the channels of the rooms and users it
+//! has local connections for, and routes each event to its room task or to the
+//! user's local connections.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -18,17 +16,17 @@ use fred::types::Message as RedisMessage;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::Backend;
 use crate::error::{CommandError, ErrorCode};
 use crate::outbox::Outbox;
 use crate::protocol;
+use crate::room::{Joined, Listener, RoomHandle};
 
 /// Events buffered between Redis and the dispatcher before the oldest are dropped
-/// (and later repaired from Postgres).
+/// (and message events later repaired from Postgres).
 const REDIS_BUFFER: usize = 16 * 1024;
 
-type Listeners = HashMap<u64, Outbox>;
-
-/// Handle to this gateway's room subscriptions; cheap to clone.
+/// Handle to this gateway's subscriptions; cheap to clone.
 #[derive(Clone)]
 pub struct Fanout {
     inner: Arc<Inner>,
@@ -37,18 +35,25 @@ pub struct Fanout {
 struct Inner {
     subscriber: SubscriberClient,
     channels: Channels,
-    /// Room id → local connections that joined it. Read on every event, written on
-    /// join/leave; never held across an await.
-    rooms: RwLock<HashMap<String, Listeners>>,
-    /// Serialises subscribe/unsubscribe so a join never returns before its room's
-    /// subscription is live, and a leave never unsubscribes under a concurrent join.
+    backend: Backend,
+    /// Room id → its task. Read per event; never held across an await.
+    rooms: RwLock<HashMap<String, RoomHandle>>,
+    /// User id → that user's local connections, for per-user events.
+    users: RwLock<HashMap<String, HashMap<u64, Outbox>>>,
+    /// Serialises subscribe/unsubscribe, so a join never returns before its room's
+    /// subscription is live and a leave never unsubscribes under a concurrent join.
     transitions: tokio::sync::Mutex<()>,
+}
+
+fn unavailable(err: fred::error::Error) -> CommandError {
+    tracing::warn!(%err, "redis subscription change failed");
+    CommandError::new(ErrorCode::Unavailable, "event bus unavailable; retry")
 }
 
 impl Fanout {
     /// Connects the subscriber, with bounded retries. After that, fred reconnects on its
-    /// own and `manage_subscriptions` restores every room subscription.
-    pub async fn connect(url: &str, channels: Channels, retry: Retry) -> anyhow::Result<Self> {
+    /// own and `manage_subscriptions` restores every subscription.
+    pub async fn connect(url: &str, channels: Channels, backend: Backend, retry: Retry) -> anyhow::Result<Self> {
         let subscriber =
             chat_common::redis::builder(url, Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
         retry.run("Redis", || subscriber.init()).await?;
@@ -57,7 +62,9 @@ impl Fanout {
             inner: Arc::new(Inner {
                 subscriber,
                 channels,
+                backend,
                 rooms: RwLock::new(HashMap::new()),
+                users: RwLock::new(HashMap::new()),
                 transitions: tokio::sync::Mutex::new(()),
             }),
         })
@@ -68,67 +75,123 @@ impl Fanout {
         self.inner.subscriber.is_connected()
     }
 
-    /// Delivers `outbox`'s connection every later event of `room`. Subscribes the
-    /// gateway to the room first if this is its first local listener.
-    pub async fn join(&self, room: &str, outbox: &Outbox) -> Result<(), CommandError> {
-        let _guard = self.inner.transitions.lock().await;
-        let subscribed = self.read_rooms().contains_key(room);
-        if !subscribed {
-            let channel = self.inner.channels.room(room);
-            self.inner.subscriber.subscribe(channel).await.map_err(|err| {
-                tracing::warn!(%err, room, "redis subscribe failed");
-                CommandError::new(ErrorCode::Unavailable, "event bus unavailable; retry")
-            })?;
+    /// Starts delivering `room` to `listener`, after replaying what it missed since
+    /// `since` (if given). Subscribes the gateway to the room first if needed.
+    pub async fn join(&self, room: &str, listener: Listener, since: Option<i64>) -> Result<Joined, CommandError> {
+        loop {
+            let hub = self.room_hub(room).await?;
+            match hub.join(listener.clone(), since).await {
+                Ok(joined) => return joined,
+                // The task stopped between lookup and join (its last listener left): start anew.
+                Err(_gone) => continue,
+            }
         }
-        self.write_rooms().entry(room.to_owned()).or_default().insert(outbox.id(), outbox.clone());
+    }
+
+    async fn room_hub(&self, room: &str) -> Result<RoomHandle, CommandError> {
+        if let Some(hub) = read(&self.inner.rooms).get(room) {
+            return Ok(hub.clone());
+        }
+        let _guard = self.inner.transitions.lock().await;
+        if let Some(hub) = read(&self.inner.rooms).get(room) {
+            return Ok(hub.clone());
+        }
+        let channel = self.inner.channels.room(room);
+        self.inner.subscriber.subscribe(channel.clone()).await.map_err(unavailable)?;
+        // Read the room's position only once the subscription is live: every later
+        // message then arrives on the channel, every earlier one is in Postgres.
+        let last_seq = match self.inner.backend.room_seq(room.to_owned()).await {
+            Ok(seq) => seq,
+            Err(err) => {
+                let _ = self.inner.subscriber.unsubscribe(channel).await;
+                return Err(err);
+            }
+        };
+        let hub = RoomHandle::spawn(room.to_owned(), last_seq, self.inner.backend.clone());
+        write(&self.inner.rooms).insert(room.to_owned(), hub.clone());
+        Ok(hub)
+    }
+
+    /// Stops delivering `room` to connection `conn`; the last local listener's leave
+    /// stops the room task and unsubscribes the gateway.
+    pub async fn leave(&self, room: &str, conn: u64) {
+        let Some(hub) = read(&self.inner.rooms).get(room).cloned() else { return };
+        if hub.leave(conn).await > 0 {
+            return;
+        }
+        let _guard = self.inner.transitions.lock().await;
+        let current = read(&self.inner.rooms).get(room).cloned();
+        if let Some(current) = current.filter(|c| c.same(&hub)) {
+            if current.stop_if_empty().await {
+                write(&self.inner.rooms).remove(room);
+                if let Err(err) = self.inner.subscriber.unsubscribe(self.inner.channels.room(room)).await {
+                    // Harmless: events for a room without a task are dropped on arrival.
+                    tracing::warn!(%err, room, "redis unsubscribe failed");
+                }
+            }
+        }
+    }
+
+    /// Registers a connection of `user` for per-user events (subscribing the user's
+    /// channel for their first local connection).
+    pub async fn add_user_conn(&self, user: &str, outbox: &Outbox) -> Result<(), CommandError> {
+        let _guard = self.inner.transitions.lock().await;
+        if !read(&self.inner.users).contains_key(user) {
+            self.inner.subscriber.subscribe(self.inner.channels.user(user)).await.map_err(unavailable)?;
+        }
+        write(&self.inner.users).entry(user.to_owned()).or_default().insert(outbox.id(), outbox.clone());
         Ok(())
     }
 
-    /// Stops delivering `room` to connection `conn`; unsubscribes the gateway when it
-    /// was the room's last local listener.
-    pub async fn leave(&self, room: &str, conn: u64) {
+    /// Unregisters a connection of `user`; the last one unsubscribes the user's channel.
+    pub async fn remove_user_conn(&self, user: &str, conn: u64) {
         let _guard = self.inner.transitions.lock().await;
         let now_empty = {
-            let mut rooms = self.write_rooms();
-            match rooms.get_mut(room) {
-                Some(listeners) => {
-                    listeners.remove(&conn);
-                    let empty = listeners.is_empty();
-                    if empty {
-                        rooms.remove(room);
-                    }
-                    empty
-                }
-                None => false,
+            let mut users = write(&self.inner.users);
+            let empty = users.get_mut(user).map(|conns| {
+                conns.remove(&conn);
+                conns.is_empty()
+            });
+            if empty == Some(true) {
+                users.remove(user);
             }
+            empty == Some(true)
         };
         if now_empty {
-            if let Err(err) = self.inner.subscriber.unsubscribe(self.inner.channels.room(room)).await {
-                // Harmless: events for a room nobody listens to are dropped on arrival.
-                tracing::warn!(%err, room, "redis unsubscribe failed");
+            if let Err(err) = self.inner.subscriber.unsubscribe(self.inner.channels.user(user)).await {
+                tracing::warn!(%err, user, "redis unsubscribe failed");
             }
         }
     }
 
-    /// Number of rooms this gateway is subscribed to.
-    pub fn room_count(&self) -> usize {
-        self.read_rooms().len()
+    /// Number of this gateway's local connections of `user`.
+    pub fn local_connections(&self, user: &str) -> usize {
+        read(&self.inner.users).get(user).map_or(0, HashMap::len)
     }
 
-    /// Reads events from Redis and delivers them until `shutdown`.
+    /// Reads events from Redis and routes them until `shutdown`. After a Redis
+    /// reconnect every room catches up from Postgres, since events published while
+    /// the connection was down are lost.
     pub async fn run_dispatcher(self, shutdown: CancellationToken) {
         let mut rx = self.inner.subscriber.message_rx();
+        let mut reconnects = self.inner.subscriber.reconnect_rx();
         loop {
-            let msg = tokio::select! {
-                msg = rx.recv() => msg,
-                _ = shutdown.cancelled() => break,
-            };
-            match msg {
-                Ok(msg) => self.dispatch(msg),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(dropped = n, "fan-out fell behind Redis; events dropped");
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Ok(msg) => self.dispatch(msg),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(dropped = n, "fan-out fell behind Redis; resyncing rooms");
+                        self.resync_rooms();
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                reconnect = reconnects.recv() => {
+                    if reconnect.is_ok() {
+                        tracing::info!("redis reconnected; resyncing rooms");
+                        self.resync_rooms();
+                    }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                _ = shutdown.cancelled() => break,
             }
         }
         if let Err(err) = self.inner.subscriber.quit().await {
@@ -136,47 +199,60 @@ impl Fanout {
         }
     }
 
+    fn resync_rooms(&self) {
+        for hub in read(&self.inner.rooms).values() {
+            hub.resync();
+        }
+    }
+
     fn dispatch(&self, msg: RedisMessage) {
-        let Some(room) = self.inner.channels.room_of(&msg.channel) else {
-            return;
-        };
         let Some(payload) = msg.value.as_bytes() else {
-            tracing::warn!(channel = %msg.channel, "non-binary payload on a room channel");
+            tracing::warn!(channel = %msg.channel, "non-binary payload");
             return;
         };
-        let envelope = match Envelope::decode(payload) {
-            Ok(envelope) => envelope,
+        let event = match Envelope::decode(payload) {
+            Ok(Envelope { event: Some(event), .. }) => event,
+            Ok(_) => return,
             Err(err) => {
                 tracing::warn!(%err, channel = %msg.channel, "undecodable envelope");
                 return;
             }
         };
-        let frame = match envelope.event {
-            Some(Event::MessageCreated(created)) => match created.message {
-                Some(message) => protocol::message_event(&message),
-                None => return,
-            },
-            _ => return,
-        };
-        self.deliver(room, Utf8Bytes::from(frame));
-    }
-
-    fn deliver(&self, room: &str, frame: Utf8Bytes) {
-        let rooms = self.read_rooms();
-        if let Some(listeners) = rooms.get(room) {
-            for outbox in listeners.values() {
-                outbox.push_event(WsMessage::Text(frame.clone()));
+        if let Some(room) = self.inner.channels.room_of(&msg.channel) {
+            if let Some(hub) = read(&self.inner.rooms).get(room) {
+                hub.event(event);
             }
+        } else if let Some(user) = self.inner.channels.user_of(&msg.channel) {
+            self.deliver_to_user(user, event);
         }
     }
 
-    fn read_rooms(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Listeners>> {
-        // A panic while holding the lock cannot leave the map half-updated (each write
-        // is a single insert/remove), so a poisoned lock is still safe to use.
-        self.inner.rooms.read().unwrap_or_else(|e| e.into_inner())
+    fn deliver_to_user(&self, user: &str, event: Event) {
+        let Some(frame) = protocol::event_frame(&event) else { return };
+        let frame = Utf8Bytes::from(frame);
+        let conns: Vec<Outbox> =
+            read(&self.inner.users).get(user).map(|c| c.values().cloned().collect()).unwrap_or_default();
+        for outbox in &conns {
+            outbox.push_event(WsMessage::Text(frame.clone()));
+        }
+        if let Event::RoomRemoved(removed) = event {
+            // The removed user's connections stop hearing the room at once.
+            let fanout = self.clone();
+            tokio::spawn(async move {
+                for outbox in conns {
+                    fanout.leave(&removed.room_id, outbox.id()).await;
+                }
+            });
+        }
     }
+}
 
-    fn write_rooms(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Listeners>> {
-        self.inner.rooms.write().unwrap_or_else(|e| e.into_inner())
-    }
+// A panic while holding one of these locks cannot leave a map half-updated (each write
+// is a single insert or remove), so a poisoned lock is still safe to use.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }

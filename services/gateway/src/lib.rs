@@ -11,7 +11,9 @@ pub mod error;
 pub mod fanout;
 pub mod http;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
+pub mod room;
 pub mod session;
 pub mod state;
 pub mod ws;
@@ -27,6 +29,7 @@ use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::fanout::Fanout;
+use crate::presence::Presence;
 use crate::state::{AppState, ConnSettings};
 
 /// How often the message service's health is checked for `/readyz`.
@@ -48,7 +51,17 @@ impl Application {
             Verifier::hs256(config.jwt_secret.as_bytes(), config.jwt_issuer.as_deref(), config.jwt_audience.as_deref());
         let backend =
             Backend::connect(&config.message_service_url, Duration::from_millis(config.grpc_timeout_ms), retry).await?;
-        let fanout = Fanout::connect(&config.redis_url, Channels::new(&config.redis_channel_prefix), retry).await?;
+        let fanout =
+            Fanout::connect(&config.redis_url, Channels::new(&config.redis_channel_prefix), backend.clone(), retry)
+                .await?;
+        let presence = Presence::connect(
+            &config.redis_url,
+            &config.redis_channel_prefix,
+            backend.clone(),
+            config.max_connections_per_user,
+            retry,
+        )
+        .await?;
         let settings = ConnSettings {
             heartbeat: config.heartbeat(),
             auth_timeout: Duration::from_secs(config.auth_timeout_secs),
@@ -58,7 +71,7 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        let state = AppState::new(verifier, backend, fanout, settings, shutdown);
+        let state = AppState::new(verifier, backend, fanout, presence, settings, shutdown);
         Ok(Self { listener, state, grace: Duration::from_secs(config.shutdown_grace_secs) })
     }
 
@@ -76,6 +89,7 @@ impl Application {
         let dispatcher_stop = CancellationToken::new();
         let dispatcher = tokio::spawn(state.fanout().clone().run_dispatcher(dispatcher_stop.clone()));
         tokio::spawn(watch_backend(state.clone()));
+        let housekeeping = tokio::spawn(state.presence().clone().run_housekeeping(dispatcher_stop.clone()));
 
         let app = http::router(state.clone());
         let stopped = shutdown.clone();
@@ -87,6 +101,7 @@ impl Application {
         }
         dispatcher_stop.cancel();
         let _ = dispatcher.await;
+        let _ = housekeeping.await;
         tracing::info!("gateway stopped");
         Ok(())
     }

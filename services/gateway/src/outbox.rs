@@ -18,18 +18,26 @@ pub struct CloseReason {
     pub reason: &'static str,
 }
 
+/// One queue entry: a frame, or frames that must stay together and in order (a join's
+/// backlog), taking a single slot.
+#[derive(Debug)]
+pub enum Outgoing {
+    One(Message),
+    Many(Vec<Message>),
+}
+
 /// Handle to a connection's queue; cheap to clone, shared with the fan-out.
 #[derive(Clone)]
 pub struct Outbox {
     id: u64,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
     closing: CancellationToken,
     reason: Arc<OnceLock<CloseReason>>,
 }
 
 impl Outbox {
     /// A queue of `capacity` frames for connection `id`, and its receiving end.
-    pub fn new(id: u64, capacity: usize) -> (Self, mpsc::Receiver<Message>) {
+    pub fn new(id: u64, capacity: usize) -> (Self, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(capacity);
         let outbox = Self { id, tx, closing: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
         (outbox, rx)
@@ -44,7 +52,19 @@ impl Outbox {
     /// its rooms produce; rather than buffer without bound, the connection is closed
     /// with 1013 and the client recovers what it missed on reconnect.
     pub fn push_event(&self, frame: Message) {
-        match self.tx.try_send(frame) {
+        self.push(Outgoing::One(frame))
+    }
+
+    /// Queues frames that must arrive together, in order, in one slot; a full queue
+    /// closes the connection as in `push_event`.
+    pub fn push_batch(&self, frames: Vec<Message>) {
+        if !frames.is_empty() {
+            self.push(Outgoing::Many(frames))
+        }
+    }
+
+    fn push(&self, item: Outgoing) {
+        match self.tx.try_send(item) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(conn = self.id, "outbound queue full; disconnecting slow consumer");
@@ -59,7 +79,7 @@ impl Outbox {
     /// this client's own commands). False once the connection is closing.
     pub async fn reply(&self, frame: Message) -> bool {
         tokio::select! {
-            sent = self.tx.send(frame) => sent.is_ok(),
+            sent = self.tx.send(Outgoing::One(frame)) => sent.is_ok(),
             _ = self.closing.cancelled() => false,
         }
     }

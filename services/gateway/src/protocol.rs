@@ -75,6 +75,55 @@ pub enum Command {
         limit: Option<u32>,
     },
     Ping {},
+    AddMembers {
+        #[serde(deserialize_with = "id_string")]
+        room: String,
+        #[serde(deserialize_with = "id_list")]
+        members: Vec<String>,
+    },
+    RemoveMember {
+        #[serde(deserialize_with = "id_string")]
+        room: String,
+        #[serde(deserialize_with = "id_string")]
+        user_id: String,
+    },
+    Rooms {},
+    Edit {
+        #[serde(deserialize_with = "id_string")]
+        message_id: String,
+        text: String,
+    },
+    Delete {
+        #[serde(deserialize_with = "id_string")]
+        message_id: String,
+    },
+    React {
+        #[serde(deserialize_with = "id_string")]
+        message_id: String,
+        emoji: String,
+    },
+    Unreact {
+        #[serde(deserialize_with = "id_string")]
+        message_id: String,
+        emoji: String,
+    },
+    Typing {
+        #[serde(deserialize_with = "id_string")]
+        room: String,
+        active: bool,
+    },
+    Read {
+        #[serde(deserialize_with = "id_string")]
+        room: String,
+        seq: i64,
+    },
+    Presence {
+        #[serde(deserialize_with = "id_string")]
+        room: String,
+    },
+    RefreshToken {
+        token: String,
+    },
 }
 
 /// Room kinds as clients name them.
@@ -197,6 +246,120 @@ struct Ack<'a, T: Serialize> {
     body: T,
 }
 
+/// A server frame of type `kind` carrying `body`'s fields (events have no id).
+pub fn frame<T: Serialize>(kind: &'static str, body: T) -> String {
+    to_json(&Ack { kind, id: None, body })
+}
+
+/// The client frame for an event heard on Redis; `None` for events clients never see.
+pub fn event_frame(event: &pb::envelope::Event) -> Option<String> {
+    use pb::envelope::Event as E;
+    #[derive(Serialize)]
+    struct RoomMessage<'a> {
+        room: &'a str,
+        message: MessageJson<'a>,
+    }
+    #[derive(Serialize)]
+    struct Deleted<'a> {
+        room: &'a str,
+        message_id: &'a str,
+        seq: i64,
+    }
+    #[derive(Serialize)]
+    struct Reaction<'a> {
+        room: &'a str,
+        message_id: &'a str,
+        user_id: &'a str,
+        emoji: &'a str,
+        added: bool,
+    }
+    #[derive(Serialize)]
+    struct Read<'a> {
+        room: &'a str,
+        user_id: &'a str,
+        seq: i64,
+    }
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        room: &'a str,
+        user_id: &'a str,
+        status: &'static str,
+    }
+    #[derive(Serialize)]
+    struct Added<'a> {
+        room: RoomJson<'a>,
+    }
+    #[derive(Serialize)]
+    struct Removed<'a> {
+        room: &'a str,
+    }
+    Some(match event {
+        E::MessageCreated(e) => message_event(e.message.as_ref()?),
+        E::MessageEdited(e) => {
+            let m = e.message.as_ref()?;
+            frame("message_edited", RoomMessage { room: &m.room_id, message: MessageJson(m) })
+        }
+        E::MessageDeleted(e) => {
+            frame("message_deleted", Deleted { room: &e.room_id, message_id: &e.message_id, seq: e.seq })
+        }
+        E::Reaction(e) => frame(
+            "reaction",
+            Reaction {
+                room: &e.room_id,
+                message_id: &e.message_id,
+                user_id: &e.user_id,
+                emoji: &e.emoji,
+                added: e.added,
+            },
+        ),
+        E::Typing(e) => typing_event(&e.room_id, &e.user_id, e.active),
+        E::Read(e) => frame("read", Read { room: &e.room_id, user_id: &e.user_id, seq: e.seq }),
+        E::Presence(e) => frame(
+            "presence",
+            Presence { room: &e.room_id, user_id: &e.user_id, status: if e.online { "online" } else { "offline" } },
+        ),
+        E::RoomAdded(e) => frame("room_added", Added { room: RoomJson(e.room.as_ref()?) }),
+        E::RoomRemoved(e) => frame("room_removed", Removed { room: &e.room_id }),
+    })
+}
+
+/// `typing {room, user_id, active}`.
+pub fn typing_event(room: &str, user_id: &str, active: bool) -> String {
+    #[derive(Serialize)]
+    struct Typing<'a> {
+        room: &'a str,
+        user_id: &'a str,
+        active: bool,
+    }
+    frame("typing", Typing { room, user_id, active })
+}
+
+/// A room summary of the `rooms` reply.
+pub struct RoomSummaryJson<'a>(pub &'a pb::RoomSummary);
+
+impl Serialize for RoomSummaryJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let mut map = s.serialize_map(Some(6))?;
+        map.serialize_entry("id", &r.id)?;
+        map.serialize_entry("name", &r.name)?;
+        map.serialize_entry("kind", kind_name(r.kind))?;
+        map.serialize_entry("last_seq", &r.last_seq)?;
+        map.serialize_entry("unread", &r.unread)?;
+        map.serialize_entry("last_message", &r.last_message.as_ref().map(MessageJson))?;
+        map.end()
+    }
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match pb::RoomKind::try_from(kind) {
+        Ok(pb::RoomKind::Direct) => "direct",
+        Ok(pb::RoomKind::Support) => "support",
+        _ => "group",
+    }
+}
+
 /// An `ack` reply carrying `body`'s fields.
 pub fn ack<T: Serialize>(id: Option<&str>, body: T) -> String {
     to_json(&Ack { kind: "ack", id, body })
@@ -219,11 +382,19 @@ struct ErrorFrame<'a> {
     id: Option<&'a str>,
     code: ErrorCode,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 /// An `error` reply.
 pub fn error(id: Option<&str>, err: &CommandError) -> String {
-    to_json(&ErrorFrame { kind: "error", id, code: err.code, message: &err.message })
+    to_json(&ErrorFrame {
+        kind: "error",
+        id,
+        code: err.code,
+        message: &err.message,
+        retry_after_ms: err.retry_after_ms,
+    })
 }
 
 /// The `welcome` frame sent once a connection is authenticated.
@@ -243,12 +414,10 @@ pub struct Welcome<'a> {
 pub fn message_event(message: &pb::Message) -> String {
     #[derive(Serialize)]
     struct Event<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
         room: &'a str,
         message: MessageJson<'a>,
     }
-    to_json(&Event { kind: "message", room: &message.room_id, message: MessageJson(message) })
+    frame("message", Event { room: &message.room_id, message: MessageJson(message) })
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -318,11 +487,7 @@ impl Serialize for RoomJson<'_> {
             role: &'static str,
         }
         let r = self.0;
-        let kind = match pb::RoomKind::try_from(r.kind) {
-            Ok(pb::RoomKind::Direct) => "direct",
-            Ok(pb::RoomKind::Support) => "support",
-            _ => "group",
-        };
+        let kind = kind_name(r.kind);
         let members: Vec<MemberJson<'_>> = r
             .members
             .iter()

@@ -3,15 +3,18 @@
 //! client's sends are stored in the order it sent them.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use chat_proto::v1 as pb;
 use serde::Serialize;
+use tokio::time::Instant;
 
-use crate::auth::Claims;
+use crate::auth::{self, Claims};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode};
 use crate::outbox::Outbox;
-use crate::protocol::{self, Command, MessageJson, RoomJson};
+use crate::protocol::{self, Command, Empty, MessageJson, RoomJson, RoomSummaryJson};
+use crate::room::Listener;
 use crate::state::AppState;
 
 /// The per-connection state behind the command loop.
@@ -19,15 +22,24 @@ pub struct Session {
     state: AppState,
     claims: Claims,
     caller: pb::Caller,
-    outbox: Outbox,
+    listener: Listener,
     joined: HashSet<String>,
+    expires_at: Instant,
+}
+
+/// When a token with this `exp` stops being valid (with the verifier's leeway).
+pub fn token_deadline(exp: i64) -> Instant {
+    let left = exp + auth::LEEWAY_SECS as i64 - chrono::Utc::now().timestamp();
+    Instant::now() + std::time::Duration::from_secs(left.max(0) as u64)
 }
 
 impl Session {
     /// A session for an authenticated user whose frames go to `outbox`.
     pub fn new(state: AppState, claims: Claims, outbox: Outbox) -> Self {
         let caller = caller(&claims);
-        Self { state, claims, caller, outbox, joined: HashSet::new() }
+        let listener = Listener { outbox, user_id: Arc::from(claims.sub.as_str()) };
+        let expires_at = token_deadline(claims.exp);
+        Self { state, claims, caller, listener, joined: HashSet::new(), expires_at }
     }
 
     /// The verified claims.
@@ -35,13 +47,17 @@ impl Session {
         &self.claims
     }
 
+    /// When the current token expires; `refresh_token` moves it.
+    pub fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+
     /// Handles one text frame and returns the reply frame.
     pub async fn handle_text(&mut self, text: &str) -> String {
-        if text.len() > self.state.settings().max_frame_bytes {
-            let err = CommandError::new(
-                ErrorCode::TooLarge,
-                format!("frame is {} bytes; the limit is {}", text.len(), self.state.settings().max_frame_bytes),
-            );
+        let limit = self.state.settings().max_frame_bytes;
+        if text.len() > limit {
+            let err =
+                CommandError::new(ErrorCode::TooLarge, format!("frame is {} bytes; the limit is {limit}", text.len()));
             return protocol::error(protocol::peek_id(text).as_deref(), &err);
         }
         let frame = match protocol::parse(text) {
@@ -55,61 +71,41 @@ impl Session {
         }
     }
 
+    fn who(&self) -> Option<pb::Caller> {
+        Some(self.caller.clone())
+    }
+
     async fn execute(&mut self, id: Option<&str>, command: Command) -> Result<String, CommandError> {
-        let backend = self.state.backend();
+        let backend = self.state.backend().clone();
+        let ok = |body| Ok(protocol::ack(id, body));
         match command {
             Command::Ping {} => Ok(protocol::pong(id)),
             Command::Auth { .. } => Err(CommandError::bad_request("already authenticated")),
             Command::CreateRoom { kind, name, members } => {
-                let room = backend
-                    .create_room(pb::CreateRoomRequest {
-                        caller: Some(self.caller.clone()),
-                        kind: pb::RoomKind::from(kind) as i32,
-                        name,
-                        members,
-                    })
-                    .await?;
-                #[derive(Serialize)]
-                struct Created<'a> {
-                    room: RoomJson<'a>,
-                }
-                Ok(protocol::ack(id, Created { room: RoomJson(&room) }))
+                let req =
+                    pb::CreateRoomRequest { caller: self.who(), kind: pb::RoomKind::from(kind) as i32, name, members };
+                let room = backend.create_room(req).await?;
+                Ok(protocol::ack(id, WithRoom { room: RoomJson(&room) }))
             }
-            Command::Join { room, since_seq: _ } => {
-                let last_seq = backend.join_room(self.caller.clone(), room.clone()).await?;
-                self.state.fanout().join(&room, &self.outbox).await?;
-                self.joined.insert(room.clone());
-                #[derive(Serialize)]
-                struct Joined<'a> {
-                    room: &'a str,
-                    last_seq: i64,
-                    online: [&'a str; 0],
-                }
-                Ok(protocol::ack(id, Joined { room: &room, last_seq, online: [] }))
-            }
+            Command::Join { room, since_seq } => self.join(id, room, since_seq).await,
             Command::Leave { room } => {
                 if self.joined.remove(&room) {
-                    self.state.fanout().leave(&room, self.outbox.id()).await;
+                    self.state.fanout().leave(&room, self.listener.outbox.id()).await;
                 }
-                Ok(protocol::ack(id, protocol::Empty {}))
+                ok(Empty {})
             }
             Command::Send { room, text, kind, attachments, reply_to, client_msg_id } => {
-                let message = backend
-                    .send_message(pb::SendMessageRequest {
-                        caller: Some(self.caller.clone()),
-                        room_id: room,
-                        text,
-                        kind,
-                        attachment_ids: attachments,
-                        reply_to,
-                        client_msg_id,
-                    })
-                    .await?;
-                #[derive(Serialize)]
-                struct Sent<'a> {
-                    message: MessageJson<'a>,
-                }
-                Ok(protocol::ack(id, Sent { message: MessageJson(&message) }))
+                let req = pb::SendMessageRequest {
+                    caller: self.who(),
+                    room_id: room,
+                    text,
+                    kind,
+                    attachment_ids: attachments,
+                    reply_to,
+                    client_msg_id,
+                };
+                let message = backend.send_message(req).await?;
+                Ok(protocol::ack(id, WithMessage { message: MessageJson(&message) }))
             }
             Command::History { room, before_seq, after_seq, limit } => {
                 let limit = match limit {
@@ -117,15 +113,8 @@ impl Session {
                     Some(n @ 1..=100) => n,
                     Some(_) => return Err(CommandError::bad_request("limit must be between 1 and 100")),
                 };
-                let page = backend
-                    .history(pb::HistoryRequest {
-                        caller: Some(self.caller.clone()),
-                        room_id: room,
-                        before_seq,
-                        after_seq,
-                        limit,
-                    })
-                    .await?;
+                let req = pb::HistoryRequest { caller: self.who(), room_id: room, before_seq, after_seq, limit };
+                let page = backend.history(req).await?;
                 #[derive(Serialize)]
                 struct Page<'a> {
                     messages: Vec<MessageJson<'a>>,
@@ -134,13 +123,127 @@ impl Session {
                 let messages = page.messages.iter().map(MessageJson).collect();
                 Ok(protocol::ack(id, Page { messages, has_more: page.has_more }))
             }
+            Command::AddMembers { room, members } => {
+                let reply =
+                    backend.add_members(pb::AddMembersRequest { caller: self.who(), room_id: room, members }).await?;
+                let room = reply.room.unwrap_or_default();
+                #[derive(Serialize)]
+                struct Added<'a> {
+                    room: RoomJson<'a>,
+                    added: &'a [String],
+                }
+                Ok(protocol::ack(id, Added { room: RoomJson(&room), added: &reply.added }))
+            }
+            Command::RemoveMember { room, user_id } => {
+                backend.remove_member(pb::RemoveMemberRequest { caller: self.who(), room_id: room, user_id }).await?;
+                ok(Empty {})
+            }
+            Command::Rooms {} => {
+                let rooms = backend.list_rooms(self.caller.clone()).await?;
+                #[derive(Serialize)]
+                struct Rooms<'a> {
+                    rooms: Vec<RoomSummaryJson<'a>>,
+                }
+                Ok(protocol::ack(id, Rooms { rooms: rooms.iter().map(RoomSummaryJson).collect() }))
+            }
+            Command::Edit { message_id, text } => {
+                let message =
+                    backend.edit_message(pb::EditMessageRequest { caller: self.who(), message_id, text }).await?;
+                Ok(protocol::ack(id, WithMessage { message: MessageJson(&message) }))
+            }
+            Command::Delete { message_id } => {
+                backend.delete_message(pb::DeleteMessageRequest { caller: self.who(), message_id }).await?;
+                ok(Empty {})
+            }
+            Command::React { message_id, emoji } => {
+                backend.react(pb::ReactRequest { caller: self.who(), message_id, emoji, add: true }).await?;
+                ok(Empty {})
+            }
+            Command::Unreact { message_id, emoji } => {
+                backend.react(pb::ReactRequest { caller: self.who(), message_id, emoji, add: false }).await?;
+                ok(Empty {})
+            }
+            Command::Typing { room, active } => {
+                if !self.joined.contains(&room) {
+                    // Typing needs membership, not a join: check it like a join would.
+                    backend.join_room(self.caller.clone(), room.clone()).await?;
+                }
+                let event = pb::envelope::Event::Typing(pb::Typing {
+                    room_id: room.clone(),
+                    user_id: self.claims.sub.clone(),
+                    active,
+                });
+                self.state.presence().publish(&room, event).await;
+                ok(Empty {})
+            }
+            Command::Read { room, seq } => {
+                let read_seq =
+                    backend.mark_read(pb::MarkReadRequest { caller: self.who(), room_id: room, seq }).await?;
+                #[derive(Serialize)]
+                struct Read {
+                    seq: i64,
+                }
+                Ok(protocol::ack(id, Read { seq: read_seq }))
+            }
+            Command::Presence { room } => {
+                let info = backend.join_room(self.caller.clone(), room).await?;
+                let online = self.state.presence().online(&info.members).await;
+                #[derive(Serialize)]
+                struct Online {
+                    online: Vec<String>,
+                }
+                Ok(protocol::ack(id, Online { online }))
+            }
+            Command::RefreshToken { token } => {
+                let claims = self
+                    .state
+                    .verifier()
+                    .verify(&token)
+                    .map_err(|e| CommandError::new(ErrorCode::Unauthorized, e.to_string()))?;
+                if claims.sub != self.claims.sub {
+                    return Err(CommandError::new(ErrorCode::Forbidden, "the new token is for another user"));
+                }
+                self.expires_at = token_deadline(claims.exp);
+                self.caller = caller(&claims);
+                self.claims = claims;
+                #[derive(Serialize)]
+                struct Refreshed {
+                    expires_at: String,
+                }
+                Ok(protocol::ack(id, Refreshed { expires_at: protocol::timestamp(self.claims.exp * 1000) }))
+            }
         }
+    }
+
+    async fn join(&mut self, id: Option<&str>, room: String, since_seq: Option<i64>) -> Result<String, CommandError> {
+        let info = self.state.backend().join_room(self.caller.clone(), room.clone()).await?;
+        let joined = self.state.fanout().join(&room, self.listener.clone(), since_seq).await?;
+        self.joined.insert(room.clone());
+        let online = self.state.presence().online(&info.members).await;
+        #[derive(Serialize)]
+        struct Joined<'a> {
+            room: &'a str,
+            last_seq: i64,
+            online: Vec<String>,
+            truncated: bool,
+        }
+        Ok(protocol::ack(id, Joined { room: &room, last_seq: joined.last_seq, online, truncated: joined.truncated }))
     }
 
     /// Leaves every joined room; called once when the connection ends.
     pub async fn end(self) {
         for room in &self.joined {
-            self.state.fanout().leave(room, self.outbox.id()).await;
+            self.state.fanout().leave(room, self.listener.outbox.id()).await;
         }
     }
+}
+
+#[derive(Serialize)]
+struct WithRoom<'a> {
+    room: RoomJson<'a>,
+}
+
+#[derive(Serialize)]
+struct WithMessage<'a> {
+    message: MessageJson<'a>,
 }

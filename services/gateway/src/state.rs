@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::fanout::Fanout;
+use crate::presence::Presence;
 
 /// Per-connection limits and timings, from the config.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +31,7 @@ struct Shared {
     verifier: Verifier,
     backend: Backend,
     fanout: Fanout,
+    presence: Presence,
     settings: ConnSettings,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -44,6 +46,7 @@ impl AppState {
         verifier: Verifier,
         backend: Backend,
         fanout: Fanout,
+        presence: Presence,
         settings: ConnSettings,
         shutdown: CancellationToken,
     ) -> Self {
@@ -52,6 +55,7 @@ impl AppState {
                 verifier,
                 backend,
                 fanout,
+                presence,
                 settings,
                 shutdown,
                 connections: TaskTracker::new(),
@@ -72,6 +76,10 @@ impl AppState {
 
     pub fn fanout(&self) -> &Fanout {
         &self.inner.fanout
+    }
+
+    pub fn presence(&self) -> &Presence {
+        &self.inner.presence
     }
 
     pub fn settings(&self) -> ConnSettings {

@@ -18,7 +18,8 @@ use tokio::time::Instant;
 
 use crate::auth::{self, Claims};
 use crate::error::{CommandError, ErrorCode, HttpError};
-use crate::outbox::{Outbox, CLOSE_SLOW_CONSUMER};
+use crate::outbox::{Outbox, Outgoing, CLOSE_SLOW_CONSUMER};
+use crate::presence::Admission;
 use crate::protocol::{self, Command};
 use crate::session::Session;
 use crate::state::AppState;
@@ -32,6 +33,8 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_RESTART: u16 = 1012;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+/// When a client over the per-user connection cap may try again.
+const CONNECTION_CAP_RETRY_MS: u64 = 5_000;
 /// Not sent on the wire: the socket is already gone.
 const CLOSE_ABNORMAL: u16 = 1006;
 
@@ -88,14 +91,39 @@ async fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) {
     let welcome = serde_json::to_string(&welcome).unwrap_or_default();
     tracing::debug!(conn = conn_id, user = %claims.sub, session = %session_id, "connection authenticated");
 
+    let user = claims.sub.clone();
+    let admission = state.presence().admit(&user).await;
+    if admission == Admission::OverCap {
+        let err = CommandError::rate_limited(
+            "connection limit reached: too many open connections for this user",
+            CONNECTION_CAP_RETRY_MS,
+        );
+        let _ = outbox.reply(Message::Text(protocol::error(auth_id.as_deref(), &err).into())).await;
+        outbox.close(CLOSE_POLICY, "too many connections");
+        write_loop(sink, rx, outbox, state, Arc::new(AtomicU64::new(0))).await;
+        return;
+    }
     let last_seen = Arc::new(AtomicU64::new(state.uptime_ms()));
     let writer = tokio::spawn(write_loop(sink, rx, outbox.clone(), state.clone(), last_seen.clone()));
+    if let Err(err) = state.fanout().add_user_conn(&user, &outbox).await {
+        tracing::warn!(%err.message, "per-user events unavailable for this connection");
+    }
+    if admission == (Admission::Admitted { first: true }) {
+        let presence = state.presence().clone();
+        let user = user.clone();
+        tokio::spawn(async move { presence.announce(&user, true).await });
+    }
     if outbox.reply(Message::Text(welcome.into())).await {
         let mut session = Session::new(state.clone(), claims, outbox.clone());
         read_loop(&mut session, &mut stream, &outbox, &state, &last_seen).await;
         session.end().await;
     }
     outbox.close(1000, "");
+    state.fanout().remove_user_conn(&user, conn_id).await;
+    if state.presence().release(&user).await {
+        let presence = state.presence().clone();
+        tokio::spawn(async move { presence.announce(&user, false).await });
+    }
     if let Err(err) = writer.await {
         tracing::warn!(%err, conn = conn_id, "writer task failed");
     }
@@ -148,12 +176,11 @@ async fn read_loop(
     state: &AppState,
     last_seen: &AtomicU64,
 ) {
-    let expires_at = token_deadline(session.claims().exp);
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
             _ = outbox.closing() => return,
-            _ = tokio::time::sleep_until(expires_at) => {
+            _ = tokio::time::sleep_until(session.expires_at()) => {
                 outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
                 return;
             }
@@ -192,17 +219,11 @@ async fn read_loop(
     }
 }
 
-/// When the connection must close for its token's `exp` (with the verifier's leeway).
-fn token_deadline(exp: i64) -> Instant {
-    let left = exp + auth::LEEWAY_SECS as i64 - chrono::Utc::now().timestamp();
-    Instant::now() + Duration::from_secs(left.max(0) as u64)
-}
-
 /// Writes queued frames (batched into one flush when several are ready) and sends a
 /// WebSocket ping every heartbeat; drops a peer silent for two heartbeats.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Outgoing>,
     outbox: Outbox,
     state: AppState,
     last_seen: Arc<AtomicU64>,
@@ -211,12 +232,12 @@ async fn write_loop(
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     loop {
         tokio::select! {
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break };
-                let mut ok = sink.feed(frame).await.is_ok();
+            item = rx.recv() => {
+                let Some(item) = item else { break };
+                let mut ok = feed(&mut sink, item).await;
                 while ok {
                     match rx.try_recv() {
-                        Ok(frame) => ok = sink.feed(frame).await.is_ok(),
+                        Ok(item) => ok = feed(&mut sink, item).await,
                         Err(_) => break,
                     }
                 }
@@ -246,12 +267,27 @@ async fn write_loop(
     // Frames already queued (an error reply, a `reconnect` notice) go out before the
     // close frame, except to a slow consumer, whose queue is what we are giving up on.
     if reason.code != CLOSE_SLOW_CONSUMER {
-        while let Ok(frame) = rx.try_recv() {
-            if sink.feed(frame).await.is_err() {
+        while let Ok(item) = rx.try_recv() {
+            if !feed(&mut sink, item).await {
                 return;
             }
         }
     }
     let close = CloseFrame { code: reason.code, reason: reason.reason.into() };
     let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(close)))).await;
+}
+
+/// Writes a queue entry without flushing; false when the socket is gone.
+async fn feed(sink: &mut SplitSink<WebSocket, Message>, item: Outgoing) -> bool {
+    match item {
+        Outgoing::One(frame) => sink.feed(frame).await.is_ok(),
+        Outgoing::Many(frames) => {
+            for frame in frames {
+                if sink.feed(frame).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    }
 }

@@ -1,0 +1,220 @@
+//! Cluster-wide presence in Redis: who has at least one open connection on any gateway.
+//!
+//! `<prefix>:presence:{user}` is a hash of gateway id → that gateway's connection count
+//! for the user; online means the hash is not empty. Counting and the per-user
+//! connection cap are one Lua script each, so two gateways never both think they saw
+//! the first connection. Each gateway also keeps the set of users it counted and a
+//! heartbeat in `<prefix>:gateways`; a gateway silent for `STALE_AFTER` is swept by the
+//! others, so a crashed gateway's users go offline within `STALE_AFTER + SWEEP_EVERY`.
+
+use std::time::Duration;
+
+use chat_common::channels::Channels;
+use chat_common::startup::Retry;
+use chat_proto::v1::{envelope::Event, Envelope};
+use fred::prelude::{Client, ClientLike, Expiration, KeysInterface, LuaInterface, PubsubInterface};
+use fred::prelude::{SetOptions, SetsInterface, SortedSetsInterface};
+use prost::Message as _;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backend;
+
+/// How often a gateway proves it is alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A gateway silent for this long is considered dead and its users are swept.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// How often gateways look for dead ones.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+const CONNECT: &str = r#"
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+if tonumber(ARGV[2]) > 0 and total >= tonumber(ARGV[2]) then return -1 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('SADD', KEYS[2], ARGV[3])
+return total + 1
+"#;
+
+const DISCONNECT: &str = r#"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+return total
+"#;
+
+const SWEEP_USER: &str = r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return -1 end
+return redis.call('HLEN', KEYS[1])
+"#;
+
+/// Outcome of registering a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted; `first` when it is the user's only connection in the cluster.
+    Admitted { first: bool },
+    /// The user already holds the maximum number of connections.
+    OverCap,
+}
+
+/// Handle to presence state; cheap to clone.
+#[derive(Clone)]
+pub struct Presence {
+    client: Client,
+    channels: Channels,
+    prefix: String,
+    gateway_id: String,
+    backend: Backend,
+    cap: u32,
+}
+
+impl Presence {
+    /// Connects with bounded retries. `cap` is the per-user connection limit (0: none).
+    pub async fn connect(url: &str, prefix: &str, backend: Backend, cap: u32, retry: Retry) -> anyhow::Result<Self> {
+        let client = chat_common::redis::builder(url, Duration::from_secs(2), 32)?.build()?;
+        retry.run("Redis", || client.init()).await?;
+        let gateway_id = format!("{:016x}", rand::rng().random::<u64>());
+        Ok(Self { client, channels: Channels::new(prefix), prefix: prefix.to_owned(), gateway_id, backend, cap })
+    }
+
+    fn user_key(&self, user: &str) -> String {
+        format!("{}:presence:{{{user}}}", self.prefix)
+    }
+
+    fn users_key(&self, gateway: &str) -> String {
+        format!("{}:gw:{{{gateway}}}:users", self.prefix)
+    }
+
+    fn gateways_key(&self) -> String {
+        format!("{}:gateways", self.prefix)
+    }
+
+    /// Counts a new connection of `user`, unless that exceeds the cap. When Redis is
+    /// unreachable the connection is admitted (presence is best effort; chat is not).
+    pub async fn admit(&self, user: &str) -> Admission {
+        let keys = vec![self.user_key(user), self.users_key(&self.gateway_id)];
+        let args = vec![self.gateway_id.clone(), self.cap.to_string(), user.to_owned()];
+        match self.client.eval::<i64, _, _, _>(CONNECT, keys, args).await {
+            Ok(-1) => Admission::OverCap,
+            Ok(total) => Admission::Admitted { first: total == 1 },
+            Err(err) => {
+                tracing::warn!(%err, "presence unavailable; admitting without counting");
+                Admission::Admitted { first: false }
+            }
+        }
+    }
+
+    /// Uncounts a connection; true when it was the user's last one in the cluster.
+    pub async fn release(&self, user: &str) -> bool {
+        let keys = vec![self.user_key(user), self.users_key(&self.gateway_id)];
+        let args = vec![self.gateway_id.clone(), user.to_owned()];
+        match self.client.eval::<i64, _, _, _>(DISCONNECT, keys, args).await {
+            Ok(total) => total <= 0,
+            Err(err) => {
+                tracing::warn!(%err, "presence unavailable; connection not uncounted (swept later)");
+                false
+            }
+        }
+    }
+
+    /// Which of `users` have a connection anywhere.
+    pub async fn online(&self, users: &[String]) -> Vec<String> {
+        let pipeline = self.client.pipeline();
+        for user in users {
+            let _: Result<(), _> = pipeline.exists(self.user_key(user)).await;
+        }
+        match pipeline.all::<Vec<i64>>().await {
+            Ok(flags) => users.iter().zip(flags).filter(|(_, n)| *n > 0).map(|(u, _)| u.clone()).collect(),
+            Err(err) => {
+                tracing::warn!(%err, "presence lookup failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Tells the members of every room of `user` that they came online or went offline.
+    pub async fn announce(&self, user: &str, online: bool) {
+        let rooms = match self.backend.user_rooms(user.to_owned()).await {
+            Ok(rooms) => rooms,
+            Err(err) => {
+                tracing::warn!(%err.message, user, "cannot list rooms for a presence change");
+                return;
+            }
+        };
+        for room_id in rooms {
+            let event = Event::Presence(chat_proto::v1::Presence {
+                room_id: room_id.clone(),
+                user_id: user.to_owned(),
+                online,
+            });
+            self.publish(&room_id, event).await;
+        }
+    }
+
+    /// Publishes an ephemeral event (typing, presence) on a room's channel.
+    pub async fn publish(&self, room_id: &str, event: Event) {
+        let payload = Envelope { trace_context: Default::default(), event: Some(event) }.encode_to_vec();
+        if let Err(err) = self.client.publish::<i64, _, _>(self.channels.room(room_id), payload).await {
+            tracing::warn!(%err, room_id, "ephemeral event not published");
+        }
+    }
+
+    /// Heartbeats this gateway and sweeps dead ones until `shutdown`; then removes this
+    /// gateway's heartbeat.
+    pub async fn run_housekeeping(self, shutdown: CancellationToken) {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    let now = now_ms() as f64;
+                    let res: Result<i64, _> =
+                        self.client.zadd(self.gateways_key(), None, None, false, false, (now, self.gateway_id.as_str())).await;
+                    if let Err(err) = res {
+                        tracing::warn!(%err, "presence heartbeat failed");
+                    }
+                }
+                _ = sweep.tick() => self.sweep().await,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        let _: Result<i64, _> = self.client.zrem(self.gateways_key(), self.gateway_id.as_str()).await;
+    }
+
+    /// Takes every stale gateway's users offline (once, under a short lock per gateway).
+    async fn sweep(&self) {
+        let cutoff = (now_ms() - STALE_AFTER.as_millis() as i64) as f64;
+        let stale: Vec<String> =
+            match self.client.zrangebyscore(self.gateways_key(), f64::NEG_INFINITY, cutoff, false, None).await {
+                Ok(stale) => stale,
+                Err(_) => return,
+            };
+        for gateway in stale.into_iter().filter(|g| *g != self.gateway_id) {
+            let lock = format!("{}:sweep:{{{gateway}}}", self.prefix);
+            let got: Result<Option<String>, _> =
+                self.client.set(lock, "1", Some(Expiration::EX(60)), Some(SetOptions::NX), false).await;
+            if !matches!(got, Ok(Some(_))) {
+                continue;
+            }
+            tracing::info!(gateway, "sweeping the presence of a dead gateway");
+            let users: Vec<String> = self.client.smembers(self.users_key(&gateway)).await.unwrap_or_default();
+            for user in users {
+                let left: Result<i64, _> =
+                    self.client.eval(SWEEP_USER, vec![self.user_key(&user)], vec![gateway.clone()]).await;
+                if left == Ok(0) {
+                    self.announce(&user, false).await;
+                }
+            }
+            let _: Result<i64, _> = self.client.del(self.users_key(&gateway)).await;
+            let _: Result<i64, _> = self.client.zrem(self.gateways_key(), gateway.as_str()).await;
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

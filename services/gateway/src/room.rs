@@ -1,0 +1,301 @@
+//! One task per room with local listeners: it orders the room's messages by seq,
+//! repairs gaps from the message service, replays backlogs on `join` with `since_seq`,
+//! expires typing, and delivers every event to the room's local connections.
+//!
+//! Being the only writer of a room's deliveries is what makes "no gap, no duplicate"
+//! simple: a join's backlog is queued, and the listener added, between two live events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
+use chat_proto::v1 as pb;
+use chat_proto::v1::envelope::Event;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+use crate::error::CommandError;
+use crate::outbox::Outbox;
+use crate::protocol;
+
+/// Typing without a refresh ends after this long.
+pub const TYPING_TTL: Duration = Duration::from_secs(6);
+/// Most backlog messages one `join` replays; beyond it the ack says `truncated`.
+pub const MAX_BACKLOG: i64 = 1000;
+/// Commands queued for one room before events are dropped (and later repaired).
+const ROOM_QUEUE: usize = 4096;
+
+/// A connection listening to a room.
+#[derive(Clone)]
+pub struct Listener {
+    pub outbox: Outbox,
+    pub user_id: Arc<str>,
+}
+
+/// What a join reports back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    /// The newest seq the connection has been given (by backlog or earlier).
+    pub last_seq: i64,
+    /// More than `MAX_BACKLOG` messages were missed; only the newest were replayed.
+    pub truncated: bool,
+}
+
+enum Command {
+    /// Boxed: events are large and most commands are events; one allocation each.
+    Event(Box<Event>),
+    Join {
+        listener: Listener,
+        since: Option<i64>,
+        reply: oneshot::Sender<Result<Joined, CommandError>>,
+    },
+    Leave {
+        conn: u64,
+        reply: oneshot::Sender<usize>,
+    },
+    StopIfEmpty {
+        reply: oneshot::Sender<bool>,
+    },
+    Resync,
+}
+
+/// The room task has stopped; the caller starts a new one.
+#[derive(Debug)]
+pub struct Gone;
+
+/// Handle to a room task; cheap to clone.
+#[derive(Clone)]
+pub struct RoomHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl RoomHandle {
+    /// Starts the task for `room_id`, whose messages up to `last_seq` count as delivered.
+    pub fn spawn(room_id: String, last_seq: i64, backend: Backend) -> Self {
+        let (tx, rx) = mpsc::channel(ROOM_QUEUE);
+        let task = RoomTask { room_id, backend, seq: last_seq, listeners: HashMap::new(), typing: HashMap::new() };
+        tokio::spawn(task.run(rx));
+        Self { tx }
+    }
+
+    /// True when both handles drive the same task.
+    pub fn same(&self, other: &RoomHandle) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
+    /// Hands over an event from Redis without waiting. A full queue drops it: message
+    /// events come back through gap repair; ephemeral ones are gone, as their kind allows.
+    pub fn event(&self, event: Event) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Command::Event(Box::new(event))) {
+            tracing::warn!("room queue full; event dropped");
+        }
+    }
+
+    /// Asks the task to catch up with the room's newest seq (after a Redis reconnect).
+    pub fn resync(&self) {
+        let _ = self.tx.try_send(Command::Resync);
+    }
+
+    /// Adds a listener, first replaying what it missed after `since`.
+    pub async fn join(&self, listener: Listener, since: Option<i64>) -> Result<Result<Joined, CommandError>, Gone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Join { listener, since, reply }).await.map_err(|_| Gone)?;
+        rx.await.map_err(|_| Gone)
+    }
+
+    /// Removes a listener; returns how many remain.
+    pub async fn leave(&self, conn: u64) -> usize {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Leave { conn, reply }).await.is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    /// Stops the task if nobody listens; true when it stopped (or was already gone).
+    pub async fn stop_if_empty(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::StopIfEmpty { reply }).await.is_err() {
+            return true;
+        }
+        rx.await.unwrap_or(true)
+    }
+}
+
+struct RoomTask {
+    room_id: String,
+    backend: Backend,
+    /// Every message up to this seq has been delivered (or predates every listener).
+    seq: i64,
+    listeners: HashMap<u64, Listener>,
+    /// Who is typing, until when.
+    typing: HashMap<Arc<str>, Instant>,
+}
+
+impl RoomTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let next_expiry = self.typing.values().min().copied();
+            let command = tokio::select! {
+                command = rx.recv() => command,
+                _ = sleep_until(next_expiry) => {
+                    self.expire_typing();
+                    continue;
+                }
+            };
+            let Some(command) = command else { return };
+            match command {
+                Command::Event(event) => self.on_event(*event).await,
+                Command::Join { listener, since, reply } => {
+                    let _ = reply.send(self.join(listener, since).await);
+                }
+                Command::Leave { conn, reply } => {
+                    self.listeners.remove(&conn);
+                    let _ = reply.send(self.listeners.len());
+                }
+                Command::StopIfEmpty { reply } => {
+                    let empty = self.listeners.is_empty();
+                    let _ = reply.send(empty);
+                    if empty {
+                        return;
+                    }
+                }
+                Command::Resync => self.resync().await,
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::MessageCreated(pb::MessageCreated { message: Some(message) }) => self.on_message(message).await,
+            Event::Typing(typing) => {
+                let user: Arc<str> = Arc::from(typing.user_id.as_str());
+                if typing.active {
+                    self.typing.insert(user.clone(), Instant::now() + TYPING_TTL);
+                } else {
+                    self.typing.remove(&user);
+                }
+                self.deliver_except(&user, protocol::typing_event(&self.room_id, &user, typing.active));
+            }
+            other => {
+                if let Some(frame) = protocol::event_frame(&other) {
+                    self.deliver(frame);
+                }
+            }
+        }
+    }
+
+    /// Delivers messages strictly in seq order: duplicates are dropped, and a jump
+    /// first fetches the missing range from the message service.
+    async fn on_message(&mut self, message: pb::Message) {
+        if message.seq <= self.seq {
+            return;
+        }
+        if message.seq > self.seq + 1 {
+            self.repair(message.seq).await;
+        }
+        self.seq = message.seq;
+        self.deliver(protocol::message_event(&message));
+    }
+
+    /// Delivers every stored message between the watermark and `upto` (exclusive).
+    async fn repair(&mut self, upto: i64) {
+        tracing::info!(room = %self.room_id, from = self.seq + 1, upto, "repairing a gap in the room's messages");
+        while self.seq + 1 < upto {
+            let fetched = self.fetch(self.seq, upto).await;
+            match fetched {
+                Ok(messages) if !messages.is_empty() => {
+                    for m in &messages {
+                        self.deliver(protocol::message_event(m));
+                    }
+                    self.seq = messages.last().map_or(self.seq, |m| m.seq);
+                }
+                Ok(_) => return,
+                Err(err) => {
+                    tracing::warn!(room = %self.room_id, %err, "gap repair failed; delivering what arrived");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Catches up with the room's newest seq: after a Redis outage the last messages may
+    /// have been lost with no later message to reveal the gap.
+    async fn resync(&mut self) {
+        match self.backend.room_seq(self.room_id.clone()).await {
+            Ok(last) if last > self.seq => self.repair(last + 1).await,
+            Ok(_) => {}
+            Err(err) => tracing::warn!(room = %self.room_id, %err, "resync failed"),
+        }
+    }
+
+    /// Messages with `after < seq < before`, retried briefly: a repair that gives up
+    /// leaves a visible gap.
+    async fn fetch(&self, after: i64, before: i64) -> Result<Vec<pb::Message>, CommandError> {
+        let mut attempt = 0;
+        loop {
+            match self.backend.room_messages(self.room_id.clone(), after, before, MAX_BACKLOG as u32).await {
+                Ok(messages) => return Ok(messages),
+                Err(err) if attempt >= 3 => return Err(err),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn join(&mut self, listener: Listener, since: Option<i64>) -> Result<Joined, CommandError> {
+        let mut truncated = false;
+        if let Some(since) = since {
+            let since = since.max(0);
+            if since < self.seq {
+                truncated = self.seq - since > MAX_BACKLOG;
+                let after = since.max(self.seq - MAX_BACKLOG);
+                let backlog = self.fetch(after, self.seq + 1).await?;
+                let frames = backlog.iter().map(|m| text(protocol::message_event(m))).collect();
+                listener.outbox.push_batch(frames);
+            }
+        }
+        self.listeners.insert(listener.outbox.id(), listener);
+        Ok(Joined { last_seq: self.seq, truncated })
+    }
+
+    fn expire_typing(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<Arc<str>> =
+            self.typing.iter().filter(|(_, until)| **until <= now).map(|(u, _)| u.clone()).collect();
+        for user in expired {
+            self.typing.remove(&user);
+            self.deliver_except(&user, protocol::typing_event(&self.room_id, &user, false));
+        }
+    }
+
+    fn deliver(&self, frame: String) {
+        let frame = Utf8Bytes::from(frame);
+        for l in self.listeners.values() {
+            l.outbox.push_event(WsMessage::Text(frame.clone()));
+        }
+    }
+
+    /// Delivers to everyone but `user`'s own connections (typing is not echoed).
+    fn deliver_except(&self, user: &str, frame: String) {
+        let frame = Utf8Bytes::from(frame);
+        for l in self.listeners.values().filter(|l| &*l.user_id != user) {
+            l.outbox.push_event(WsMessage::Text(frame.clone()));
+        }
+    }
+}
+
+fn text(frame: String) -> WsMessage {
+    WsMessage::Text(frame.into())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
