@@ -115,6 +115,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the cluster and waits until every gateway reports ready.
     pub async fn start(gateways: usize) -> Result<Self> {
+        Self::start_with(gateways, &redis_url(), &[]).await
+    }
+
+    /// Like `start`, against the Redis at `redis`, with extra environment for every process.
+    pub async fn start_with(gateways: usize, redis: &str, env: &[(&str, &str)]) -> Result<Self> {
         let db = TestDb::new();
         // A private channel namespace: other clusters on the same Redis never cross-talk.
         let prefix = unique("e2e");
@@ -123,9 +128,10 @@ impl Cluster {
         let message = Command::new(bin("chat-message"))
             .env("MESSAGE_ADDR", &grpc_addr)
             .env("DATABASE_URL", &db.url)
-            .env("REDIS_URL", redis_url())
+            .env("REDIS_URL", redis)
             .env("REDIS_CHANNEL_PREFIX", &prefix)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -137,11 +143,12 @@ impl Cluster {
             let child = Command::new(bin("chat-gateway"))
                 .env("GATEWAY_ADDR", format!("127.0.0.1:{port}"))
                 .env("MESSAGE_SERVICE_URL", format!("http://{grpc_addr}"))
-                .env("REDIS_URL", redis_url())
+                .env("REDIS_URL", redis)
                 .env("REDIS_CHANNEL_PREFIX", &prefix)
                 .env("JWT_SECRET", SECRET)
                 .env("HEARTBEAT_MS", "5000")
                 .env("RUST_LOG", "warn")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
@@ -184,9 +191,64 @@ impl Cluster {
 
     /// Connects `user` to gateway `i` with a header token and reads the welcome.
     pub async fn client(&self, i: usize, user: &str) -> Result<WsClient> {
-        let (client, welcome) = WsClient::connect_bearer(&self.ws_url(i), &token(user)).await?;
+        self.client_with(i, &token(user)).await
+    }
+
+    /// Connects to gateway `i` with this token and reads the welcome.
+    pub async fn client_with(&self, i: usize, token: &str) -> Result<WsClient> {
+        let (client, welcome) = WsClient::connect_bearer(&self.ws_url(i), token).await?;
         anyhow::ensure!(welcome["type"] == "welcome", "expected welcome, got {welcome}");
         Ok(client)
+    }
+}
+
+/// A private redis-server on a free port, for tests that stop or restart it.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers.
+    pub async fn start() -> Result<Self> {
+        let mut server = Self { port: free_port(), child: None };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning redis-server")?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills it (SIGKILL: no goodbye to clients).
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await?;
+        self.spawn().await
     }
 }
 
@@ -324,6 +386,19 @@ impl WsClient {
     /// Frames read while waiting for something else, not yet consumed.
     pub fn buffered(&self) -> impl Iterator<Item = &Value> {
         self.pending.iter()
+    }
+
+    /// Frames of `kind` buffered so far, removed from the buffer.
+    pub fn take_buffered(&mut self, kind: &str) -> Vec<Value> {
+        let (taken, kept): (Vec<Value>, Vec<Value>) = self.pending.drain(..).partition(|f| f["type"] == kind);
+        self.pending = kept.into();
+        taken
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) -> Result<()> {
+        self.ws.close(None).await?;
+        Ok(())
     }
 
     /// The next event of `kind`, from the buffer or the socket; other frames stay buffered.

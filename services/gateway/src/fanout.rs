@@ -26,6 +26,9 @@ use crate::room::{Joined, Listener, RoomHandle};
 /// (and message events later repaired from Postgres).
 const REDIS_BUFFER: usize = 16 * 1024;
 
+/// Delay of the second resync after a Redis reconnect.
+const RESYNC_AGAIN_AFTER: Duration = Duration::from_secs(2);
+
 /// Handle to this gateway's subscriptions; cheap to clone.
 #[derive(Clone)]
 pub struct Fanout {
@@ -189,6 +192,13 @@ impl Fanout {
                     if reconnect.is_ok() {
                         tracing::info!("redis reconnected; resyncing rooms");
                         self.resync_rooms();
+                        // Subscriptions are restored asynchronously after the reconnect; a
+                        // second pass covers messages published before they were live.
+                        let fanout = self.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RESYNC_AGAIN_AFTER).await;
+                            fanout.resync_rooms();
+                        });
                     }
                 }
                 _ = shutdown.cancelled() => break,

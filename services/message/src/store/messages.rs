@@ -213,7 +213,8 @@ impl Store {
         Ok(())
     }
 
-    /// Looks up a message and checks the caller may read its room.
+    /// Looks up a message and the caller's standing in its room (not yet checked:
+    /// admins moderate rooms they cannot read).
     async fn message_ref(
         &self,
         caller: &Caller,
@@ -225,14 +226,14 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?;
         let (room_id, seq, sender_id, deleted) = row.ok_or(ServiceError::NotFound("message"))?;
-        let standing = self.readable(caller, room_id).await?;
+        let standing = self.standing(caller, room_id).await?;
         Ok((MessageRef { room_id, seq, sender_id, deleted }, standing))
     }
 
     /// Replaces a message's text; only its sender may, and not once it is deleted.
     pub async fn edit_message(&self, caller: &Caller, message_id: i64, text: &str) -> Result<Message, ServiceError> {
-        let (msg, _) = self.message_ref(caller, message_id).await?;
-        if msg.sender_id != caller.user_id {
+        let (msg, standing) = self.message_ref(caller, message_id).await?;
+        if msg.sender_id != caller.user_id || !standing.can_read() {
             return Err(ServiceError::Forbidden("only the sender may edit a message"));
         }
         if msg.deleted {
@@ -256,7 +257,8 @@ impl Store {
     /// room, the seq, and whether it was deleted just now.
     pub async fn delete_message(&self, caller: &Caller, message_id: i64) -> Result<(i64, i64, bool), ServiceError> {
         let (msg, standing) = self.message_ref(caller, message_id).await?;
-        if msg.sender_id != caller.user_id && !standing.can_manage() {
+        let own = msg.sender_id == caller.user_id && standing.can_read();
+        if !own && !standing.can_manage() {
             return Err(ServiceError::Forbidden("only the sender, the room owner or an admin may delete a message"));
         }
         let changed = sqlx::query("UPDATE messages SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
@@ -276,7 +278,10 @@ impl Store {
         emoji: &str,
         add: bool,
     ) -> Result<(i64, bool), ServiceError> {
-        let (msg, _) = self.message_ref(caller, message_id).await?;
+        let (msg, standing) = self.message_ref(caller, message_id).await?;
+        if !standing.can_read() {
+            return Err(ServiceError::Forbidden("not a member of this room"));
+        }
         if msg.deleted && add {
             return Err(ServiceError::Conflict("the message was deleted".into()));
         }

@@ -193,7 +193,7 @@ impl Store {
         let last: Vec<MessageRow> = sqlx::query_as(concat!(
             "SELECT ",
             message_columns!(),
-            " FROM messages m JOIN rooms r ON r.id = m.room_id AND m.seq = r.last_seq WHERE r.id = ANY($1)"
+            " FROM messages WHERE (room_id, seq) IN (SELECT id, last_seq FROM rooms WHERE id = ANY($1))"
         ))
         .bind(&ids)
         .fetch_all(&self.pool)
