@@ -184,6 +184,12 @@ impl Cluster {
         }
     }
 
+    /// Kills gateway `i` with SIGKILL: no drain, no clean-up.
+    pub async fn kill_gateway(&mut self, i: usize) -> Result<()> {
+        self.gateway_procs[i].kill().await?;
+        Ok(())
+    }
+
     /// The `ws://` URL of gateway `i`.
     pub fn ws_url(&self, i: usize) -> String {
         format!("ws://{}/ws", self.gateways[i])

@@ -52,3 +52,24 @@ async fn messages_published_while_redis_was_down_are_repaired_in_seq_order() -> 
     assert_eq!(received, (1..next).collect::<Vec<_>>(), "bob must see every seq once, in order");
     Ok(())
 }
+
+#[tokio::test]
+async fn users_of_a_gateway_killed_without_cleanup_go_offline_within_the_stale_bound() -> Result<()> {
+    let mut cluster = Cluster::start_with(2, &chat_tests::redis_url(), &[("PRESENCE_STALE_MS", "1500")]).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let reply = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?;
+    let room = reply["room"]["id"].as_str().unwrap().to_owned();
+    alice.ack(json!({"type": "join", "room": room})).await?;
+    let _bob = cluster.client(1, "bob").await?;
+    assert_eq!(alice.event("presence").await?["status"], "online");
+
+    let killed_at = std::time::Instant::now();
+    cluster.kill_gateway(1).await?;
+    let offline = alice.event("presence").await?;
+    assert_eq!(offline, json!({"type": "presence", "room": room, "user_id": "bob", "status": "offline"}));
+    // Bound: stale period (1.5 s) plus one sweep interval (0.5 s), with slack for CI.
+    assert!(killed_at.elapsed() < Duration::from_secs(6), "took {:?}", killed_at.elapsed());
+    let online = alice.ack(json!({"type": "presence", "room": room})).await?;
+    assert_eq!(online["online"], json!(["alice"]));
+    Ok(())
+}

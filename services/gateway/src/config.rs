@@ -55,6 +55,11 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
     pub max_connections_per_user: u32,
 
+    /// A gateway without a presence heartbeat for this long counts as dead and its users
+    /// go offline; the bound on a crashed gateway's ghosts is 4/3 of this.
+    #[arg(long, env = "PRESENCE_STALE_MS", default_value_t = 30_000)]
+    pub presence_stale_ms: u64,
+
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
@@ -111,6 +116,9 @@ impl Config {
         }
         if self.outbound_queue < 8 {
             return Err("OUTBOUND_QUEUE must be at least 8".into());
+        }
+        if self.presence_stale_ms < 600 {
+            return Err("PRESENCE_STALE_MS must be at least 600".into());
         }
         if self.max_frame_bytes < 1024 {
             return Err("MAX_FRAME_BYTES must be at least 1024".into());

@@ -59,6 +59,7 @@ impl Application {
             &config.redis_channel_prefix,
             backend.clone(),
             config.max_connections_per_user,
+            Duration::from_millis(config.presence_stale_ms),
             retry,
         )
         .await?;

@@ -4,8 +4,9 @@
 //! for the user; online means the hash is not empty. Counting and the per-user
 //! connection cap are one Lua script each, so two gateways never both think they saw
 //! the first connection. Each gateway also keeps the set of users it counted and a
-//! heartbeat in `<prefix>:gateways`; a gateway silent for `STALE_AFTER` is swept by the
-//! others, so a crashed gateway's users go offline within `STALE_AFTER + SWEEP_EVERY`.
+//! heartbeat in `<prefix>:gateways`; a gateway silent for the stale period
+//! (`PRESENCE_STALE_MS`, default 30 s) is swept by the others, which look every third of
+//! that period, so a crashed gateway's users go offline within 4/3 of it (40 s).
 
 use std::time::Duration;
 
@@ -19,13 +20,6 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-
-/// How often a gateway proves it is alive.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
-/// A gateway silent for this long is considered dead and its users are swept.
-pub const STALE_AFTER: Duration = Duration::from_secs(30);
-/// How often gateways look for dead ones.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 const CONNECT: &str = r#"
 local total = 0
@@ -70,15 +64,33 @@ pub struct Presence {
     gateway_id: String,
     backend: Backend,
     cap: u32,
+    /// A gateway silent for this long is dead; heartbeats go out at a sixth of it and
+    /// sweeps run at a third.
+    stale_after: Duration,
 }
 
 impl Presence {
     /// Connects with bounded retries. `cap` is the per-user connection limit (0: none).
-    pub async fn connect(url: &str, prefix: &str, backend: Backend, cap: u32, retry: Retry) -> anyhow::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        backend: Backend,
+        cap: u32,
+        stale_after: Duration,
+        retry: Retry,
+    ) -> anyhow::Result<Self> {
         let client = chat_common::redis::builder(url, Duration::from_secs(2), 32)?.build()?;
         retry.run("Redis", || client.init()).await?;
         let gateway_id = format!("{:016x}", rand::rng().random::<u64>());
-        Ok(Self { client, channels: Channels::new(prefix), prefix: prefix.to_owned(), gateway_id, backend, cap })
+        Ok(Self {
+            client,
+            channels: Channels::new(prefix),
+            prefix: prefix.to_owned(),
+            gateway_id,
+            backend,
+            cap,
+            stale_after,
+        })
     }
 
     fn user_key(&self, user: &str) -> String {
@@ -166,8 +178,8 @@ impl Presence {
     /// Heartbeats this gateway and sweeps dead ones until `shutdown`; then removes this
     /// gateway's heartbeat.
     pub async fn run_housekeeping(self, shutdown: CancellationToken) {
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        let mut heartbeat = tokio::time::interval(self.stale_after / 6);
+        let mut sweep = tokio::time::interval(self.stale_after / 3);
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
@@ -187,7 +199,7 @@ impl Presence {
 
     /// Takes every stale gateway's users offline (once, under a short lock per gateway).
     async fn sweep(&self) {
-        let cutoff = (now_ms() - STALE_AFTER.as_millis() as i64) as f64;
+        let cutoff = (now_ms() - self.stale_after.as_millis() as i64) as f64;
         let stale: Vec<String> =
             match self.client.zrangebyscore(self.gateways_key(), f64::NEG_INFINITY, cutoff, false, None).await {
                 Ok(stale) => stale,
