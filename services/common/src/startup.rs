@@ -48,10 +48,10 @@ mod tests {
     use super::*;
     use std::cell::Cell;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn gives_up_after_the_configured_attempts_with_a_clear_message() {
         let calls = Cell::new(0);
-        let retry = Retry { attempts: 3, delay: Duration::from_secs(1) };
+        let retry = Retry { attempts: 3, delay: Duration::from_millis(1) };
         let err = retry
             .run("Redis at redis://x", || {
                 calls.set(calls.get() + 1);
@@ -63,10 +63,10 @@ mod tests {
         assert_eq!(err.to_string(), "Redis at redis://x still unreachable after 3 attempts: connection refused");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn returns_the_first_success() {
         let calls = Cell::new(0);
-        let retry = Retry { attempts: 5, delay: Duration::from_millis(10) };
+        let retry = Retry { attempts: 5, delay: Duration::from_millis(1) };
         let value = retry
             .run("db", || {
                 calls.set(calls.get() + 1);
