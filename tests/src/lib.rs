@@ -106,6 +106,8 @@ impl Drop for TestDb {
 /// A message service and `n` gateways, on free ports, against a fresh database.
 pub struct Cluster {
     pub db: TestDb,
+    redis: String,
+    prefix: String,
     pub grpc_addr: String,
     pub gateways: Vec<String>,
     message: Child,
@@ -156,7 +158,8 @@ impl Cluster {
             gateway_procs.push(child);
             urls.push(format!("127.0.0.1:{port}"));
         }
-        let mut cluster = Self { db, grpc_addr, gateways: urls, message, gateway_procs };
+        let mut cluster =
+            Self { db, redis: redis.to_owned(), prefix, grpc_addr, gateways: urls, message, gateway_procs };
         for gw in cluster.gateways.clone() {
             cluster.wait_ready(&gw).await?;
         }
@@ -205,6 +208,19 @@ impl Cluster {
         let (client, welcome) = WsClient::connect_bearer(&self.ws_url(i), token).await?;
         anyhow::ensure!(welcome["type"] == "welcome", "expected welcome, got {welcome}");
         Ok(client)
+    }
+}
+
+impl Drop for Cluster {
+    /// The processes die with their handles (SIGKILL), leaving presence keys behind in
+    /// Redis: remove everything under this cluster's private prefix.
+    fn drop(&mut self) {
+        let script = format!(
+            "redis-cli -u {url} --scan --pattern '{prefix}:*' | xargs -r redis-cli -u {url} del >/dev/null",
+            url = self.redis,
+            prefix = self.prefix
+        );
+        let _ = std::process::Command::new("sh").args(["-c", &script]).status();
     }
 }
 
