@@ -191,6 +191,20 @@ async fn bad_frames_get_bad_request_and_the_connection_stays_open() -> Result<()
     assert_eq!(reply["code"], "bad_request");
     let reply = alice.request(json!({"type": "send", "room": room, "text": "y".repeat(70_000)})).await?;
     assert_eq!(reply["code"], "too_large");
+    for bad in [
+        json!({"type": "history", "room": room, "limit": 0}),
+        json!({"type": "history", "room": room, "limit": 101}),
+        json!({"type": "join"}),
+        json!({"type": "leave"}),
+        json!({"type": "send", "room": room, "text": ""}),
+        json!({"type": "send", "room": room, "text": "x", "kind": "video"}),
+        json!({"type": "send", "room": room, "text": "x", "client_msg_id": "c".repeat(65)}),
+        json!({"type": "create_room", "kind": "group", "members": [""]}),
+        json!({"type": "typing", "room": room, "active": "yes"}),
+    ] {
+        let reply = alice.request(bad.clone()).await?;
+        assert_eq!(reply["code"], "bad_request", "{bad} → {reply}");
+    }
     let pong = alice.request(json!({"type": "ping"})).await?;
     assert_eq!(pong["type"], "pong");
     Ok(())

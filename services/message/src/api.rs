@@ -46,8 +46,8 @@ impl ChatService for ChatApi {
             .ok_or_else(|| ServiceError::InvalidArgument("kind must be group, direct or support".into()))?;
         let name = validate::room_name(req.name)?;
         let members = validate::members(&caller.user_id, req.members)?;
-        let room = self.store.create_room(&caller, kind, name, members).await?;
-        for member in room.members.iter().filter(|m| m.user_id != caller.user_id) {
+        let (room, created) = self.store.create_room(&caller, kind, name, members).await?;
+        for member in room.members.iter().filter(|m| created && m.user_id != caller.user_id) {
             let event = Event::RoomAdded(RoomAdded { user_id: member.user_id.clone(), room: Some(room.clone()) });
             self.publisher.user_event(&member.user_id, event).await;
         }

@@ -43,14 +43,14 @@ fn direct_key(a: &str, b: &str) -> String {
 
 impl Store {
     /// Creates a room with the caller as owner. A direct room between the same two users
-    /// is created once; asking again returns it.
+    /// is created once; asking again returns it (and `false`: nothing was created).
     pub async fn create_room(
         &self,
         caller: &Caller,
         kind: RoomKind,
         name: Option<String>,
         members: Vec<String>,
-    ) -> Result<Room, ServiceError> {
+    ) -> Result<(Room, bool), ServiceError> {
         let key = match kind {
             RoomKind::Direct => match members.as_slice() {
                 [other] => Some(direct_key(&caller.user_id, other)),
@@ -77,7 +77,7 @@ impl Store {
                 .bind(&key)
                 .fetch_one(&self.pool)
                 .await?;
-            return self.room(id).await;
+            return Ok((self.room(id).await?, false));
         };
         let mut users = vec![caller.user_id.clone()];
         users.extend(members);
@@ -93,7 +93,7 @@ impl Store {
         .await?;
         tx.commit().await?;
         let members = users.into_iter().zip(roles.into_iter().map(str::to_owned)).collect();
-        Ok(room.into_room(members))
+        Ok((room.into_room(members), true))
     }
 
     /// A room with its members.
