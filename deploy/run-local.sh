@@ -29,7 +29,9 @@ cleanup() {
     wait "${pids[@]}" 2>/dev/null || true
   fi
 }
-trap cleanup INT TERM EXIT
+stop() { cleanup; exit 0; }
+trap stop INT TERM
+trap cleanup EXIT
 
 wait_ready() { # url, name, pid
   for _ in $(seq 1 150); do
@@ -68,7 +70,13 @@ cat <<INFO
 
 INFO
 
-# Exit (and stop the rest) as soon as any process dies.
-wait -n "${pids[@]}"
-echo "a cluster process exited; stopping the rest" >&2
+# Exit (and stop the rest) as soon as any process ends. Ctrl-C reaches the services
+# too, and they stop cleanly with status 0.
+status=0
+wait -n "${pids[@]}" || status=$?
+if [ "$status" -eq 0 ]; then
+  echo "cluster stopped"
+  exit 0
+fi
+echo "a cluster process exited with status $status; stopping the rest" >&2
 exit 1

@@ -70,6 +70,25 @@ impl Config {
         Ok(())
     }
 
+    /// `DATABASE_URL` with a user name filled in when it has none. Without one the
+    /// driver asks the OS, which in containers and minimal shells (no `USER`) yields a
+    /// role that does not exist; libpq's habit is the login name, and failing that the
+    /// conventional `postgres` superuser.
+    pub fn database_url(&self) -> String {
+        let url = &self.database_url;
+        let Some((scheme, rest)) = url.split_once("://") else { return url.clone() };
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return url.clone();
+        }
+        let user = ["PGUSER", "USER", "LOGNAME"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok())
+            .find(|v| !v.is_empty())
+            .unwrap_or_else(|| "postgres".to_owned());
+        format!("{scheme}://{user}@{rest}")
+    }
+
     /// The start-up retry policy.
     pub fn startup_retry(&self) -> Retry {
         Retry { attempts: self.startup_attempts, delay: Duration::from_millis(self.startup_retry_ms) }
@@ -78,5 +97,29 @@ impl Config {
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_url(url: &str) -> Config {
+        Config::parse_from(["chat-message", "--database-url", url])
+    }
+
+    #[test]
+    fn a_database_url_with_a_user_is_kept() {
+        let c = with_url("postgres://app:pw@db:5432/chat");
+        assert_eq!(c.database_url(), "postgres://app:pw@db:5432/chat");
+    }
+
+    #[test]
+    fn a_database_url_without_a_user_gets_one() {
+        let url = with_url("postgres://localhost/chat").database_url();
+        let (_, rest) = url.split_once("://").unwrap();
+        let (user, host) = rest.split_once('@').expect("a user was filled in");
+        assert!(!user.is_empty());
+        assert_eq!(host, "localhost/chat");
     }
 }

@@ -42,7 +42,7 @@ impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let retry = config.startup_retry();
         let store =
-            Store::connect(&config.database_url, config.create_database, config.db_max_connections, retry).await?;
+            Store::connect(&config.database_url(), config.create_database, config.db_max_connections, retry).await?;
         let publisher =
             Publisher::connect(&config.redis_url, Channels::new(&config.redis_channel_prefix), retry).await?;
         let listener = TcpListener::bind(config.listen)
