@@ -9,12 +9,17 @@
 pub struct Channels {
     room_prefix: String,
     user_prefix: String,
+    broadcast: String,
 }
 
 impl Channels {
     /// Channels under `prefix`, e.g. `chat` gives `chat:room:{42}`.
     pub fn new(prefix: &str) -> Self {
-        Self { room_prefix: format!("{prefix}:room:{{"), user_prefix: format!("{prefix}:user:{{") }
+        Self {
+            room_prefix: format!("{prefix}:room:{{"),
+            user_prefix: format!("{prefix}:user:{{"),
+            broadcast: format!("{prefix}:broadcast"),
+        }
     }
 
     /// The channel carrying a room's events.
@@ -25,6 +30,11 @@ impl Channels {
     /// The channel carrying events addressed to every connection of one user.
     pub fn user(&self, user_id: &str) -> String {
         format!("{}{user_id}}}", self.user_prefix)
+    }
+
+    /// The channel every gateway hears: events for every connection (admin pushes to all).
+    pub fn broadcast(&self) -> &str {
+        &self.broadcast
     }
 
     /// The room id of a room channel name, or `None` for any other channel.

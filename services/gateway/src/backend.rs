@@ -124,6 +124,27 @@ impl Backend {
         Ok(self.chat.clone().mark_read(req).await?.into_inner().read_seq)
     }
 
+    /// Stores and delivers notifications (admin).
+    pub async fn create_notifications(
+        &self,
+        req: pb::CreateNotificationsRequest,
+    ) -> Result<Vec<pb::Notification>, CommandError> {
+        Ok(self.chat.clone().create_notifications(req).await?.into_inner().notifications)
+    }
+
+    /// The caller's notifications.
+    pub async fn list_notifications(
+        &self,
+        req: pb::ListNotificationsRequest,
+    ) -> Result<pb::ListNotificationsResponse, CommandError> {
+        Ok(self.chat.clone().list_notifications(req).await?.into_inner())
+    }
+
+    /// Marks the caller's notifications read.
+    pub async fn mark_notifications_read(&self, req: pb::MarkNotificationsReadRequest) -> Result<i64, CommandError> {
+        Ok(self.chat.clone().mark_notifications_read(req).await?.into_inner().updated)
+    }
+
     /// A room's newest seq (internal).
     pub async fn room_seq(&self, room_id: String) -> Result<i64, CommandError> {
         Ok(self.chat.clone().room_seq(pb::RoomSeqRequest { room_id }).await?.into_inner().last_seq)

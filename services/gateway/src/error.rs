@@ -110,34 +110,59 @@ mod tests {
     }
 }
 
-/// An HTTP error response: `{"error":{"code","message"}}` with its status.
+/// An HTTP error response: `{"error":{"code","message"}}`, its status following the code.
 #[derive(Debug)]
-pub struct HttpError {
-    pub status: axum::http::StatusCode,
-    pub error: CommandError,
-}
+pub struct HttpError(pub CommandError);
 
 impl HttpError {
     /// A 401 `unauthorized` response.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self {
-            status: axum::http::StatusCode::UNAUTHORIZED,
-            error: CommandError::new(ErrorCode::Unauthorized, message),
-        }
+        Self(CommandError::new(ErrorCode::Unauthorized, message))
     }
 
     /// A 503 `unavailable` response.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self {
-            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            error: CommandError::new(ErrorCode::Unavailable, message),
+        Self(CommandError::new(ErrorCode::Unavailable, message))
+    }
+
+    /// A 400 `bad_request` response.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self(CommandError::bad_request(message))
+    }
+
+    /// A 403 `forbidden` response.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self(CommandError::new(ErrorCode::Forbidden, message))
+    }
+}
+
+impl From<CommandError> for HttpError {
+    fn from(err: CommandError) -> Self {
+        Self(err)
+    }
+}
+
+impl ErrorCode {
+    /// The HTTP status of this code: the one mapping, used by every REST handler.
+    pub fn http_status(self) -> axum::http::StatusCode {
+        use axum::http::StatusCode as S;
+        match self {
+            ErrorCode::BadRequest => S::BAD_REQUEST,
+            ErrorCode::Unauthorized => S::UNAUTHORIZED,
+            ErrorCode::Forbidden => S::FORBIDDEN,
+            ErrorCode::NotFound => S::NOT_FOUND,
+            ErrorCode::RateLimited => S::TOO_MANY_REQUESTS,
+            ErrorCode::TooLarge => S::PAYLOAD_TOO_LARGE,
+            ErrorCode::Conflict => S::CONFLICT,
+            ErrorCode::Unavailable => S::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => S::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
 impl axum::response::IntoResponse for HttpError {
     fn into_response(self) -> axum::response::Response {
-        let body = serde_json::json!({"error": {"code": self.error.code, "message": self.error.message}});
-        (self.status, axum::Json(body)).into_response()
+        let body = serde_json::json!({"error": {"code": self.0.code, "message": self.0.message}});
+        (self.0.code.http_status(), axum::Json(body)).into_response()
     }
 }

@@ -26,6 +26,9 @@ use crate::room::{Joined, Listener, RoomHandle};
 /// (and message events later repaired from Postgres).
 const REDIS_BUFFER: usize = 16 * 1024;
 
+/// Close code for connections an admin disconnects.
+const CLOSE_POLICY: u16 = 1008;
+
 /// Delay of the second resync after a Redis reconnect.
 const RESYNC_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
@@ -61,6 +64,7 @@ impl Fanout {
             chat_common::redis::builder(url, Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
         retry.run("Redis", || subscriber.init()).await?;
         let _resubscribe = subscriber.manage_subscriptions();
+        subscriber.subscribe(channels.broadcast()).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 subscriber,
@@ -234,14 +238,32 @@ impl Fanout {
             }
         } else if let Some(user) = self.inner.channels.user_of(&msg.channel) {
             self.deliver_to_user(user, event);
+        } else if msg.channel == self.inner.channels.broadcast() {
+            self.deliver_to_everyone(event);
+        }
+    }
+
+    fn deliver_to_everyone(&self, event: Event) {
+        let Some(frame) = protocol::event_frame(&event) else { return };
+        let frame = Utf8Bytes::from(frame);
+        for conns in read(&self.inner.users).values() {
+            for outbox in conns.values() {
+                outbox.push_event(WsMessage::Text(frame.clone()));
+            }
         }
     }
 
     fn deliver_to_user(&self, user: &str, event: Event) {
-        let Some(frame) = protocol::event_frame(&event) else { return };
-        let frame = Utf8Bytes::from(frame);
         let conns: Vec<Outbox> =
             read(&self.inner.users).get(user).map(|c| c.values().cloned().collect()).unwrap_or_default();
+        if let Event::Disconnect(_) = event {
+            for outbox in &conns {
+                outbox.close(CLOSE_POLICY, "disconnected by an admin");
+            }
+            return;
+        }
+        let Some(frame) = protocol::event_frame(&event) else { return };
+        let frame = Utf8Bytes::from(frame);
         for outbox in &conns {
             outbox.push_event(WsMessage::Text(frame.clone()));
         }

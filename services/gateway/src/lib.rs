@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod http;
 pub mod outbox;
 pub mod presence;
 pub mod protocol;
+pub mod publisher;
 pub mod room;
 pub mod session;
 pub mod state;

@@ -12,14 +12,15 @@ use std::time::Duration;
 
 use chat_common::channels::Channels;
 use chat_common::startup::Retry;
-use chat_proto::v1::{envelope::Event, Envelope};
-use fred::prelude::{Client, ClientLike, Expiration, KeysInterface, LuaInterface, PubsubInterface};
+use chat_proto::v1::envelope::Event;
+use fred::prelude::{Client, ClientLike, Expiration, HashesInterface, KeysInterface, LuaInterface};
 use fred::prelude::{SetOptions, SetsInterface, SortedSetsInterface};
-use prost::Message as _;
+use futures_util::StreamExt;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
+use crate::publisher::Publisher;
 
 const CONNECT: &str = r#"
 local total = 0
@@ -59,7 +60,7 @@ pub enum Admission {
 #[derive(Clone)]
 pub struct Presence {
     client: Client,
-    channels: Channels,
+    publisher: Publisher,
     prefix: String,
     gateway_id: String,
     backend: Backend,
@@ -83,8 +84,8 @@ impl Presence {
         retry.run("Redis", || client.init()).await?;
         let gateway_id = format!("{:016x}", rand::rng().random::<u64>());
         Ok(Self {
+            publisher: Publisher::new(client.clone(), Channels::new(prefix)),
             client,
-            channels: Channels::new(prefix),
             prefix: prefix.to_owned(),
             gateway_id,
             backend,
@@ -163,16 +164,39 @@ impl Presence {
                 user_id: user.to_owned(),
                 online,
             });
-            self.publish(&room_id, event).await;
+            let _ = self.publisher.room(&room_id, event).await;
         }
     }
 
-    /// Publishes an ephemeral event (typing, presence) on a room's channel.
-    pub async fn publish(&self, room_id: &str, event: Event) {
-        let payload = Envelope { trace_context: Default::default(), event: Some(event) }.encode_to_vec();
-        if let Err(err) = self.client.publish::<i64, _, _>(self.channels.room(room_id), payload).await {
-            tracing::warn!(%err, room_id, "ephemeral event not published");
+    /// The publisher on this presence connection, for events the gateway originates.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// The user's open connections across the cluster.
+    pub async fn connections(&self, user: &str) -> Result<i64, crate::error::CommandError> {
+        let counts: Vec<i64> = self.client.hvals(self.user_key(user)).await.map_err(unavailable)?;
+        Ok(counts.into_iter().sum())
+    }
+
+    /// Every user with an open connection anywhere, with their connection counts.
+    pub async fn everyone(&self) -> Result<Vec<(String, i64)>, crate::error::CommandError> {
+        let prefix = format!("{}:presence:{{", self.prefix);
+        let mut keys = self.client.scan_buffered(format!("{prefix}*"), Some(500), None);
+        let mut users = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(unavailable)?;
+            let Some(user) = key.as_str().and_then(|k| k.strip_prefix(&prefix)).and_then(|k| k.strip_suffix('}'))
+            else {
+                continue;
+            };
+            let n = self.connections(user).await?;
+            if n > 0 {
+                users.push((user.to_owned(), n));
+            }
         }
+        users.sort();
+        Ok(users)
     }
 
     /// Heartbeats this gateway and sweeps dead ones until `shutdown`; then removes this
@@ -229,4 +253,9 @@ impl Presence {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+fn unavailable(err: fred::error::Error) -> crate::error::CommandError {
+    tracing::warn!(%err, "presence lookup failed");
+    crate::error::CommandError::new(crate::error::ErrorCode::Unavailable, "presence unavailable; retry")
 }

@@ -320,7 +320,42 @@ pub fn event_frame(event: &pb::envelope::Event) -> Option<String> {
         ),
         E::RoomAdded(e) => frame("room_added", Added { room: RoomJson(e.room.as_ref()?) }),
         E::RoomRemoved(e) => frame("room_removed", Removed { room: &e.room_id }),
+        E::Notification(e) => {
+            #[derive(Serialize)]
+            struct Notification<'a> {
+                notification: NotificationJson<'a>,
+            }
+            frame("notification", Notification { notification: NotificationJson(e.notification.as_ref()?) })
+        }
+        E::Push(e) => {
+            #[derive(Serialize)]
+            struct Push<'a> {
+                event: &'a str,
+                data: serde_json::Value,
+            }
+            frame("push", Push { event: &e.event, data: serde_json::from_str(&e.data_json).unwrap_or_default() })
+        }
+        E::Disconnect(_) => return None,
     })
+}
+
+/// A notification object: `{id, title, body, data, created_at, read}`.
+pub struct NotificationJson<'a>(pub &'a pb::Notification);
+
+impl Serialize for NotificationJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let n = self.0;
+        let data: serde_json::Value = serde_json::from_str(&n.data_json).unwrap_or_default();
+        let mut map = s.serialize_map(Some(6))?;
+        map.serialize_entry("id", &n.id)?;
+        map.serialize_entry("title", &n.title)?;
+        map.serialize_entry("body", &n.body)?;
+        map.serialize_entry("data", &data)?;
+        map.serialize_entry("created_at", &timestamp(n.created_at_ms))?;
+        map.serialize_entry("read", &n.read)?;
+        map.end()
+    }
 }
 
 /// `typing {room, user_id, active}`.
@@ -332,6 +367,43 @@ pub fn typing_event(room: &str, user_id: &str, active: bool) -> String {
         active: bool,
     }
     frame("typing", Typing { room, user_id, active })
+}
+
+/// `{room}`: the create_room ack and `POST /v1/rooms` response.
+#[derive(Serialize)]
+pub struct RoomBody<'a> {
+    pub room: RoomJson<'a>,
+}
+
+/// `{message}`: the send/edit ack and `POST /v1/rooms/{id}/messages` response.
+#[derive(Serialize)]
+pub struct MessageBody<'a> {
+    pub message: MessageJson<'a>,
+}
+
+/// `{messages, has_more}`: a history page.
+#[derive(Serialize)]
+pub struct PageBody<'a> {
+    pub messages: Vec<MessageJson<'a>>,
+    pub has_more: bool,
+}
+
+impl<'a> From<&'a pb::HistoryResponse> for PageBody<'a> {
+    fn from(page: &'a pb::HistoryResponse) -> Self {
+        Self { messages: page.messages.iter().map(MessageJson).collect(), has_more: page.has_more }
+    }
+}
+
+/// `{rooms}`: the rooms ack and `GET /v1/rooms` response.
+#[derive(Serialize)]
+pub struct RoomsBody<'a> {
+    pub rooms: Vec<RoomSummaryJson<'a>>,
+}
+
+impl<'a> From<&'a [pb::RoomSummary]> for RoomsBody<'a> {
+    fn from(rooms: &'a [pb::RoomSummary]) -> Self {
+        Self { rooms: rooms.iter().map(RoomSummaryJson).collect() }
+    }
 }
 
 /// A room summary of the `rooms` reply.

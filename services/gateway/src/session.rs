@@ -13,7 +13,7 @@ use crate::auth::{self, Claims};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode};
 use crate::outbox::Outbox;
-use crate::protocol::{self, Command, Empty, MessageJson, RoomJson, RoomSummaryJson};
+use crate::protocol::{self, Command, Empty, MessageBody, MessageJson, PageBody, RoomBody, RoomJson, RoomsBody};
 use crate::room::Listener;
 use crate::state::AppState;
 
@@ -85,7 +85,7 @@ impl Session {
                 let req =
                     pb::CreateRoomRequest { caller: self.who(), kind: pb::RoomKind::from(kind) as i32, name, members };
                 let room = backend.create_room(req).await?;
-                Ok(protocol::ack(id, WithRoom { room: RoomJson(&room) }))
+                Ok(protocol::ack(id, RoomBody { room: RoomJson(&room) }))
             }
             Command::Join { room, since_seq } => self.join(id, room, since_seq).await,
             Command::Leave { room } => {
@@ -105,7 +105,7 @@ impl Session {
                     client_msg_id,
                 };
                 let message = backend.send_message(req).await?;
-                Ok(protocol::ack(id, WithMessage { message: MessageJson(&message) }))
+                Ok(protocol::ack(id, MessageBody { message: MessageJson(&message) }))
             }
             Command::History { room, before_seq, after_seq, limit } => {
                 let limit = match limit {
@@ -115,13 +115,7 @@ impl Session {
                 };
                 let req = pb::HistoryRequest { caller: self.who(), room_id: room, before_seq, after_seq, limit };
                 let page = backend.history(req).await?;
-                #[derive(Serialize)]
-                struct Page<'a> {
-                    messages: Vec<MessageJson<'a>>,
-                    has_more: bool,
-                }
-                let messages = page.messages.iter().map(MessageJson).collect();
-                Ok(protocol::ack(id, Page { messages, has_more: page.has_more }))
+                Ok(protocol::ack(id, PageBody::from(&page)))
             }
             Command::AddMembers { room, members } => {
                 let reply =
@@ -140,16 +134,12 @@ impl Session {
             }
             Command::Rooms {} => {
                 let rooms = backend.list_rooms(self.caller.clone()).await?;
-                #[derive(Serialize)]
-                struct Rooms<'a> {
-                    rooms: Vec<RoomSummaryJson<'a>>,
-                }
-                Ok(protocol::ack(id, Rooms { rooms: rooms.iter().map(RoomSummaryJson).collect() }))
+                Ok(protocol::ack(id, RoomsBody::from(rooms.as_slice())))
             }
             Command::Edit { message_id, text } => {
                 let message =
                     backend.edit_message(pb::EditMessageRequest { caller: self.who(), message_id, text }).await?;
-                Ok(protocol::ack(id, WithMessage { message: MessageJson(&message) }))
+                Ok(protocol::ack(id, MessageBody { message: MessageJson(&message) }))
             }
             Command::Delete { message_id } => {
                 backend.delete_message(pb::DeleteMessageRequest { caller: self.who(), message_id }).await?;
@@ -173,7 +163,7 @@ impl Session {
                     user_id: self.claims.sub.clone(),
                     active,
                 });
-                self.state.presence().publish(&room, event).await;
+                self.state.presence().publisher().room(&room, event).await?;
                 ok(Empty {})
             }
             Command::Read { room, seq } => {
@@ -236,14 +226,4 @@ impl Session {
             self.state.fanout().leave(room, self.listener.outbox.id()).await;
         }
     }
-}
-
-#[derive(Serialize)]
-struct WithRoom<'a> {
-    room: RoomJson<'a>,
-}
-
-#[derive(Serialize)]
-struct WithMessage<'a> {
-    message: MessageJson<'a>,
 }

@@ -213,6 +213,52 @@ impl ChatService for ChatApi {
         Ok(Response::new(RoomMessagesResponse { messages }))
     }
 
+    #[tracing::instrument(skip_all, fields(user))]
+    async fn create_notifications(
+        &self,
+        req: Request<CreateNotificationsRequest>,
+    ) -> Reply<CreateNotificationsResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        if !caller.admin {
+            return Err(ServiceError::Forbidden("only admins send notifications").into());
+        }
+        validate::notification(&req.user_ids, &req.title, &req.body)?;
+        let data = if req.data_json.is_empty() { "null" } else { req.data_json.as_str() };
+        let notifications = self.store.create_notifications(&req.user_ids, &req.title, &req.body, data).await?;
+        for n in &notifications {
+            let event = Event::Notification(NotificationCreated { notification: Some(n.clone()) });
+            self.publisher.user_event(&n.user_id, event).await;
+        }
+        Ok(Response::new(CreateNotificationsResponse { notifications }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user))]
+    async fn list_notifications(&self, req: Request<ListNotificationsRequest>) -> Reply<ListNotificationsResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let before = req.before_id.as_deref().map(validate::notification_id).transpose()?;
+        let limit = validate::history_limit(req.limit)?;
+        let (notifications, has_more, unread) =
+            self.store.list_notifications(&caller.user_id, before, limit, req.unread_only).await?;
+        Ok(Response::new(ListNotificationsResponse { notifications, has_more, unread }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user))]
+    async fn mark_notifications_read(
+        &self,
+        req: Request<MarkNotificationsReadRequest>,
+    ) -> Reply<MarkNotificationsReadResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let ids: Vec<i64> = req.ids.iter().map(|id| validate::notification_id(id)).collect::<Result<_, _>>()?;
+        if ids.is_empty() && !req.all {
+            return Err(ServiceError::InvalidArgument("name ids, or set all".into()).into());
+        }
+        let updated = self.store.mark_notifications_read(&caller.user_id, &ids, req.all).await?;
+        Ok(Response::new(MarkNotificationsReadResponse { updated }))
+    }
+
     async fn user_rooms(&self, req: Request<UserRoomsRequest>) -> Reply<UserRoomsResponse> {
         let rooms = self.store.user_rooms(&req.get_ref().user_id).await?;
         Ok(Response::new(UserRoomsResponse { room_ids: rooms.into_iter().map(|id| id.to_string()).collect() }))

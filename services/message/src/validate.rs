@@ -107,6 +107,31 @@ pub fn emoji(emoji: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Longest notification title.
+pub const MAX_TITLE_CHARS: usize = 200;
+
+/// A notification: 1..=1000 recipients, a title of 1..=200 characters, a body of at
+/// most 4000.
+pub fn notification(user_ids: &[String], title: &str, body: &str) -> Result<(), ServiceError> {
+    if user_ids.is_empty() || user_ids.len() > MAX_CREATE_MEMBERS {
+        return Err(invalid(format!("user_ids must name 1 to {MAX_CREATE_MEMBERS} users")));
+    }
+    user_ids.iter().try_for_each(|u| user_id(u))?;
+    let n = title.chars().count();
+    if n == 0 || n > MAX_TITLE_CHARS {
+        return Err(invalid(format!("title must be 1 to {MAX_TITLE_CHARS} characters")));
+    }
+    if body.chars().count() > MAX_TEXT_CHARS {
+        return Err(invalid(format!("body is at most {MAX_TEXT_CHARS} characters")));
+    }
+    Ok(())
+}
+
+/// Parses a notification id (`bad_request` when it is not one of ours).
+pub fn notification_id(raw: &str) -> Result<i64, ServiceError> {
+    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| invalid("not a notification id"))
+}
+
 /// A history page size: 1..=100, 0 meaning the default 50.
 pub fn history_limit(limit: u32) -> Result<i64, ServiceError> {
     match limit {

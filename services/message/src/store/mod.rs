@@ -4,6 +4,7 @@
 //! this module holds the handle, connection set-up and the access rules both use.
 
 mod messages;
+mod notifications;
 mod rooms;
 
 pub use messages::{NewMessage, Page};

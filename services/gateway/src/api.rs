@@ -1,0 +1,386 @@
+//! The REST API (`/v1/...`): rooms and messages over HTTP, presence status, admin
+//! pushes, notifications and disconnects. Same authorization as over WebSocket: every
+//! call goes the same gRPC path, with the caller from the Bearer token.
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chat_proto::v1 as pb;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{self, Claims};
+use crate::backend::caller;
+use crate::error::{CommandError, ErrorCode, HttpError};
+use crate::protocol::{MessageBody, MessageJson, NotificationJson, PageBody, RoomBody, RoomJson, RoomKind, RoomsBody};
+use crate::state::AppState;
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+/// Longest push event name.
+const MAX_EVENT_CHARS: usize = 64;
+
+/// Every `/v1` route.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/rooms", post(create_room).get(list_rooms))
+        .route("/v1/rooms/{id}/messages", get(history).post(send))
+        .route("/v1/me/status", get(me_status))
+        .route("/v1/users/{id}/status", get(user_status))
+        .route("/v1/users/{id}/connections", delete(disconnect))
+        .route("/v1/connections", get(connections))
+        .route("/v1/push", post(push))
+        .route("/v1/notifications", post(notify).get(list_notifications))
+        .route("/v1/notifications/read", post(mark_notifications_read))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+}
+
+type ApiResult<T> = Result<T, HttpError>;
+
+/// The caller, from `Authorization: Bearer <jwt>` (401 without a valid one).
+pub struct User(pub Claims);
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer)
+            .ok_or_else(|| HttpError::unauthorized("a Bearer token is required"))?;
+        let claims = state.verifier().verify(token).map_err(|e| HttpError::unauthorized(e.to_string()))?;
+        Ok(User(claims))
+    }
+}
+
+/// A caller with the JWT role `admin` (403 otherwise).
+pub struct Admin(pub Claims);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let User(claims) = User::from_request_parts(parts, state).await?;
+        if !claims.is_admin() {
+            return Err(HttpError::forbidden("admin only"));
+        }
+        Ok(Admin(claims))
+    }
+}
+
+/// A JSON body whose rejections use the API's error format (400, or 413 when too large).
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(HttpError(CommandError::new(
+                ErrorCode::TooLarge,
+                format!("request bodies are at most {MAX_JSON_BODY} bytes"),
+            ))),
+            Err(rejection) => Err(HttpError::bad_request(rejection.body_text())),
+        }
+    }
+}
+
+/// Query parameters whose rejections use the API's error format.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| Params(v))
+            .map_err(|rejection| HttpError::bad_request(rejection.body_text()))
+    }
+}
+
+fn created<T: Serialize>(body: T) -> Response {
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct CreateRoom {
+    kind: RoomKind,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+/// `POST /v1/rooms` → 201 `{room}`.
+#[tracing::instrument(skip_all, fields(user = %user.sub))]
+async fn create_room(
+    State(state): State<AppState>,
+    User(user): User,
+    Body(req): Body<CreateRoom>,
+) -> ApiResult<Response> {
+    let req = pb::CreateRoomRequest {
+        caller: Some(caller(&user)),
+        kind: pb::RoomKind::from(req.kind) as i32,
+        name: req.name,
+        members: req.members,
+    };
+    let room = state.backend().create_room(req).await?;
+    Ok(created(RoomBody { room: RoomJson(&room) }))
+}
+
+/// `GET /v1/rooms` → `{rooms}`.
+#[tracing::instrument(skip_all, fields(user = %user.sub))]
+async fn list_rooms(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
+    let rooms = state.backend().list_rooms(caller(&user)).await?;
+    Ok(Json(RoomsBody::from(rooms.as_slice())).into_response())
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before_seq: Option<i64>,
+    after_seq: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/rooms/{id}/messages?before_seq=&after_seq=&limit=` → `{messages, has_more}`.
+#[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
+async fn history(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(room): Path<String>,
+    Params(q): Params<HistoryQuery>,
+) -> ApiResult<Response> {
+    let limit = match q.limit {
+        None => 0,
+        Some(n @ 1..=100) => n,
+        Some(_) => return Err(HttpError::bad_request("limit must be between 1 and 100")),
+    };
+    let req = pb::HistoryRequest {
+        caller: Some(caller(&user)),
+        room_id: room,
+        before_seq: q.before_seq,
+        after_seq: q.after_seq,
+        limit,
+    };
+    let page = state.backend().history(req).await?;
+    Ok(Json(PageBody::from(&page)).into_response())
+}
+
+#[derive(Deserialize)]
+struct SendReq {
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    attachments: Vec<String>,
+    #[serde(default)]
+    reply_to: Option<String>,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+/// `POST /v1/rooms/{id}/messages` → 201 `{message}`: the same path as a WebSocket
+/// `send`, so every joined connection on every gateway gets the `message` event.
+#[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
+async fn send(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(room): Path<String>,
+    Body(req): Body<SendReq>,
+) -> ApiResult<Response> {
+    let req = pb::SendMessageRequest {
+        caller: Some(caller(&user)),
+        room_id: room,
+        text: req.text,
+        kind: req.kind,
+        attachment_ids: req.attachments,
+        reply_to: req.reply_to,
+        client_msg_id: req.client_msg_id,
+    };
+    let message = state.backend().send_message(req).await?;
+    Ok(created(MessageBody { message: MessageJson(&message) }))
+}
+
+#[derive(Serialize)]
+struct Status {
+    user_id: String,
+    online: bool,
+    connections: i64,
+}
+
+async fn status_of(state: &AppState, user_id: String) -> ApiResult<Response> {
+    let connections = state.presence().connections(&user_id).await?;
+    Ok(Json(Status { user_id, online: connections > 0, connections }).into_response())
+}
+
+/// `GET /v1/me/status` → `{user_id, online, connections}` across the cluster.
+#[tracing::instrument(skip_all, fields(user = %user.sub))]
+async fn me_status(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
+    status_of(&state, user.sub).await
+}
+
+/// `GET /v1/users/{id}/status` (admin) → `{user_id, online, connections}`.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
+async fn user_status(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Path(user_id): Path<String>,
+) -> ApiResult<Response> {
+    status_of(&state, user_id).await
+}
+
+/// `GET /v1/connections` (admin) → `{users:[{user_id, connections}]}` across the cluster.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub))]
+async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiResult<Response> {
+    #[derive(Serialize)]
+    struct Entry {
+        user_id: String,
+        connections: i64,
+    }
+    let users: Vec<Entry> = state
+        .presence()
+        .everyone()
+        .await?
+        .into_iter()
+        .map(|(user_id, connections)| Entry { user_id, connections })
+        .collect();
+    Ok(Json(serde_json::json!({ "users": users })).into_response())
+}
+
+/// `DELETE /v1/users/{id}/connections` (admin) → 204; the user's sockets on every
+/// gateway close with 1008.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
+async fn disconnect(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Path(user_id): Path<String>,
+) -> ApiResult<Response> {
+    let event = pb::envelope::Event::Disconnect(pb::Disconnect { user_id: user_id.clone() });
+    state.presence().publisher().user(&user_id, event).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct PushReq {
+    #[serde(default)]
+    user_ids: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
+    event: String,
+    #[serde(default)]
+    data: serde_json::Value,
+}
+
+/// `POST /v1/push` (admin) `{user_ids:[...] | all:true, event, data}` → 202; every
+/// connection of those users (or of everyone), on every gateway, gets `push`.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub))]
+async fn push(State(state): State<AppState>, Admin(admin): Admin, Body(req): Body<PushReq>) -> ApiResult<Response> {
+    let n = req.event.chars().count();
+    if n == 0 || n > MAX_EVENT_CHARS {
+        return Err(HttpError::bad_request(format!("event must be 1 to {MAX_EVENT_CHARS} characters")));
+    }
+    let push = pb::Push { event: req.event, data_json: req.data.to_string() };
+    let publisher = state.presence().publisher();
+    match (req.all, req.user_ids) {
+        (true, None) => publisher.everyone(pb::envelope::Event::Push(push)).await?,
+        (false, Some(users)) if !users.is_empty() => {
+            for user in &users {
+                publisher.user(user, pb::envelope::Event::Push(push.clone())).await?;
+            }
+        }
+        _ => return Err(HttpError::bad_request("give either a non-empty user_ids or all: true")),
+    }
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({}))).into_response())
+}
+
+#[derive(Deserialize)]
+struct NotifyReq {
+    user_ids: Vec<String>,
+    title: String,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    data: serde_json::Value,
+}
+
+/// `POST /v1/notifications` (admin) → 201 `{notifications}`; stored, and delivered live
+/// as `notification` to every connection of each user.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub))]
+async fn notify(State(state): State<AppState>, Admin(admin): Admin, Body(req): Body<NotifyReq>) -> ApiResult<Response> {
+    let req = pb::CreateNotificationsRequest {
+        caller: Some(caller(&admin)),
+        user_ids: req.user_ids,
+        title: req.title,
+        body: req.body,
+        data_json: req.data.to_string(),
+    };
+    let stored = state.backend().create_notifications(req).await?;
+    let notifications: Vec<NotificationJson<'_>> = stored.iter().map(NotificationJson).collect();
+    Ok(created(serde_json::json!({ "notifications": notifications })))
+}
+
+#[derive(Deserialize)]
+struct NotificationsQuery {
+    before: Option<String>,
+    limit: Option<u32>,
+    #[serde(default)]
+    unread: bool,
+}
+
+/// `GET /v1/notifications?before=&limit=&unread=` → `{notifications, has_more, unread}`,
+/// the caller's own, newest first.
+#[tracing::instrument(skip_all, fields(user = %user.sub))]
+async fn list_notifications(
+    State(state): State<AppState>,
+    User(user): User,
+    Params(q): Params<NotificationsQuery>,
+) -> ApiResult<Response> {
+    let limit = match q.limit {
+        None => 0,
+        Some(n @ 1..=100) => n,
+        Some(_) => return Err(HttpError::bad_request("limit must be between 1 and 100")),
+    };
+    let req =
+        pb::ListNotificationsRequest { caller: Some(caller(&user)), before_id: q.before, limit, unread_only: q.unread };
+    let page = state.backend().list_notifications(req).await?;
+    let notifications: Vec<NotificationJson<'_>> = page.notifications.iter().map(NotificationJson).collect();
+    Ok(Json(serde_json::json!({
+        "notifications": notifications,
+        "has_more": page.has_more,
+        "unread": page.unread,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct MarkRead {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// `POST /v1/notifications/read {ids:[...] | all:true}` → `{updated}`.
+#[tracing::instrument(skip_all, fields(user = %user.sub))]
+async fn mark_notifications_read(
+    State(state): State<AppState>,
+    User(user): User,
+    Body(req): Body<MarkRead>,
+) -> ApiResult<Response> {
+    let req = pb::MarkNotificationsReadRequest { caller: Some(caller(&user)), ids: req.ids, all: req.all };
+    let updated = state.backend().mark_notifications_read(req).await?;
+    Ok(Json(serde_json::json!({ "updated": updated })).into_response())
+}
+
+/// Unknown `/v1` paths: 404 in the API's error format.
+pub async fn not_found() -> HttpError {
+    HttpError(CommandError::new(ErrorCode::NotFound, "no such endpoint"))
+}

@@ -1,0 +1,242 @@
+//! The REST API across two gateways: success paths and the 400/401/403/404/413 paths.
+
+use anyhow::Result;
+use chat_tests::{http_json, token, token_with, Cluster};
+use serde_json::{json, Value};
+
+fn admin() -> String {
+    token_with(json!({"sub": "ops", "role": "admin", "exp": chrono::Utc::now().timestamp() + 3600}))
+}
+
+#[tokio::test]
+async fn rooms_and_messages_over_rest_reach_websocket_clients_on_the_other_gateway() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
+    let alice = token("alice");
+
+    let created = http_json(
+        a,
+        "POST",
+        "/v1/rooms",
+        Some(&alice),
+        Some(json!({"kind": "group", "name": "ops", "members": ["bob"]})),
+    )
+    .await?;
+    assert_eq!(created.status, 201, "{:?}", created);
+    let room = created.body["room"]["id"].as_str().unwrap().to_owned();
+
+    let mut bob = cluster.client(1, "bob").await?;
+    bob.ack(json!({"type": "join", "room": room})).await?;
+    let sent = http_json(
+        a,
+        "POST",
+        &format!("/v1/rooms/{room}/messages"),
+        Some(&alice),
+        Some(json!({"text": "from the backend", "client_msg_id": "h-1"})),
+    )
+    .await?;
+    assert_eq!(sent.status, 201, "{:?}", sent);
+    assert_eq!(sent.body["message"]["seq"], 1);
+    let event = bob.event("message").await?;
+    assert_eq!(event["message"], sent.body["message"], "delivered exactly as a WebSocket send");
+    // A retry with the same client_msg_id is the same message.
+    let again = http_json(
+        a,
+        "POST",
+        &format!("/v1/rooms/{room}/messages"),
+        Some(&alice),
+        Some(json!({"text": "from the backend", "client_msg_id": "h-1"})),
+    )
+    .await?;
+    assert_eq!(again.body["message"]["id"], sent.body["message"]["id"]);
+
+    let page = http_json(b, "GET", &format!("/v1/rooms/{room}/messages?limit=10"), Some(&token("bob")), None).await?;
+    assert_eq!(page.status, 200);
+    assert_eq!(page.body["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(page.body["has_more"], false);
+    let rooms = http_json(b, "GET", "/v1/rooms", Some(&token("bob")), None).await?;
+    assert_eq!(rooms.status, 200);
+    assert_eq!(rooms.body["rooms"][0]["unread"], 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rest_errors_use_the_contract_format_and_statuses() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let a = cluster.gateways[0].as_str();
+    let alice = token("alice");
+    let room = http_json(a, "POST", "/v1/rooms", Some(&alice), Some(json!({"kind": "group", "members": []})))
+        .await?
+        .body["room"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let check = |reply: chat_tests::HttpReply, status: u16, code: &str| {
+        assert_eq!(reply.status, status, "{reply:?}");
+        assert_eq!(reply.body["error"]["code"], code, "{reply:?}");
+        assert!(reply.body["error"]["message"].is_string());
+    };
+    check(http_json(a, "GET", "/v1/rooms", None, None).await?, 401, "unauthorized");
+    check(http_json(a, "GET", "/v1/rooms", Some("garbage"), None).await?, 401, "unauthorized");
+    check(http_json(a, "POST", "/v1/rooms", Some(&alice), Some(json!({"kind": "nope"}))).await?, 400, "bad_request");
+    check(
+        chat_tests::http(a, "POST", "/v1/rooms", Some(&alice), "application/json", b"{oops").await?,
+        400,
+        "bad_request",
+    );
+    let path = format!("/v1/rooms/{room}/messages");
+    check(http_json(a, "POST", &path, Some(&alice), Some(json!({"text": ""}))).await?, 400, "bad_request");
+    check(http_json(a, "GET", &format!("{path}?limit=500"), Some(&alice), None).await?, 400, "bad_request");
+    check(http_json(a, "GET", &format!("{path}?limit=abc"), Some(&alice), None).await?, 400, "bad_request");
+    check(http_json(a, "GET", &path, Some(&token("mallory")), None).await?, 403, "forbidden");
+    check(http_json(a, "POST", &path, Some(&token("mallory")), Some(json!({"text": "hi"}))).await?, 403, "forbidden");
+    check(http_json(a, "GET", "/v1/rooms/424242/messages", Some(&alice), None).await?, 404, "not_found");
+    check(http_json(a, "GET", "/v1/nothing-here", Some(&alice), None).await?, 404, "not_found");
+    let huge = json!({"text": "x".repeat(100 * 1024)});
+    check(http_json(a, "POST", &path, Some(&alice), Some(huge)).await?, 413, "too_large");
+    // Admin routes refuse everyone else.
+    check(http_json(a, "GET", "/v1/connections", Some(&alice), None).await?, 403, "forbidden");
+    check(
+        http_json(a, "POST", "/v1/push", Some(&alice), Some(json!({"all": true, "event": "x"}))).await?,
+        403,
+        "forbidden",
+    );
+    check(http_json(a, "DELETE", "/v1/users/bob/connections", Some(&alice), None).await?, 403, "forbidden");
+    check(http_json(a, "GET", "/v1/users/bob/status", Some(&alice), None).await?, 403, "forbidden");
+    check(
+        http_json(a, "POST", "/v1/notifications", Some(&alice), Some(json!({"user_ids": ["bob"], "title": "t"})))
+            .await?,
+        403,
+        "forbidden",
+    );
+    check(http_json(a, "POST", "/v1/push", Some(&admin()), Some(json!({"event": "x"}))).await?, 400, "bad_request");
+    check(
+        http_json(a, "POST", "/v1/notifications", Some(&admin()), Some(json!({"user_ids": [], "title": "t"}))).await?,
+        400,
+        "bad_request",
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_and_connections_answer_for_the_whole_cluster() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
+    let _bob1 = cluster.client(0, "bob").await?;
+    let _bob2 = cluster.client(1, "bob").await?;
+    let _carol = cluster.client(1, "carol").await?;
+
+    let me = http_json(a, "GET", "/v1/me/status", Some(&token("bob")), None).await?;
+    assert_eq!(me.body, json!({"user_id": "bob", "online": true, "connections": 2}));
+    let dave = http_json(b, "GET", "/v1/me/status", Some(&token("dave")), None).await?;
+    assert_eq!(dave.body, json!({"user_id": "dave", "online": false, "connections": 0}));
+    let status = http_json(a, "GET", "/v1/users/carol/status", Some(&admin()), None).await?;
+    assert_eq!(status.body, json!({"user_id": "carol", "online": true, "connections": 1}));
+    let all = http_json(b, "GET", "/v1/connections", Some(&admin()), None).await?;
+    assert_eq!(all.status, 200);
+    assert_eq!(
+        all.body,
+        json!({"users": [{"user_id": "bob", "connections": 2}, {"user_id": "carol", "connections": 1}]})
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn push_and_disconnect_reach_sockets_on_the_other_gateway() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let a = cluster.gateways[0].as_str();
+    let mut bob = cluster.client(1, "bob").await?;
+    let mut carol = cluster.client(1, "carol").await?;
+
+    let pushed = http_json(
+        a,
+        "POST",
+        "/v1/push",
+        Some(&admin()),
+        Some(json!({"user_ids": ["bob"], "event": "refresh", "data": {"n": 1}})),
+    )
+    .await?;
+    assert_eq!(pushed.status, 202);
+    assert_eq!(bob.event("push").await?, json!({"type": "push", "event": "refresh", "data": {"n": 1}}));
+
+    let pushed = http_json(
+        a,
+        "POST",
+        "/v1/push",
+        Some(&admin()),
+        Some(json!({"all": true, "event": "maintenance", "data": "soon"})),
+    )
+    .await?;
+    assert_eq!(pushed.status, 202);
+    for c in [&mut bob, &mut carol] {
+        assert_eq!(c.event("push").await?["event"], "maintenance");
+    }
+    // Only one push reached carol: the first was for bob alone.
+    assert!(carol.take_buffered("push").is_empty());
+
+    let gone = http_json(a, "DELETE", "/v1/users/bob/connections", Some(&admin()), None).await?;
+    assert_eq!(gone.status, 204);
+    assert_eq!(bob.closed().await?, Some(1008));
+    assert_eq!(carol.request(json!({"type": "ping"})).await?["type"], "pong");
+    Ok(())
+}
+
+#[tokio::test]
+async fn notifications_are_stored_delivered_live_listed_and_marked_read() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
+    let mut bob = cluster.client(1, "bob").await?;
+
+    let sent = http_json(
+        a,
+        "POST",
+        "/v1/notifications",
+        Some(&admin()),
+        Some(json!({"user_ids": ["bob", "carol"], "title": "Welcome", "body": "hi", "data": {"url": "/x"}})),
+    )
+    .await?;
+    assert_eq!(sent.status, 201, "{sent:?}");
+    let live = bob.event("notification").await?;
+    assert_eq!(live["notification"]["title"], "Welcome");
+    assert_eq!(live["notification"]["data"], json!({"url": "/x"}));
+    assert!(live["notification"]["id"].is_string());
+
+    for i in 0..3 {
+        http_json(
+            a,
+            "POST",
+            "/v1/notifications",
+            Some(&admin()),
+            Some(json!({"user_ids": ["bob"], "title": format!("n{i}")})),
+        )
+        .await?;
+    }
+    let bobs = token("bob");
+    let page = http_json(b, "GET", "/v1/notifications?limit=2", Some(&bobs), None).await?;
+    assert_eq!(page.status, 200);
+    let titles: Vec<&str> =
+        page.body["notifications"].as_array().unwrap().iter().map(|n| n["title"].as_str().unwrap()).collect();
+    assert_eq!(titles, vec!["n2", "n1"]);
+    assert_eq!(page.body["has_more"], true);
+    assert_eq!(page.body["unread"], 4);
+    let last_id = page.body["notifications"][1]["id"].as_str().unwrap().to_owned();
+    let older = http_json(b, "GET", &format!("/v1/notifications?before={last_id}"), Some(&bobs), None).await?;
+    let titles: Vec<&str> =
+        older.body["notifications"].as_array().unwrap().iter().map(|n| n["title"].as_str().unwrap()).collect();
+    assert_eq!(titles, vec!["n0", "Welcome"]);
+
+    let first: Value = page.body["notifications"][0]["id"].clone();
+    let marked = http_json(b, "POST", "/v1/notifications/read", Some(&bobs), Some(json!({"ids": [first]}))).await?;
+    assert_eq!(marked.body["updated"], 1);
+    let unread = http_json(b, "GET", "/v1/notifications?unread=true", Some(&bobs), None).await?;
+    assert_eq!(unread.body["unread"], 3);
+    assert_eq!(unread.body["notifications"].as_array().unwrap().len(), 3);
+    let all = http_json(b, "POST", "/v1/notifications/read", Some(&bobs), Some(json!({"all": true}))).await?;
+    assert_eq!(all.body["updated"], 3);
+    // Carol's copy is hers alone.
+    let carols = http_json(a, "GET", "/v1/notifications", Some(&token("carol")), None).await?;
+    assert_eq!(carols.body["notifications"].as_array().unwrap().len(), 1);
+    assert_eq!(carols.body["unread"], 1);
+    Ok(())
+}
