@@ -308,6 +308,7 @@ pub struct HttpReply {
     pub status: u16,
     pub headers: String,
     pub body: Value,
+    pub raw: Vec<u8>,
 }
 
 /// A minimal HTTP/1.1 request with an optional Bearer token and body.
@@ -337,8 +338,9 @@ pub async fn http(
     let split = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no HTTP response"))?;
     let headers = String::from_utf8_lossy(&buf[..split]).into_owned();
     let status = headers.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status line"))?;
-    let body = serde_json::from_slice(&buf[split + 4..]).unwrap_or(Value::Null);
-    Ok(HttpReply { status, headers, body })
+    let raw = buf[split + 4..].to_vec();
+    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Ok(HttpReply { status, headers, body, raw })
 }
 
 /// A JSON request.

@@ -240,3 +240,59 @@ async fn notifications_are_stored_delivered_live_listed_and_marked_read() -> Res
     assert_eq!(carols.body["unread"], 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn attachments_upload_attach_and_download_with_access_rules() -> Result<()> {
+    use chat_tests::http;
+    let cluster = Cluster::start(2).await?;
+    let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
+    let (alice, bob) = (token("alice"), token("bob"));
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n fake image bytes".to_vec();
+
+    let up = http(a, "POST", "/v1/attachments?name=cat%20pic.png", Some(&alice), "image/png", &png).await?;
+    assert_eq!(up.status, 201, "{up:?}");
+    let att = up.body["attachment"].clone();
+    let id = att["id"].as_str().unwrap().to_owned();
+    assert_eq!(att["name"], "cat pic.png");
+    assert_eq!(att["content_type"], "image/png");
+    assert_eq!(att["size"], png.len());
+    assert_eq!(att["url"], format!("/v1/attachments/{id}"));
+
+    let html = http(a, "POST", "/v1/attachments?name=x.html", Some(&alice), "text/html", b"<script>1</script>").await?;
+    assert_eq!(html.body["attachment"]["content_type"], "application/octet-stream");
+    assert_eq!(http(a, "POST", "/v1/attachments", None, "image/png", &png).await?.status, 401);
+    assert_eq!(http(a, "POST", "/v1/attachments", Some(&alice), "image/png", b"").await?.status, 400);
+    let big = vec![0u8; 10 * 1024 * 1024 + 1];
+    let too_big = http(a, "POST", "/v1/attachments", Some(&alice), "image/png", &big).await?;
+    assert_eq!(too_big.status, 413);
+    assert_eq!(too_big.body["error"]["code"], "too_large");
+
+    // Not shared yet: only the uploader may read it.
+    let path = format!("/v1/attachments/{id}");
+    assert_eq!(http(b, "GET", &path, Some(&bob), "", b"").await?.status, 403);
+    assert_eq!(http(b, "GET", "/v1/attachments/999999", Some(&bob), "", b"").await?.status, 404);
+    assert_eq!(http(a, "GET", &path, Some(&alice), "", b"").await?.raw, png);
+
+    let mut bob_ws = cluster.client(1, "bob").await?;
+    let mut alice_ws = cluster.client(0, "alice").await?;
+    let room = alice_ws.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?["room"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    bob_ws.ack(json!({"type": "join", "room": room})).await?;
+    let reply = bob_ws.request(json!({"type": "send", "room": room, "text": "", "attachments": [id]})).await?;
+    assert_eq!(reply["code"], "bad_request", "only the uploader may attach a file");
+    alice_ws.ack(json!({"type": "send", "room": room, "text": "", "kind": "image", "attachments": [id]})).await?;
+    let event = bob_ws.event("message").await?;
+    assert_eq!(event["message"]["attachments"], json!([att]));
+
+    let got = http(b, "GET", &path, Some(&bob), "", b"").await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.raw, png);
+    let headers = got.headers.to_ascii_lowercase();
+    assert!(headers.contains("content-type: image/png"), "{headers}");
+    assert!(headers.contains("x-content-type-options: nosniff"), "{headers}");
+    assert!(headers.contains("content-disposition: inline; filename=\"cat pic.png\""), "{headers}");
+    assert_eq!(http(b, "GET", &path, Some(&token("mallory")), "", b"").await?.status, 403);
+    Ok(())
+}

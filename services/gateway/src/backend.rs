@@ -14,6 +14,9 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::auth::Claims;
 use crate::error::CommandError;
 
+/// Largest gRPC message: an attachment (10 MiB) plus its envelope.
+const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
+
 /// Handle to the message service; cheap to clone (clones share the HTTP/2 channel).
 #[derive(Clone)]
 pub struct Backend {
@@ -38,7 +41,10 @@ impl Backend {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         let channel = endpoint.connect_lazy();
-        let backend = Self { chat: ChatServiceClient::new(channel.clone()), health: HealthClient::new(channel) };
+        let chat = ChatServiceClient::new(channel.clone())
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE);
+        let backend = Self { chat, health: HealthClient::new(channel) };
         retry
             .run(&format!("message service at {url}"), || async {
                 match backend.serving().await {
@@ -143,6 +149,19 @@ impl Backend {
     /// Marks the caller's notifications read.
     pub async fn mark_notifications_read(&self, req: pb::MarkNotificationsReadRequest) -> Result<i64, CommandError> {
         Ok(self.chat.clone().mark_notifications_read(req).await?.into_inner().updated)
+    }
+
+    /// Stores an uploaded file.
+    pub async fn upload_attachment(&self, req: pb::UploadAttachmentRequest) -> Result<pb::Attachment, CommandError> {
+        self.chat.clone().upload_attachment(req).await?.into_inner().attachment.ok_or_else(missing)
+    }
+
+    /// An attachment and its bytes, if the caller may read it.
+    pub async fn get_attachment(
+        &self,
+        req: pb::GetAttachmentRequest,
+    ) -> Result<pb::GetAttachmentResponse, CommandError> {
+        Ok(self.chat.clone().get_attachment(req).await?.into_inner())
     }
 
     /// A room's newest seq (internal).

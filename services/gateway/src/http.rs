@@ -7,7 +7,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use crate::state::AppState;
-use crate::{api, ws};
+use crate::{api, attachments, ws};
 
 /// Every route the gateway serves.
 pub fn router(state: AppState) -> Router {
@@ -16,6 +16,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(api::router())
+        .merge(attachments::router())
         .fallback(api::not_found)
         .with_state(state)
 }

@@ -5,6 +5,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
+pub mod attachments;
 pub mod auth;
 pub mod backend;
 pub mod config;

@@ -531,7 +531,8 @@ impl Serialize for MessageJson<'_> {
     }
 }
 
-struct AttachmentJson<'a>(&'a pb::Attachment);
+/// An attachment object: `{id, name, content_type, size, url}`.
+pub struct AttachmentJson<'a>(pub &'a pb::Attachment);
 
 impl Serialize for AttachmentJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

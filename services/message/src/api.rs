@@ -68,10 +68,9 @@ impl ChatService for ChatApi {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
         let room_id = validate::room_id(&req.room_id)?;
-        if !req.attachment_ids.is_empty() {
-            return Err(ServiceError::InvalidArgument("unknown attachment id".into()).into());
-        }
-        validate::text(&req.text, false)?;
+        let attachments = validate::attachment_ids(&req.attachment_ids)?;
+        validate::text(&req.text, !attachments.is_empty())?;
+        self.store.own_attachments(&caller.user_id, &attachments).await?;
         let kind = validate::message_kind(req.kind.as_deref())?;
         validate::client_msg_id(req.client_msg_id.as_deref())?;
         let reply_to = req
@@ -80,7 +79,14 @@ impl ChatService for ChatApi {
             .map(validate::message_id)
             .transpose()
             .map_err(|_| ServiceError::InvalidArgument("reply_to names no message of this room".into()))?;
-        let new = NewMessage { room_id, kind, text: &req.text, reply_to, client_msg_id: req.client_msg_id.as_deref() };
+        let new = NewMessage {
+            room_id,
+            attachments: &attachments,
+            kind,
+            text: &req.text,
+            reply_to,
+            client_msg_id: req.client_msg_id.as_deref(),
+        };
         let (message, duplicate) = self.store.insert_message(&caller, new).await?;
         tracing::Span::current().record("seq", message.seq);
         // Published after the commit, and again on a retry: a client retries when it did
@@ -257,6 +263,27 @@ impl ChatService for ChatApi {
         }
         let updated = self.store.mark_notifications_read(&caller.user_id, &ids, req.all).await?;
         Ok(Response::new(MarkNotificationsReadResponse { updated }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, size = req.get_ref().data.len()))]
+    async fn upload_attachment(&self, req: Request<UploadAttachmentRequest>) -> Reply<UploadAttachmentResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        if req.data.len() > validate::MAX_ATTACHMENT_BYTES {
+            return Err(ServiceError::InvalidArgument("attachments are at most 10 MiB".into()).into());
+        }
+        let name = validate::file_name(&req.name);
+        let attachment = self.store.create_attachment(&caller, &name, &req.content_type, &req.data).await?;
+        Ok(Response::new(UploadAttachmentResponse { attachment: Some(attachment) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, attachment = %req.get_ref().attachment_id))]
+    async fn get_attachment(&self, req: Request<GetAttachmentRequest>) -> Reply<GetAttachmentResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let id = req.attachment_id.parse::<i64>().map_err(|_| ServiceError::NotFound("attachment"))?;
+        let (attachment, data) = self.store.attachment(&caller, id).await?;
+        Ok(Response::new(GetAttachmentResponse { attachment: Some(attachment), data }))
     }
 
     async fn user_rooms(&self, req: Request<UserRoomsRequest>) -> Reply<UserRoomsResponse> {

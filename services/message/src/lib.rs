@@ -4,6 +4,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
+pub mod blobs;
 pub mod config;
 pub mod error;
 pub mod publish;
@@ -24,6 +25,9 @@ use crate::api::ChatApi;
 use crate::config::Config;
 use crate::publish::Publisher;
 use crate::store::Store;
+
+/// Largest gRPC message: an attachment (10 MiB) plus its envelope.
+const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
 
 /// How often the health status is re-checked against Postgres and Redis.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -68,7 +72,11 @@ impl Application {
         let stopped = shutdown.clone();
         let server = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(ChatServiceServer::new(api))
+            .add_service(
+                ChatServiceServer::new(api)
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE),
+            )
             .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await });
         tokio::pin!(server);
 

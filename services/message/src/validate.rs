@@ -132,6 +132,39 @@ pub fn notification_id(raw: &str) -> Result<i64, ServiceError> {
     raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| invalid("not a notification id"))
 }
 
+/// Largest attachment.
+pub const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
+/// Most attachments on one message.
+pub const MAX_ATTACHMENTS: usize = 10;
+
+/// Attachment ids of a message: at most 10, each one of ours.
+pub fn attachment_ids(ids: &[String]) -> Result<Vec<i64>, ServiceError> {
+    if ids.len() > MAX_ATTACHMENTS {
+        return Err(invalid(format!("at most {MAX_ATTACHMENTS} attachments per message")));
+    }
+    let mut out: Vec<i64> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let id = id.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| invalid("unknown attachment id"))?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+/// A file name safe to store and to echo in headers: no path, no control characters,
+/// at most 255 characters; `file` when nothing is left.
+pub fn file_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = base.chars().filter(|c| !c.is_control()).take(255).collect();
+    let clean = clean.trim().trim_start_matches('.').to_owned();
+    if clean.is_empty() {
+        "file".to_owned()
+    } else {
+        clean
+    }
+}
+
 /// A history page size: 1..=100, 0 meaning the default 50.
 pub fn history_limit(limit: u32) -> Result<i64, ServiceError> {
     match limit {
@@ -167,6 +200,23 @@ mod tests {
         assert!(matches!(room_id("abc"), Err(ServiceError::NotFound("room"))));
         assert!(matches!(room_id("0"), Err(ServiceError::NotFound("room"))));
         assert!(matches!(message_id("-3"), Err(ServiceError::NotFound("message"))));
+    }
+
+    #[test]
+    fn file_names_lose_paths_and_control_characters() {
+        assert_eq!(file_name("../../etc/passwd"), "passwd");
+        assert_eq!(file_name("C:\\Users\\x\\report.pdf"), "report.pdf");
+        assert_eq!(file_name("a\nb\r.txt"), "ab.txt");
+        assert_eq!(file_name(""), "file");
+        assert_eq!(file_name(".."), "file");
+        assert_eq!(file_name(&"n".repeat(300)).len(), 255);
+    }
+
+    #[test]
+    fn attachment_ids_are_bounded_and_deduplicated() {
+        assert_eq!(attachment_ids(&["3".into(), "3".into(), "4".into()]).unwrap(), vec![3, 4]);
+        assert!(attachment_ids(&["x".into()]).is_err());
+        assert!(attachment_ids(&vec!["1".to_owned(); 11]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::error::ServiceError;
 #[derive(Debug)]
 pub struct NewMessage<'a> {
     pub room_id: i64,
+    pub attachments: &'a [i64],
     pub kind: &'static str,
     pub text: &'a str,
     pub reply_to: Option<i64>,
@@ -48,9 +49,8 @@ impl Store {
             concat!("SELECT ", message_columns!(), " FROM messages WHERE sender_id = $1 AND client_msg_id = $2");
         let row: Option<MessageRow> =
             sqlx::query_as(SQL).bind(sender).bind(client_msg_id).fetch_optional(&self.pool).await?;
-        let Some(mut message) = row.map(Message::from) else { return Ok(None) };
-        self.attach_reactions(&mut [&mut message]).await?;
-        Ok(Some(message))
+        let Some(message) = row else { return Ok(None) };
+        Ok(self.decorate(vec![message]).await?.pop())
     }
 
     /// Stores a message: allocates the room's next seq and inserts the row in one
@@ -111,8 +111,18 @@ impl Store {
             .await?;
         match row {
             Some(row) => {
+                if !msg.attachments.is_empty() {
+                    sqlx::query(
+                        "INSERT INTO message_attachments (message_id, attachment_id, position) \
+                         SELECT $1, a, p::int FROM UNNEST($2::bigint[]) WITH ORDINALITY AS t(a, p)",
+                    )
+                    .bind(row.id)
+                    .bind(msg.attachments)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 tx.commit().await?;
-                Ok((row.into(), false))
+                Ok((self.decorate(vec![row]).await?.pop().ok_or(ServiceError::NotFound("message"))?, false))
             }
             None => {
                 // A concurrent retry won the race; roll back our seq and return its message.
@@ -163,7 +173,7 @@ impl Store {
         if !forwards {
             rows.reverse();
         }
-        Ok((self.with_reactions(rows).await?, has_more))
+        Ok((self.decorate(rows).await?, has_more))
     }
 
     /// Messages with `after < seq < before`, ascending, at most `limit` (internal).
@@ -181,13 +191,15 @@ impl Store {
         );
         let rows: Vec<MessageRow> =
             sqlx::query_as(SQL).bind(room_id).bind(after).bind(before).bind(limit).fetch_all(&self.pool).await?;
-        self.with_reactions(rows).await
+        self.decorate(rows).await
     }
 
-    async fn with_reactions(&self, rows: Vec<MessageRow>) -> Result<Vec<Message>, ServiceError> {
+    /// Messages with their reactions and attachments filled in.
+    async fn decorate(&self, rows: Vec<MessageRow>) -> Result<Vec<Message>, ServiceError> {
         let mut messages: Vec<Message> = rows.into_iter().map(Message::from).collect();
         let mut refs: Vec<&mut Message> = messages.iter_mut().collect();
         self.attach_reactions(&mut refs).await?;
+        self.attach_files(&mut refs).await?;
         Ok(messages)
     }
 
@@ -249,7 +261,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| ServiceError::Conflict("the message was deleted".into()))?;
-        let mut messages = self.with_reactions(vec![row]).await?;
+        let mut messages = self.decorate(vec![row]).await?;
         messages.pop().ok_or(ServiceError::NotFound("message"))
     }
 

@@ -3,12 +3,14 @@
 //! `rooms` holds room and membership queries, `messages` everything about messages;
 //! this module holds the handle, connection set-up and the access rules both use.
 
+mod attachments;
 mod messages;
 mod notifications;
 mod rooms;
 
 pub use messages::{NewMessage, Page};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_common::startup::Retry;
@@ -18,12 +20,14 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
+use crate::blobs::{BlobStore, PgBlobStore};
 use crate::error::ServiceError;
 
 /// Handle to the database; cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    blobs: Arc<dyn BlobStore>,
 }
 
 impl Store {
@@ -51,7 +55,8 @@ impl Store {
             })
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let blobs = Arc::new(PgBlobStore::new(pool.clone()));
+        Ok(Self { pool, blobs })
     }
 
     /// True when Postgres answers a trivial query.

@@ -213,6 +213,7 @@ impl Store {
             .collect();
         let mut messages: Vec<&mut Message> = summaries.iter_mut().filter_map(|s| s.last_message.as_mut()).collect();
         self.attach_reactions(&mut messages).await?;
+        self.attach_files(&mut messages).await?;
         Ok(summaries)
     }
 

@@ -1,0 +1,111 @@
+//! Attachment metadata and access rules; the bytes go through the blob store.
+
+use chat_proto::v1::{Attachment, Caller, Message};
+
+use super::Store;
+use crate::error::ServiceError;
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: i64,
+    name: String,
+    content_type: String,
+    size: i64,
+}
+
+impl From<Row> for Attachment {
+    fn from(r: Row) -> Self {
+        Attachment { id: r.id.to_string(), name: r.name, content_type: r.content_type, size: r.size }
+    }
+}
+
+impl Store {
+    /// Stores an upload: metadata row, then bytes in the blob store.
+    pub async fn create_attachment(
+        &self,
+        caller: &Caller,
+        name: &str,
+        content_type: &str,
+        data: &[u8],
+    ) -> Result<Attachment, ServiceError> {
+        let row: Row = sqlx::query_as(
+            "INSERT INTO attachments (uploader_id, name, content_type, size) VALUES ($1, $2, $3, $4) \
+             RETURNING id, name, content_type, size",
+        )
+        .bind(&caller.user_id)
+        .bind(name)
+        .bind(content_type)
+        .bind(data.len() as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        if let Err(err) = self.blobs.put(row.id, data).await {
+            // No metadata without bytes.
+            let _ = sqlx::query("DELETE FROM attachments WHERE id = $1").bind(row.id).execute(&self.pool).await;
+            return Err(err);
+        }
+        Ok(row.into())
+    }
+
+    /// An attachment and its bytes, for its uploader or for a member of a room with a
+    /// message carrying it (admins too, in support rooms).
+    pub async fn attachment(&self, caller: &Caller, id: i64) -> Result<(Attachment, Vec<u8>), ServiceError> {
+        let row: Option<(i64, String, String, i64, String, bool)> = sqlx::query_as(
+            "SELECT a.id, a.name, a.content_type, a.size, a.uploader_id, EXISTS ( \
+               SELECT 1 FROM message_attachments ma JOIN messages m ON m.id = ma.message_id \
+               JOIN rooms r ON r.id = m.room_id \
+               LEFT JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = $2 \
+               WHERE ma.attachment_id = a.id AND (rm.user_id IS NOT NULL OR (r.kind = 'support' AND $3))) \
+             FROM attachments a WHERE a.id = $1",
+        )
+        .bind(id)
+        .bind(&caller.user_id)
+        .bind(caller.admin)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (id, name, content_type, size, uploader, shared) = row.ok_or(ServiceError::NotFound("attachment"))?;
+        if uploader != caller.user_id && !shared {
+            return Err(ServiceError::Forbidden("not the uploader, nor a member of a room where it was shared"));
+        }
+        let data = self.blobs.get(id).await?.ok_or(ServiceError::NotFound("attachment"))?;
+        Ok((Row { id, name, content_type, size }.into(), data))
+    }
+
+    /// Checks that every id names an attachment the sender uploaded.
+    pub async fn own_attachments(&self, sender: &str, ids: &[i64]) -> Result<(), ServiceError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM attachments WHERE id = ANY($1) AND uploader_id = $2")
+            .bind(ids)
+            .bind(sender)
+            .fetch_one(&self.pool)
+            .await?;
+        if found != ids.len() as i64 {
+            return Err(ServiceError::InvalidArgument("attachments must name files you uploaded".into()));
+        }
+        Ok(())
+    }
+
+    /// Fills in the attachments of these messages with one query.
+    pub(super) async fn attach_files(&self, messages: &mut [&mut Message]) -> Result<(), ServiceError> {
+        let ids: Vec<i64> = messages.iter().filter(|m| !m.deleted).filter_map(|m| m.id.parse().ok()).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(i64, i64, String, String, i64)> = sqlx::query_as(
+            "SELECT ma.message_id, a.id, a.name, a.content_type, a.size FROM message_attachments ma \
+             JOIN attachments a ON a.id = ma.attachment_id WHERE ma.message_id = ANY($1) \
+             ORDER BY ma.message_id, ma.position",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        for (message_id, id, name, content_type, size) in rows {
+            let message_id = message_id.to_string();
+            if let Some(m) = messages.iter_mut().find(|m| m.id == message_id) {
+                m.attachments.push(Row { id, name, content_type, size }.into());
+            }
+        }
+        Ok(())
+    }
+}
