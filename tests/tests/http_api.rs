@@ -296,3 +296,38 @@ async fn attachments_upload_attach_and_download_with_access_rules() -> Result<()
     assert_eq!(http(b, "GET", &path, Some(&token("mallory")), "", b"").await?.status, 403);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let doc = http_json(&cluster.gateways[0], "GET", "/openapi.json", None, None).await?;
+    assert_eq!(doc.status, 200);
+    assert!(doc.body["openapi"].as_str().unwrap_or_default().starts_with("3."));
+    let routes = [
+        ("get", "/ws"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/openapi.json"),
+        ("post", "/v1/rooms"),
+        ("get", "/v1/rooms"),
+        ("get", "/v1/rooms/{id}/messages"),
+        ("post", "/v1/rooms/{id}/messages"),
+        ("post", "/v1/attachments"),
+        ("get", "/v1/attachments/{id}"),
+        ("get", "/v1/me/status"),
+        ("get", "/v1/users/{id}/status"),
+        ("delete", "/v1/users/{id}/connections"),
+        ("get", "/v1/connections"),
+        ("post", "/v1/push"),
+        ("post", "/v1/notifications"),
+        ("get", "/v1/notifications"),
+        ("post", "/v1/notifications/read"),
+    ];
+    let paths = doc.body["paths"].as_object().expect("paths");
+    for (method, path) in routes {
+        assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing from /openapi.json");
+    }
+    let documented: usize = paths.values().map(|p| p.as_object().map_or(0, |m| m.len())).sum();
+    assert_eq!(documented, routes.len(), "a route is documented that this test does not know: {paths:?}");
+    Ok(())
+}

@@ -6,8 +6,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chat_proto::v1 as pb;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -17,24 +16,27 @@ use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::{MessageBody, MessageJson, NotificationJson, PageBody, RoomBody, RoomJson, RoomKind, RoomsBody};
 use crate::state::AppState;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
 /// Longest push event name.
 const MAX_EVENT_CHARS: usize = 64;
 
-/// Every `/v1` route.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/rooms", post(create_room).get(list_rooms))
-        .route("/v1/rooms/{id}/messages", get(history).post(send))
-        .route("/v1/me/status", get(me_status))
-        .route("/v1/users/{id}/status", get(user_status))
-        .route("/v1/users/{id}/connections", delete(disconnect))
-        .route("/v1/connections", get(connections))
-        .route("/v1/push", post(push))
-        .route("/v1/notifications", post(notify).get(list_notifications))
-        .route("/v1/notifications/read", post(mark_notifications_read))
+/// Every JSON `/v1` route, each registered together with its OpenAPI description.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_room, list_rooms))
+        .routes(routes!(history, send))
+        .routes(routes!(me_status))
+        .routes(routes!(user_status))
+        .routes(routes!(disconnect))
+        .routes(routes!(connections))
+        .routes(routes!(push))
+        .routes(routes!(notify, list_notifications))
+        .routes(routes!(mark_notifications_read))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
 }
 
@@ -109,7 +111,7 @@ fn created<T: Serialize>(body: T) -> Response {
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateRoom {
     kind: RoomKind,
     #[serde(default)]
@@ -118,6 +120,7 @@ struct CreateRoom {
     members: Vec<String>,
 }
 
+#[utoipa::path(post, path = "/v1/rooms", tag = "rooms", request_body = CreateRoom, responses((status = 201, description = "`{room}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token")))]
 /// `POST /v1/rooms` → 201 `{room}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn create_room(
@@ -135,6 +138,7 @@ async fn create_room(
     Ok(created(RoomBody { room: RoomJson(&room) }))
 }
 
+#[utoipa::path(get, path = "/v1/rooms", tag = "rooms", responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}]}`"), (status = 401, description = "no valid Bearer token")))]
 /// `GET /v1/rooms` → `{rooms}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn list_rooms(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
@@ -149,6 +153,7 @@ struct HistoryQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id"), ("before_seq" = Option<i64>, Query), ("after_seq" = Option<i64>, Query), ("limit" = Option<u32>, Query, description = "1..=100, default 50")), responses((status = 200, description = "`{messages, has_more}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room")))]
 /// `GET /v1/rooms/{id}/messages?before_seq=&after_seq=&limit=` → `{messages, has_more}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
 async fn history(
@@ -173,7 +178,7 @@ async fn history(
     Ok(Json(PageBody::from(&page)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct SendReq {
     #[serde(default)]
     text: String,
@@ -187,6 +192,7 @@ struct SendReq {
     client_msg_id: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id")), request_body = SendReq, responses((status = 201, description = "`{message}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 413, description = "body over 64 KiB")))]
 /// `POST /v1/rooms/{id}/messages` → 201 `{message}`: the same path as a WebSocket
 /// `send`, so every joined connection on every gateway gets the `message` event.
 #[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
@@ -221,12 +227,14 @@ async fn status_of(state: &AppState, user_id: String) -> ApiResult<Response> {
     Ok(Json(Status { user_id, online: connections > 0, connections }).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/me/status", tag = "presence", responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token")))]
 /// `GET /v1/me/status` → `{user_id, online, connections}` across the cluster.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn me_status(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
     status_of(&state, user.sub).await
 }
 
+#[utoipa::path(get, path = "/v1/users/{id}/status", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
 /// `GET /v1/users/{id}/status` (admin) → `{user_id, online, connections}`.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
 async fn user_status(
@@ -237,6 +245,7 @@ async fn user_status(
     status_of(&state, user_id).await
 }
 
+#[utoipa::path(get, path = "/v1/connections", tag = "admin", responses((status = 200, description = "`{users:[{user_id, connections}]}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
 /// `GET /v1/connections` (admin) → `{users:[{user_id, connections}]}` across the cluster.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
 async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiResult<Response> {
@@ -255,6 +264,7 @@ async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiR
     Ok(Json(serde_json::json!({ "users": users })).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/users/{id}/connections", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 204, description = "the user's sockets close with 1008 on every gateway"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
 /// `DELETE /v1/users/{id}/connections` (admin) → 204; the user's sockets on every
 /// gateway close with 1008.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
@@ -268,7 +278,7 @@ async fn disconnect(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PushReq {
     #[serde(default)]
     user_ids: Option<Vec<String>>,
@@ -276,9 +286,11 @@ struct PushReq {
     all: bool,
     event: String,
     #[serde(default)]
+    #[schema(value_type = Object)]
     data: serde_json::Value,
 }
 
+#[utoipa::path(post, path = "/v1/push", tag = "admin", request_body = PushReq, responses((status = 202, description = "delivered as `push` to every connection addressed"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
 /// `POST /v1/push` (admin) `{user_ids:[...] | all:true, event, data}` → 202; every
 /// connection of those users (or of everyone), on every gateway, gets `push`.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
@@ -301,16 +313,18 @@ async fn push(State(state): State<AppState>, Admin(admin): Admin, Body(req): Bod
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({}))).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct NotifyReq {
     user_ids: Vec<String>,
     title: String,
     #[serde(default)]
     body: String,
     #[serde(default)]
+    #[schema(value_type = Object)]
     data: serde_json::Value,
 }
 
+#[utoipa::path(post, path = "/v1/notifications", tag = "notifications", request_body = NotifyReq, responses((status = 201, description = "`{notifications}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
 /// `POST /v1/notifications` (admin) → 201 `{notifications}`; stored, and delivered live
 /// as `notification` to every connection of each user.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
@@ -335,6 +349,7 @@ struct NotificationsQuery {
     unread: bool,
 }
 
+#[utoipa::path(get, path = "/v1/notifications", tag = "notifications", params(("before" = Option<String>, Query, description = "notification id: older ones only"), ("limit" = Option<u32>, Query), ("unread" = Option<bool>, Query)), responses((status = 200, description = "`{notifications, has_more, unread}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token")))]
 /// `GET /v1/notifications?before=&limit=&unread=` → `{notifications, has_more, unread}`,
 /// the caller's own, newest first.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
@@ -360,7 +375,7 @@ async fn list_notifications(
     .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct MarkRead {
     #[serde(default)]
     ids: Vec<String>,
@@ -368,6 +383,7 @@ struct MarkRead {
     all: bool,
 }
 
+#[utoipa::path(post, path = "/v1/notifications/read", tag = "notifications", request_body = MarkRead, responses((status = 200, description = "`{updated}`"), (status = 400, description = "neither ids nor all"), (status = 401, description = "no valid Bearer token")))]
 /// `POST /v1/notifications/read {ids:[...] | all:true}` → `{updated}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn mark_notifications_read(

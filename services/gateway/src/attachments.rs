@@ -6,10 +6,11 @@ use axum::body::Body as RawBody;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chat_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::{Params, User};
 use crate::backend::caller;
@@ -38,9 +39,9 @@ const ALLOWED_TYPES: &[&str] = &[
     "application/zip",
 ];
 
-/// The attachment routes.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/attachments", post(upload)).route("/v1/attachments/{id}", get(download))
+/// The attachment routes, with their OpenAPI descriptions.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(upload)).routes(routes!(download))
 }
 
 /// The stored content type for a declared one.
@@ -64,6 +65,11 @@ struct Uploaded<'a> {
     attachment: AttachmentJson<'a>,
 }
 
+#[utoipa::path(post, path = "/v1/attachments", tag = "attachments",
+    params(("name" = Option<String>, Query, description = "file name")),
+    request_body(content = String, content_type = "application/octet-stream", description = "the file's bytes; Content-Type is kept if allowlisted"),
+    responses((status = 201, description = "`{attachment:{id,name,content_type,size,url}}`"), (status = 400, description = "empty body"),
+        (status = 401, description = "no valid Bearer token"), (status = 413, description = "over 10 MiB")))]
 /// `POST /v1/attachments?name=` with the raw bytes as the body → 201 `{attachment}`;
 /// 413 over 10 MiB.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
@@ -95,6 +101,11 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(Uploaded { attachment: AttachmentJson(&attachment) })).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/attachments/{id}", tag = "attachments",
+    params(("id" = String, Path, description = "attachment id")),
+    responses((status = 200, description = "the bytes"), (status = 401, description = "no valid Bearer token"),
+        (status = 403, description = "neither the uploader nor a member of a room where it was shared"),
+        (status = 404, description = "no such attachment")))]
 /// `GET /v1/attachments/{id}` → the bytes, for the uploader or a member of a room
 /// whose message carries the attachment.
 #[tracing::instrument(skip_all, fields(user = %user.sub, attachment = %id))]

@@ -1,33 +1,82 @@
 //! HTTP routes of the gateway: health, readiness and the WebSocket endpoint.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::state::AppState;
 use crate::{api, attachments, ws};
 
-/// Every route the gateway serves.
+/// Every route the gateway serves. Each is registered with its OpenAPI description,
+/// so `/openapi.json` cannot miss one.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/ws", get(ws::upgrade))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(ws_upgrade))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json))
         .merge(api::router())
         .merge(attachments::router())
-        .fallback(api::not_found)
-        .with_state(state)
+        .split_for_parts();
+    let openapi = Arc::new(openapi);
+    router.layer(Extension(openapi)).fallback(api::not_found).with_state(state)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "chat gateway", description = "HTTP API of the chat gateway (client contract v1)"),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+/// Declares the Bearer JWT that every `/v1` route takes.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let scheme =
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build());
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme("bearer", scheme);
+        openapi.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+    }
+}
+
+/// `GET /openapi.json`: this document.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", responses((status = 200, description = "the OpenAPI document")))]
+async fn openapi_json(Extension(doc): Extension<Arc<utoipa::openapi::OpenApi>>) -> impl IntoResponse {
+    Json(doc.as_ref().clone())
+}
+
+/// `GET /ws`: the WebSocket endpoint (see docs/protocol.md).
+#[utoipa::path(get, path = "/ws", tag = "websocket",
+    params(("token" = Option<String>, Query, description = "JWT, when no Authorization header is sent")),
+    responses((status = 101, description = "upgraded to a WebSocket"), (status = 401, description = "refused token"),
+        (status = 503, description = "the gateway is shutting down")))]
+async fn ws_upgrade(
+    state: State<AppState>,
+    query: axum::extract::Query<std::collections::HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> axum::response::Response {
+    ws::upgrade(state, query, headers, upgrade).await
 }
 
 /// Liveness: the process is up and serving HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()), responses((status = 200, description = "`{status:\"ok\"}`")))]
 async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
 /// Readiness: 503 while draining or while a backend is unreachable, so the load
 /// balancer sends new connections elsewhere.
+#[utoipa::path(get, path = "/readyz", tag = "meta", security(()), responses((status = 200, description = "ready"), (status = 503, description = "draining or a backend is down")))]
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let readiness = state.readiness();
     let status = if readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
