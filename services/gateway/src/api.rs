@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{self, Claims};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
-use crate::protocol::{MessageBody, MessageJson, NotificationJson, PageBody, RoomBody, RoomJson, RoomKind, RoomsBody};
+use crate::protocol::{
+    self, MessageBody, MessageJson, NotificationJson, PageBody, RoomBody, RoomJson, RoomKind, RoomsBody,
+};
 use crate::state::AppState;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -162,11 +164,7 @@ async fn history(
     Path(room): Path<String>,
     Params(q): Params<HistoryQuery>,
 ) -> ApiResult<Response> {
-    let limit = match q.limit {
-        None => 0,
-        Some(n @ 1..=100) => n,
-        Some(_) => return Err(HttpError::bad_request("limit must be between 1 and 100")),
-    };
+    let limit = protocol::page_limit(q.limit)?;
     let req = pb::HistoryRequest {
         caller: Some(caller(&user)),
         room_id: room,
@@ -358,11 +356,7 @@ async fn list_notifications(
     User(user): User,
     Params(q): Params<NotificationsQuery>,
 ) -> ApiResult<Response> {
-    let limit = match q.limit {
-        None => 0,
-        Some(n @ 1..=100) => n,
-        Some(_) => return Err(HttpError::bad_request("limit must be between 1 and 100")),
-    };
+    let limit = protocol::page_limit(q.limit)?;
     let req =
         pb::ListNotificationsRequest { caller: Some(caller(&user)), before_id: q.before, limit, unread_only: q.unread };
     let page = state.backend().list_notifications(req).await?;

@@ -223,6 +223,15 @@ fn describe(err: serde_json::Error) -> String {
     }
 }
 
+/// A page size given by a client: 1..=100, or absent for the default (sent as 0).
+pub fn page_limit(limit: Option<u32>) -> Result<u32, CommandError> {
+    match limit {
+        None => Ok(0),
+        Some(n @ 1..=100) => Ok(n),
+        Some(_) => Err(CommandError::bad_request("limit must be between 1 and 100")),
+    }
+}
+
 /// Milliseconds since the epoch as an RFC 3339 UTC timestamp with milliseconds.
 pub fn timestamp(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)

@@ -108,11 +108,7 @@ impl Session {
                 Ok(protocol::ack(id, MessageBody { message: MessageJson(&message) }))
             }
             Command::History { room, before_seq, after_seq, limit } => {
-                let limit = match limit {
-                    None => 0,
-                    Some(n @ 1..=100) => n,
-                    Some(_) => return Err(CommandError::bad_request("limit must be between 1 and 100")),
-                };
+                let limit = protocol::page_limit(limit)?;
                 let req = pb::HistoryRequest { caller: self.who(), room_id: room, before_seq, after_seq, limit };
                 let page = backend.history(req).await?;
                 Ok(protocol::ack(id, PageBody::from(&page)))
