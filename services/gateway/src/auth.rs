@@ -43,6 +43,23 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// Which signatures the gateway accepts: exactly one algorithm, pinned, so a token can
+/// never choose how it is checked (no `none`, no HS256 signed with a public key).
+#[derive(Debug, Clone)]
+pub enum KeyConfig {
+    /// HMAC-SHA256 with a shared secret.
+    Hs256 { secret: Vec<u8> },
+    /// RSA PKCS#1 v1.5 SHA-256, verified with a PEM public key.
+    Rs256 { public_pem: Vec<u8> },
+    /// ECDSA P-256 SHA-256, verified with a PEM public key.
+    Es256 { public_pem: Vec<u8> },
+}
+
+/// A key that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid JWT public key: {0}")]
+pub struct KeyError(String);
+
 /// Verifies tokens against one key and one pinned algorithm.
 pub struct Verifier {
     key: DecodingKey,
@@ -52,7 +69,25 @@ pub struct Verifier {
 impl Verifier {
     /// An HS256 verifier. `iss` and `aud` are checked only when configured.
     pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
+        Self::with_key(DecodingKey::from_secret(secret), Algorithm::HS256, issuer, audience)
+    }
+
+    /// A verifier for the configured algorithm and key.
+    pub fn new(keys: &KeyConfig, issuer: Option<&str>, audience: Option<&str>) -> Result<Self, KeyError> {
+        let (key, alg) = match keys {
+            KeyConfig::Hs256 { secret } => (DecodingKey::from_secret(secret), Algorithm::HS256),
+            KeyConfig::Rs256 { public_pem } => {
+                (DecodingKey::from_rsa_pem(public_pem).map_err(|e| KeyError(e.to_string()))?, Algorithm::RS256)
+            }
+            KeyConfig::Es256 { public_pem } => {
+                (DecodingKey::from_ec_pem(public_pem).map_err(|e| KeyError(e.to_string()))?, Algorithm::ES256)
+            }
+        };
+        Ok(Self::with_key(key, alg, issuer, audience))
+    }
+
+    fn with_key(key: DecodingKey, alg: Algorithm, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -68,7 +103,7 @@ impl Verifier {
             // Without a configured audience, a token that names one is still fine.
             None => validation.validate_aud = false,
         }
-        Self { key: DecodingKey::from_secret(secret), validation }
+        Self { key, validation }
     }
 
     /// The claims of a valid token.
@@ -183,6 +218,58 @@ mod tests {
         assert!(v.verify(&wrong_aud).is_err());
         // Without configuration, an aud claim is not a reason to refuse.
         assert!(verifier().verify(&wrong_aud).is_ok());
+    }
+
+    const RSA_PRIVATE: &[u8] = include_bytes!("../testdata/rsa_private.pem");
+    const RSA_PUBLIC: &[u8] = include_bytes!("../testdata/rsa_public.pem");
+    const EC_PRIVATE: &[u8] = include_bytes!("../testdata/ec_private.pem");
+    const EC_PUBLIC: &[u8] = include_bytes!("../testdata/ec_public.pem");
+
+    fn rs256() -> Verifier {
+        Verifier::new(&KeyConfig::Rs256 { public_pem: RSA_PUBLIC.to_vec() }, None, None).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_verify_with_their_public_keys() {
+        let claims = json!({"sub": "alice", "exp": now() + 60});
+        let rsa =
+            encode(&Header::new(Algorithm::RS256), &claims, &EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap()).unwrap();
+        assert_eq!(rs256().verify(&rsa).unwrap().sub, "alice");
+        let es = Verifier::new(&KeyConfig::Es256 { public_pem: EC_PUBLIC.to_vec() }, None, None).unwrap();
+        let ec =
+            encode(&Header::new(Algorithm::ES256), &claims, &EncodingKey::from_ec_pem(EC_PRIVATE).unwrap()).unwrap();
+        assert_eq!(es.verify(&ec).unwrap().sub, "alice");
+        // Each verifier takes only its own algorithm.
+        assert!(es.verify(&rsa).is_err());
+        assert!(rs256().verify(&ec).is_err());
+        assert!(rs256().verify(&sign(claims)).is_err());
+    }
+
+    #[test]
+    fn an_hs256_token_signed_with_the_rsa_public_key_is_refused() {
+        // The classic confusion attack: the public key is public, so an attacker can
+        // HMAC with it; a verifier that let the token pick the algorithm would accept.
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "admin", "role": "admin", "exp": now() + 60}),
+            &EncodingKey::from_secret(RSA_PUBLIC),
+        )
+        .unwrap();
+        assert!(matches!(rs256().verify(&forged), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_token_not_valid_before_a_future_time_is_refused() {
+        let token = sign(json!({"sub": "alice", "exp": now() + 3600, "nbf": now() + 600}));
+        assert!(matches!(verifier().verify(&token), Err(AuthError::Invalid(_))));
+        let within_leeway = sign(json!({"sub": "alice", "exp": now() + 3600, "nbf": now() + 10}));
+        assert!(verifier().verify(&within_leeway).is_ok());
+    }
+
+    #[test]
+    fn unusable_public_keys_are_a_configuration_error() {
+        assert!(Verifier::new(&KeyConfig::Rs256 { public_pem: b"not a key".to_vec() }, None, None).is_err());
+        assert!(Verifier::new(&KeyConfig::Es256 { public_pem: RSA_PUBLIC.to_vec() }, None, None).is_err());
     }
 
     #[test]

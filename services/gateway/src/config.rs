@@ -27,9 +27,17 @@ pub struct Config {
     #[arg(long, env = "REDIS_CHANNEL_PREFIX", default_value = "chat")]
     pub redis_channel_prefix: String,
 
-    /// HS256 key that signs client tokens. Required.
+    /// Signature algorithm of client tokens, pinned: `HS256`, `RS256` or `ES256`.
+    #[arg(long, env = "JWT_ALGORITHM", default_value = "HS256", value_parser = ["HS256", "RS256", "ES256"])]
+    pub jwt_algorithm: String,
+
+    /// HS256 key that signs client tokens (required with HS256).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: String,
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with the public key that verifies RS256/ES256 tokens.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
 
     /// When set, tokens must carry this `iss`.
     #[arg(long, env = "JWT_ISSUER")]
@@ -99,8 +107,14 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Rejects values that parse but cannot work, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
-        if self.jwt_secret.is_empty() {
-            return Err("JWT_SECRET must not be empty".into());
+        match self.jwt_algorithm.as_str() {
+            "HS256" if self.jwt_secret.as_deref().unwrap_or_default().is_empty() => {
+                return Err("JWT_SECRET must be set (and not empty) for HS256 tokens".into());
+            }
+            "RS256" | "ES256" if self.jwt_public_key_file.is_none() => {
+                return Err(format!("JWT_PUBLIC_KEY_FILE must be set for {} tokens", self.jwt_algorithm));
+            }
+            _ => {}
         }
         if !self.message_service_url.starts_with("http://") && !self.message_service_url.starts_with("https://") {
             return Err("MESSAGE_SERVICE_URL must be an http:// URL".into());
@@ -124,6 +138,20 @@ impl Config {
             return Err("MAX_FRAME_BYTES must be at least 1024".into());
         }
         Ok(())
+    }
+
+    /// The token verification key, read from its file for RS256/ES256.
+    pub fn jwt_keys(&self) -> Result<crate::auth::KeyConfig, String> {
+        use crate::auth::KeyConfig;
+        let pem = || {
+            let path = self.jwt_public_key_file.as_ref().ok_or("JWT_PUBLIC_KEY_FILE is not set")?;
+            std::fs::read(path).map_err(|e| format!("cannot read JWT_PUBLIC_KEY_FILE {}: {e}", path.display()))
+        };
+        Ok(match self.jwt_algorithm.as_str() {
+            "RS256" => KeyConfig::Rs256 { public_pem: pem()? },
+            "ES256" => KeyConfig::Es256 { public_pem: pem()? },
+            _ => KeyConfig::Hs256 { secret: self.jwt_secret.clone().unwrap_or_default().into_bytes() },
+        })
     }
 
     /// The start-up retry policy.

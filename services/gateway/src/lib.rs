@@ -50,8 +50,8 @@ impl Application {
     /// `shutdown` is the token whose cancellation starts the drain.
     pub async fn build(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let retry = config.startup_retry();
-        let verifier =
-            Verifier::hs256(config.jwt_secret.as_bytes(), config.jwt_issuer.as_deref(), config.jwt_audience.as_deref());
+        let keys = config.jwt_keys().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let verifier = Verifier::new(&keys, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref())?;
         let backend =
             Backend::connect(&config.message_service_url, Duration::from_millis(config.grpc_timeout_ms), retry).await?;
         let fanout =
