@@ -50,3 +50,29 @@ async fn an_rs256_gateway_accepts_only_rs256_tokens() -> Result<()> {
     assert_eq!(status_of(&cluster, &unsigned).await?, 401);
     Ok(())
 }
+
+#[tokio::test]
+async fn browser_origins_outside_the_allowlist_are_refused() -> Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let cluster = Cluster::start_with(1, &chat_tests::redis_url(), &[("ALLOWED_ORIGINS", "https://app.test")]).await?;
+    let with_origin = |origin: Option<&str>| -> Result<_> {
+        let mut req = cluster.ws_url(0).into_client_request()?;
+        req.headers_mut().insert("Authorization", format!("Bearer {}", chat_tests::token("alice")).parse()?);
+        if let Some(origin) = origin {
+            req.headers_mut().insert("Origin", origin.parse()?);
+        }
+        Ok(req)
+    };
+    let (_ok, welcome) = WsClient::connect_request(with_origin(Some("https://app.test"))?).await?;
+    assert_eq!(welcome["type"], "welcome");
+    // Non-browser clients send no Origin and are not subject to the check.
+    let (_cli, welcome) = WsClient::connect_request(with_origin(None)?).await?;
+    assert_eq!(welcome["type"], "welcome");
+    let err = WsClient::connect_request(with_origin(Some("https://evil.test"))?).await.err().expect("refused");
+    let tokio_tungstenite::tungstenite::Error::Http(resp) = err.downcast::<tokio_tungstenite::tungstenite::Error>()?
+    else {
+        panic!("expected an HTTP refusal");
+    };
+    assert_eq!(resp.status(), 403);
+    Ok(())
+}

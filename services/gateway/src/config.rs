@@ -47,6 +47,12 @@ pub struct Config {
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
+    /// Browser origins allowed to open WebSockets, comma-separated (`https://app.example.com`).
+    /// Empty allows every origin (dev); requests without an `Origin` header (non-browser
+    /// clients) are never refused by this check.
+    #[arg(long, env = "ALLOWED_ORIGINS", default_value = "", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Interval of server WebSocket pings; a connection silent for twice this is dropped.
     #[arg(long, env = "HEARTBEAT_MS", default_value_t = 25_000)]
     pub heartbeat_ms: u64,

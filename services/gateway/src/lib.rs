@@ -67,6 +67,12 @@ impl Application {
         )
         .await?;
         let settings = ConnSettings {
+            allowed_origins: config
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
             heartbeat: config.heartbeat(),
             auth_timeout: Duration::from_secs(config.auth_timeout_secs),
             max_frame_bytes: config.max_frame_bytes,

@@ -13,8 +13,10 @@ use crate::fanout::Fanout;
 use crate::presence::Presence;
 
 /// Per-connection limits and timings, from the config.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnSettings {
+    /// Browser origins allowed to upgrade; empty allows all.
+    pub allowed_origins: Arc<[String]>,
     pub heartbeat: Duration,
     pub auth_timeout: Duration,
     pub max_frame_bytes: usize,
@@ -82,8 +84,8 @@ impl AppState {
         &self.inner.presence
     }
 
-    pub fn settings(&self) -> ConnSettings {
-        self.inner.settings
+    pub fn settings(&self) -> &ConnSettings {
+        &self.inner.settings
     }
 
     /// Cancelled when the gateway starts shutting down.

@@ -50,6 +50,11 @@ pub async fn upgrade(
     if state.shutdown().is_cancelled() {
         return HttpError::unavailable("gateway is shutting down; reconnect elsewhere").into_response();
     }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !origin_allowed(&state.settings().allowed_origins, origin.to_str().unwrap_or_default()) {
+            return HttpError::forbidden("origin not allowed").into_response();
+        }
+    }
     let header_token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer);
     let token = header_token.or_else(|| query.get("token").map(String::as_str));
     let claims = match token {
@@ -63,6 +68,12 @@ pub async fn upgrade(
     ws.max_message_size(SOCKET_MAX_MESSAGE)
         .max_frame_size(SOCKET_MAX_MESSAGE)
         .on_upgrade(move |socket| tracker.track_future(serve(socket, state, claims)))
+}
+
+/// Whether a browser `Origin` may open a WebSocket: any, when no allowlist is
+/// configured; otherwise an exact (case-insensitive) match.
+pub fn origin_allowed(allowlist: &[String], origin: &str) -> bool {
+    allowlist.is_empty() || allowlist.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
 }
 
 /// Runs one connection to its end.
@@ -289,5 +300,21 @@ async fn feed(sink: &mut SplitSink<WebSocket, Message>, item: Outgoing) -> bool 
             }
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_match_exactly_when_an_allowlist_is_set() {
+        assert!(origin_allowed(&[], "https://anything.example"));
+        let list = vec!["https://app.example.com".to_owned()];
+        assert!(origin_allowed(&list, "https://app.example.com"));
+        assert!(origin_allowed(&list, "HTTPS://APP.EXAMPLE.COM"));
+        assert!(!origin_allowed(&list, "https://app.example.com.evil.test"));
+        assert!(!origin_allowed(&list, "null"));
+        assert!(origin_allowed(&["*".to_owned()], "https://x.test"));
     }
 }
