@@ -76,3 +76,26 @@ async fn browser_origins_outside_the_allowlist_are_refused() -> Result<()> {
     assert_eq!(resp.status(), 403);
     Ok(())
 }
+
+#[tokio::test]
+async fn over_the_rate_limit_commands_are_refused_and_sustained_abuse_is_disconnected() -> Result<()> {
+    let env = [("RATE_CONN_PER_SEC", "2"), ("RATE_CONN_BURST", "5")];
+    let cluster = Cluster::start_with(1, &chat_tests::redis_url(), &env).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    for _ in 0..5 {
+        assert_eq!(alice.request(json!({"type": "ping"})).await?["type"], "pong");
+    }
+    let refused = alice.request(json!({"type": "ping"})).await?;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    let wait = refused["retry_after_ms"].as_u64().expect("retry_after_ms");
+    assert!(wait > 0 && wait <= 500, "{wait}");
+    // The connection stays open and recovers once the bucket refills.
+    tokio::time::sleep(std::time::Duration::from_millis(wait + 50)).await;
+    assert_eq!(alice.request(json!({"type": "ping"})).await?["type"], "pong");
+
+    for i in 0..200 {
+        alice.send(&json!({"type": "ping", "id": format!("f{i}")})).await?;
+    }
+    assert_eq!(alice.closed().await?, Some(1008));
+    Ok(())
+}

@@ -69,6 +69,22 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
     pub max_connections_per_user: u32,
 
+    /// Commands per second one connection may send (0: unlimited) ...
+    #[arg(long, env = "RATE_CONN_PER_SEC", default_value_t = 100)]
+    pub rate_conn_per_sec: u32,
+
+    /// ... and how many at once.
+    #[arg(long, env = "RATE_CONN_BURST", default_value_t = 200)]
+    pub rate_conn_burst: u32,
+
+    /// Commands per second all of one user's connections on a gateway may send (0: unlimited) ...
+    #[arg(long, env = "RATE_USER_PER_SEC", default_value_t = 200)]
+    pub rate_user_per_sec: u32,
+
+    /// ... and how many at once.
+    #[arg(long, env = "RATE_USER_BURST", default_value_t = 400)]
+    pub rate_user_burst: u32,
+
     /// A gateway without a presence heartbeat for this long counts as dead and its users
     /// go offline; the bound on a crashed gateway's ghosts is 4/3 of this.
     #[arg(long, env = "PRESENCE_STALE_MS", default_value_t = 30_000)]

@@ -16,6 +16,7 @@ pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod publisher;
+pub mod ratelimit;
 pub mod room;
 pub mod session;
 pub mod state;
@@ -33,6 +34,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::fanout::Fanout;
 use crate::presence::Presence;
+use crate::ratelimit::{Limits, Rates};
 use crate::state::{AppState, ConnSettings};
 
 /// How often the message service's health is checked for `/readyz`.
@@ -81,7 +83,13 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        let state = AppState::new(verifier, backend, fanout, presence, settings, shutdown);
+        let limits = Limits::new(Rates {
+            conn_per_sec: config.rate_conn_per_sec,
+            conn_burst: config.rate_conn_burst,
+            user_per_sec: config.rate_user_per_sec,
+            user_burst: config.rate_user_burst,
+        });
+        let state = AppState::new(verifier, backend, fanout, presence, limits, settings, shutdown);
         Ok(Self { listener, state, grace: Duration::from_secs(config.shutdown_grace_secs) })
     }
 

@@ -14,8 +14,12 @@ use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode};
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, Empty, MessageBody, MessageJson, PageBody, RoomBody, RoomJson, RoomsBody};
+use crate::ratelimit::{ConnLimiter, Verdict};
 use crate::room::Listener;
 use crate::state::AppState;
+
+/// Close code for a client that keeps sending while rate limited.
+const CLOSE_POLICY: u16 = 1008;
 
 /// The per-connection state behind the command loop.
 pub struct Session {
@@ -25,6 +29,7 @@ pub struct Session {
     listener: Listener,
     joined: HashSet<String>,
     expires_at: Instant,
+    limiter: ConnLimiter,
 }
 
 /// When a token with this `exp` stops being valid (with the verifier's leeway).
@@ -39,7 +44,8 @@ impl Session {
         let caller = caller(&claims);
         let listener = Listener { outbox, user_id: Arc::from(claims.sub.as_str()) };
         let expires_at = token_deadline(claims.exp);
-        Self { state, claims, caller, listener, joined: HashSet::new(), expires_at }
+        let limiter = state.limits().connect(&claims.sub);
+        Self { state, claims, caller, listener, joined: HashSet::new(), expires_at, limiter }
     }
 
     /// The verified claims.
@@ -64,6 +70,18 @@ impl Session {
             Ok(frame) => frame,
             Err(bad) => return protocol::error(bad.id.as_deref(), &bad.error),
         };
+        match self.limiter.check(std::time::Instant::now()) {
+            Verdict::Allow => {}
+            Verdict::Refuse(wait) => {
+                let err = CommandError::rate_limited("too many commands; slow down", wait.as_millis().max(1) as u64);
+                return protocol::error(frame.id.as_deref(), &err);
+            }
+            Verdict::Abuse => {
+                self.listener.outbox.close(CLOSE_POLICY, "rate limit exceeded");
+                let err = CommandError::rate_limited("too many commands; closing", 1000);
+                return protocol::error(frame.id.as_deref(), &err);
+            }
+        }
         let id = frame.id.as_deref();
         match self.execute(id, frame.command).await {
             Ok(reply) => reply,
@@ -221,5 +239,6 @@ impl Session {
         for room in &self.joined {
             self.state.fanout().leave(room, self.listener.outbox.id()).await;
         }
+        self.state.limits().disconnect(&self.claims.sub, self.limiter);
     }
 }

@@ -11,6 +11,7 @@ use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::fanout::Fanout;
 use crate::presence::Presence;
+use crate::ratelimit::Limits;
 
 /// Per-connection limits and timings, from the config.
 #[derive(Debug, Clone)]
@@ -34,6 +35,7 @@ struct Shared {
     backend: Backend,
     fanout: Fanout,
     presence: Presence,
+    limits: Limits,
     settings: ConnSettings,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -49,6 +51,7 @@ impl AppState {
         backend: Backend,
         fanout: Fanout,
         presence: Presence,
+        limits: Limits,
         settings: ConnSettings,
         shutdown: CancellationToken,
     ) -> Self {
@@ -58,6 +61,7 @@ impl AppState {
                 backend,
                 fanout,
                 presence,
+                limits,
                 settings,
                 shutdown,
                 connections: TaskTracker::new(),
@@ -82,6 +86,11 @@ impl AppState {
 
     pub fn presence(&self) -> &Presence {
         &self.inner.presence
+    }
+
+    /// Command rate limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     pub fn settings(&self) -> &ConnSettings {
