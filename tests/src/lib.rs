@@ -193,6 +193,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends SIGTERM to gateway `i` and waits (bounded) for it to exit; its exit code.
+    pub async fn terminate_gateway(&mut self, i: usize) -> Result<Option<i32>> {
+        let pid = self.gateway_procs[i].id().ok_or_else(|| anyhow!("gateway {i} already exited"))?;
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.gateway_procs[i].wait()).await??;
+        Ok(status.code())
+    }
+
     /// The `ws://` URL of gateway `i`.
     pub fn ws_url(&self, i: usize) -> String {
         format!("ws://{}/ws", self.gateways[i])

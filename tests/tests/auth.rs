@@ -99,3 +99,27 @@ async fn over_the_rate_limit_commands_are_refused_and_sustained_abuse_is_disconn
     assert_eq!(alice.closed().await?, Some(1008));
     Ok(())
 }
+
+#[tokio::test]
+async fn connection_room_and_header_limits_are_enforced() -> Result<()> {
+    let cluster = Cluster::start_with(1, &chat_tests::redis_url(), &[("MAX_ROOMS_PER_CONNECTION", "2")]).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut rooms = Vec::new();
+    for _ in 0..3 {
+        let reply = alice.ack(json!({"type": "create_room", "kind": "group", "members": []})).await?;
+        rooms.push(reply["room"]["id"].as_str().unwrap().to_owned());
+    }
+    alice.ack(json!({"type": "join", "room": rooms[0]})).await?;
+    alice.ack(json!({"type": "join", "room": rooms[1]})).await?;
+    let third = alice.request(json!({"type": "join", "room": rooms[2]})).await?;
+    assert_eq!(third["code"], "forbidden", "{third}");
+    alice.ack(json!({"type": "join", "room": rooms[1]})).await?;
+    alice.ack(json!({"type": "leave", "room": rooms[0]})).await?;
+    alice.ack(json!({"type": "join", "room": rooms[2]})).await?;
+
+    let long = format!("/healthz?pad={}", "x".repeat(20 * 1024));
+    let reply = chat_tests::http_json(&cluster.gateways[0], "GET", &long, None, None).await?;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.body["error"]["code"], "too_large");
+    Ok(())
+}

@@ -73,3 +73,65 @@ async fn users_of_a_gateway_killed_without_cleanup_go_offline_within_the_stale_b
     assert_eq!(online["online"], json!(["alice"]));
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_drains_a_gateway_under_traffic_without_losing_a_message() -> Result<()> {
+    let mut cluster = Cluster::start_with(2, &chat_tests::redis_url(), &[("DRAIN_DELAY_MS", "300")]).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut bob = cluster.client(1, "bob").await?;
+    let mut carol = cluster.client(0, "carol").await?;
+    let room = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?["room"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    bob.ack(json!({"type": "join", "room": room})).await?;
+
+    // A client that retries every unacknowledged send with the same client_msg_id,
+    // moving to the other gateway when its connection goes away.
+    const TOTAL: usize = 60;
+    let fallback = cluster.ws_url(1);
+    let sender_room = room.clone();
+    let sender = tokio::spawn(async move {
+        let mut conn = alice;
+        for i in 1..=TOTAL {
+            let send =
+                json!({"type": "send", "room": sender_room, "text": format!("m{i}"), "client_msg_id": format!("c{i}")});
+            loop {
+                match conn.request(send.clone()).await {
+                    Ok(reply) if reply["type"] == "ack" => break,
+                    Ok(reply) if reply["code"] == "unavailable" => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(reply) => anyhow::bail!("unexpected reply {reply}"),
+                    Err(_) => {
+                        let (c, _) =
+                            chat_tests::WsClient::connect_bearer(&fallback, &chat_tests::token("alice")).await?;
+                        conn = c;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(())
+    });
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let code = cluster.terminate_gateway(0).await?;
+    assert_eq!(code, Some(0), "a drained gateway exits 0");
+    // An idle client of the drained gateway was told to reconnect, then closed with 1012.
+    let notice = carol.event("reconnect").await?;
+    assert!(notice["after_ms"].as_u64().is_some());
+    assert_eq!(carol.closed().await?, Some(1012));
+
+    sender.await??;
+    let mut texts = Vec::new();
+    let mut seqs = Vec::new();
+    while seqs.len() < TOTAL {
+        let event = bob.event("message").await?;
+        seqs.push(event["message"]["seq"].as_i64().unwrap());
+        texts.push(event["message"]["text"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seqs, (1..=TOTAL as i64).collect::<Vec<_>>());
+    assert_eq!(texts, (1..=TOTAL).map(|i| format!("m{i}")).collect::<Vec<_>>(), "every message exactly once, in order");
+    Ok(())
+}

@@ -69,6 +69,15 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
     pub max_connections_per_user: u32,
 
+    /// Rooms one connection may have joined at once.
+    #[arg(long, env = "MAX_ROOMS_PER_CONNECTION", default_value_t = 500)]
+    pub max_rooms_per_connection: usize,
+
+    /// Milliseconds between readiness turning 503 and connections being told to
+    /// reconnect, after SIGTERM: time for the load balancer to stop sending new ones.
+    #[arg(long, env = "DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
     /// Commands per second one connection may send (0: unlimited) ...
     #[arg(long, env = "RATE_CONN_PER_SEC", default_value_t = 100)]
     pub rate_conn_per_sec: u32,

@@ -11,6 +11,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::state::AppState;
 use crate::{api, attachments, ws};
 
@@ -26,7 +27,26 @@ pub fn router(state: AppState) -> Router {
         .merge(attachments::router())
         .split_for_parts();
     let openapi = Arc::new(openapi);
-    router.layer(Extension(openapi)).fallback(api::not_found).with_state(state)
+    router
+        .fallback(api::not_found)
+        .layer(Extension(openapi))
+        .layer(axum::middleware::from_fn(limit_headers))
+        .with_state(state)
+}
+
+/// Largest request line plus headers accepted (a handshake carries at most a token of
+/// 8 KiB, in a header or the query).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses requests whose URI and headers together exceed `MAX_HEADER_BYTES` (413).
+async fn limit_headers(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let size = req.uri().to_string().len()
+        + req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+    if size > MAX_HEADER_BYTES {
+        let err = CommandError::new(ErrorCode::TooLarge, format!("request headers over {MAX_HEADER_BYTES} bytes"));
+        return HttpError(err).into_response();
+    }
+    next.run(req).await
 }
 
 #[derive(OpenApi)]

@@ -45,6 +45,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     grace: Duration,
+    drain_delay: Duration,
 }
 
 impl Application {
@@ -69,6 +70,7 @@ impl Application {
         )
         .await?;
         let settings = ConnSettings {
+            max_rooms: config.max_rooms_per_connection,
             allowed_origins: config
                 .allowed_origins
                 .iter()
@@ -90,7 +92,12 @@ impl Application {
             user_burst: config.rate_user_burst,
         });
         let state = AppState::new(verifier, backend, fanout, presence, limits, settings, shutdown);
-        Ok(Self { listener, state, grace: Duration::from_secs(config.shutdown_grace_secs) })
+        Ok(Self {
+            listener,
+            state,
+            grace: Duration::from_secs(config.shutdown_grace_secs),
+            drain_delay: Duration::from_millis(config.drain_delay_ms),
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -109,9 +116,27 @@ impl Application {
         tokio::spawn(watch_backend(state.clone()));
         let housekeeping = tokio::spawn(state.presence().clone().run_housekeeping(dispatcher_stop.clone()));
 
+        // Drain in order: readiness 503 and new upgrades refused at once (the shutdown
+        // token), then after the drain delay every connection is told to reconnect and
+        // closed with 1012 once its in-flight command has answered.
+        let (close, delay) = (state.close_connections().clone(), self.drain_delay);
+        let draining = shutdown.clone();
+        tokio::spawn(async move {
+            draining.cancelled().await;
+            tokio::time::sleep(delay).await;
+            close.cancel();
+        });
+
         let app = http::router(state.clone());
         let stopped = shutdown.clone();
-        axum::serve(self.listener, app).with_graceful_shutdown(async move { stopped.cancelled().await }).await?;
+        let drain_delay = self.drain_delay;
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                stopped.cancelled().await;
+                // Keep answering /readyz (503) while the load balancer notices.
+                tokio::time::sleep(drain_delay).await;
+            })
+            .await?;
 
         state.connections().close();
         if tokio::time::timeout(self.grace, state.connections().wait()).await.is_err() {

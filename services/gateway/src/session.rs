@@ -220,6 +220,13 @@ impl Session {
     }
 
     async fn join(&mut self, id: Option<&str>, room: String, since_seq: Option<i64>) -> Result<String, CommandError> {
+        let max = self.state.settings().max_rooms;
+        if !self.joined.contains(&room) && self.joined.len() >= max {
+            return Err(CommandError::new(
+                ErrorCode::Forbidden,
+                format!("a connection may join at most {max} rooms; leave one first"),
+            ));
+        }
         let info = self.state.backend().join_room(self.caller.clone(), room.clone()).await?;
         let joined = self.state.fanout().join(&room, self.listener.clone(), since_seq).await?;
         self.joined.insert(room.clone());

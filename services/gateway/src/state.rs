@@ -18,6 +18,8 @@ use crate::ratelimit::Limits;
 pub struct ConnSettings {
     /// Browser origins allowed to upgrade; empty allows all.
     pub allowed_origins: Arc<[String]>,
+    /// Rooms one connection may have joined at once.
+    pub max_rooms: usize,
     pub heartbeat: Duration,
     pub auth_timeout: Duration,
     pub max_frame_bytes: usize,
@@ -38,6 +40,8 @@ struct Shared {
     limits: Limits,
     settings: ConnSettings,
     shutdown: CancellationToken,
+    /// Cancelled after the drain delay: connections get `reconnect` and close 1012.
+    close_connections: CancellationToken,
     connections: TaskTracker,
     next_conn: AtomicU64,
     backend_serving: AtomicBool,
@@ -64,6 +68,7 @@ impl AppState {
                 limits,
                 settings,
                 shutdown,
+                close_connections: CancellationToken::new(),
                 connections: TaskTracker::new(),
                 next_conn: AtomicU64::new(1),
                 backend_serving: AtomicBool::new(true),
@@ -100,6 +105,11 @@ impl AppState {
     /// Cancelled when the gateway starts shutting down.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// Cancelled once open connections must be told to go (after the drain delay).
+    pub fn close_connections(&self) -> &CancellationToken {
+        &self.inner.close_connections
     }
 
     /// Tracks every WebSocket connection task, so shutdown can wait for them.

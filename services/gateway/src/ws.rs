@@ -195,7 +195,7 @@ async fn read_loop(
                 outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
                 return;
             }
-            _ = state.shutdown().cancelled() => {
+            _ = state.close_connections().cancelled() => {
                 // Spread reconnects so a restarting gateway doesn't stampede the others.
                 let after_ms = rand::rng().random_range(0..2_000u64);
                 let frame = format!(r#"{{"type":"reconnect","after_ms":{after_ms}}}"#);
