@@ -112,6 +112,21 @@ pub struct Cluster {
     pub gateways: Vec<String>,
     message: Child,
     gateway_procs: Vec<Child>,
+    env: Vec<(String, String)>,
+}
+
+fn spawn_message(grpc_addr: &str, db_url: &str, redis: &str, prefix: &str, env: &[(String, String)]) -> Result<Child> {
+    Command::new(bin("chat-message"))
+        .env("MESSAGE_ADDR", grpc_addr)
+        .env("DATABASE_URL", db_url)
+        .env("REDIS_URL", redis)
+        .env("REDIS_CHANNEL_PREFIX", prefix)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning chat-message")
 }
 
 impl Cluster {
@@ -127,17 +142,8 @@ impl Cluster {
         let prefix = unique("e2e");
         let grpc_port = free_port();
         let grpc_addr = format!("127.0.0.1:{grpc_port}");
-        let message = Command::new(bin("chat-message"))
-            .env("MESSAGE_ADDR", &grpc_addr)
-            .env("DATABASE_URL", &db.url)
-            .env("REDIS_URL", redis)
-            .env("REDIS_CHANNEL_PREFIX", &prefix)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning chat-message")?;
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let message = spawn_message(&grpc_addr, &db.url, redis, &prefix, &env)?;
         let mut gateway_procs = Vec::new();
         let mut urls = Vec::new();
         for _ in 0..gateways {
@@ -150,7 +156,7 @@ impl Cluster {
                 .env("JWT_SECRET", SECRET)
                 .env("HEARTBEAT_MS", "5000")
                 .env("RUST_LOG", "warn")
-                .envs(env.iter().copied())
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
@@ -159,7 +165,7 @@ impl Cluster {
             urls.push(format!("127.0.0.1:{port}"));
         }
         let mut cluster =
-            Self { db, redis: redis.to_owned(), prefix, grpc_addr, gateways: urls, message, gateway_procs };
+            Self { db, redis: redis.to_owned(), prefix, grpc_addr, gateways: urls, message, gateway_procs, env };
         for gw in cluster.gateways.clone() {
             cluster.wait_ready(&gw).await?;
         }
@@ -185,6 +191,13 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Kills the message service (SIGKILL) and starts it again on the same port.
+    pub async fn restart_message_service(&mut self) -> Result<()> {
+        self.message.kill().await?;
+        self.message = spawn_message(&self.grpc_addr, &self.db.url, &self.redis, &self.prefix, &self.env)?;
+        Ok(())
     }
 
     /// Kills gateway `i` with SIGKILL: no drain, no clean-up.
@@ -498,4 +511,77 @@ impl WsClient {
             self.pending.push_back(frame);
         }
     }
+}
+
+/// Sends `texts` to `room` in order as `user`, the way a careful client does: each with a
+/// `client_msg_id`, retried on `unavailable` or a dropped connection, reconnecting to the
+/// next gateway in `urls`. Returns once every one is acknowledged.
+pub async fn send_reliably(urls: Vec<String>, user: &str, room: String, texts: Vec<String>) -> Result<()> {
+    let mut next = 0;
+    let mut conn: Option<WsClient> = None;
+    for (i, text) in texts.into_iter().enumerate() {
+        let send = json!({"type": "send", "room": room, "text": text, "client_msg_id": format!("{user}-{i}")});
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "send {i} never acknowledged");
+            if conn.is_none() {
+                match WsClient::connect_bearer(&urls[next % urls.len()], &token(user)).await {
+                    Ok((c, _)) => conn = Some(c),
+                    Err(_) => {
+                        next += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            match c.request(send.clone()).await {
+                Ok(reply) if reply["type"] == "ack" => break,
+                Ok(reply) if reply["code"] == "unavailable" => tokio::time::sleep(Duration::from_millis(100)).await,
+                Ok(reply) => bail!("unexpected reply to send {i}: {reply}"),
+                Err(_) => {
+                    conn = None;
+                    next += 1;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Follows a room as `user` across gateway failures: on a dropped connection it
+/// reconnects to the next gateway and joins with `since_seq`, as a client should.
+/// Returns the seqs of every `message` event received, in arrival order, once `count`
+/// have arrived.
+pub async fn follow_room(urls: Vec<String>, user: &str, room: String, count: usize) -> Result<Vec<i64>> {
+    let mut seqs: Vec<i64> = Vec::new();
+    let mut next = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    'connect: while seqs.len() < count {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "got {} of {count}: {seqs:?}", seqs.len());
+        let Ok((mut c, _)) = WsClient::connect_bearer(&urls[next % urls.len()], &token(user)).await else {
+            next += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let since = seqs.last().copied().unwrap_or(0);
+        match c.request(json!({"type": "join", "room": room, "since_seq": since})).await {
+            Ok(reply) if reply["type"] == "ack" => {}
+            _ => {
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        }
+        while seqs.len() < count {
+            match c.event("message").await {
+                Ok(event) => seqs.push(event["message"]["seq"].as_i64().unwrap_or(-1)),
+                Err(_) => {
+                    next += 1;
+                    continue 'connect;
+                }
+            }
+        }
+    }
+    Ok(seqs)
 }

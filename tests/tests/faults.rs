@@ -135,3 +135,51 @@ async fn sigterm_drains_a_gateway_under_traffic_without_losing_a_message() -> Re
     assert_eq!(texts, (1..=TOTAL).map(|i| format!("m{i}")).collect::<Vec<_>>(), "every message exactly once, in order");
     Ok(())
 }
+
+async fn room_for(cluster: &Cluster, owner: &str, members: &[&str]) -> Result<String> {
+    let mut c = cluster.client(0, owner).await?;
+    let reply = c.ack(json!({"type": "create_room", "kind": "group", "members": members})).await?;
+    Ok(reply["room"]["id"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn a_gateway_killed_mid_traffic_loses_no_acknowledged_message() -> Result<()> {
+    let mut cluster = Cluster::start(2).await?;
+    let room = room_for(&cluster, "alice", &["bob", "carol"]).await?;
+    const TOTAL: usize = 80;
+    let urls = vec![cluster.ws_url(0), cluster.ws_url(1)];
+    // bob starts on the gateway that dies, carol on the one that survives.
+    let bob = tokio::spawn(chat_tests::follow_room(urls.clone(), "bob", room.clone(), TOTAL));
+    let carol = tokio::spawn(chat_tests::follow_room(vec![cluster.ws_url(1)], "carol", room.clone(), TOTAL));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let texts = (1..=TOTAL).map(|i| format!("m{i}")).collect();
+    let alice = tokio::spawn(chat_tests::send_reliably(urls, "alice", room.clone(), texts));
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cluster.kill_gateway(0).await?;
+    alice.await??;
+    let expected: Vec<i64> = (1..=TOTAL as i64).collect();
+    assert_eq!(bob.await??, expected, "bob: every seq exactly once, in order, across the failover");
+    assert_eq!(carol.await??, expected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_message_service_costs_clients_at_most_unavailable() -> Result<()> {
+    let mut cluster = Cluster::start(2).await?;
+    let room = room_for(&cluster, "alice", &["bob"]).await?;
+    const TOTAL: usize = 60;
+    let bob = tokio::spawn(chat_tests::follow_room(vec![cluster.ws_url(1)], "bob", room.clone(), TOTAL));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let texts = (1..=TOTAL).map(|i| format!("m{i}")).collect();
+    let alice = tokio::spawn(chat_tests::send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts));
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.restart_message_service().await?;
+    alice.await??;
+    assert_eq!(bob.await??, (1..=TOTAL as i64).collect::<Vec<_>>());
+    let mut db = cluster.db.connect().await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut db).await?;
+    assert_eq!(stored, TOTAL as i64, "retries stored nothing twice");
+    Ok(())
+}

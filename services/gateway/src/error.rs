@@ -53,7 +53,10 @@ impl From<tonic::Status> for CommandError {
             Code::PermissionDenied => ErrorCode::Forbidden,
             Code::NotFound => ErrorCode::NotFound,
             Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => ErrorCode::Conflict,
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
+            // `Unknown` is what tonic reports when the connection breaks mid-call (the
+            // message service never sends it): the outcome is unknown, so the client must
+            // retry, which `client_msg_id` makes safe.
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted | Code::Unknown => {
                 ErrorCode::Unavailable
             }
             _ => ErrorCode::Internal,
@@ -88,7 +91,8 @@ mod tests {
             (Code::Unavailable, ErrorCode::Unavailable),
             (Code::DeadlineExceeded, ErrorCode::Unavailable),
             (Code::Internal, ErrorCode::Internal),
-            (Code::Unknown, ErrorCode::Internal),
+            (Code::Unknown, ErrorCode::Unavailable),
+            (Code::DataLoss, ErrorCode::Internal),
         ];
         for (grpc, want) in cases {
             assert_eq!(CommandError::from(tonic::Status::new(grpc, "m")).code, want, "{grpc:?}");
