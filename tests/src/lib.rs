@@ -64,14 +64,19 @@ pub fn redis_url() -> String {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    base: String,
 }
 
 impl TestDb {
     /// Names a fresh database; the message service creates and migrates it.
     pub fn new() -> Self {
+        Self::on(&postgres_base())
+    }
+
+    /// A fresh database on the server at `base` (`postgres://user@host:port`).
+    pub fn on(base: &str) -> Self {
         let name = unique("chat_test");
-        let url = format!("{}/{name}", postgres_base());
-        Self { name, url }
+        Self { url: format!("{base}/{name}"), base: base.to_owned(), name }
     }
 
     /// A connection to the test database.
@@ -88,7 +93,7 @@ impl Default for TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let admin = format!("{}/postgres", postgres_base());
+        let admin = format!("{}/postgres", self.base);
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
         // Drop runs outside any async context we can rely on: use a private runtime.
         let _ = std::thread::spawn(move || {
@@ -137,7 +142,12 @@ impl Cluster {
 
     /// Like `start`, against the Redis at `redis`, with extra environment for every process.
     pub async fn start_with(gateways: usize, redis: &str, env: &[(&str, &str)]) -> Result<Self> {
-        let db = TestDb::new();
+        Self::start_on(gateways, &postgres_base(), redis, env).await
+    }
+
+    /// Like `start_with`, with a fresh database on the Postgres server at `postgres`.
+    pub async fn start_on(gateways: usize, postgres: &str, redis: &str, env: &[(&str, &str)]) -> Result<Self> {
+        let db = TestDb::on(postgres);
         // A private channel namespace: other clusters on the same Redis never cross-talk.
         let prefix = unique("e2e");
         let grpc_port = free_port();
@@ -243,6 +253,83 @@ impl Drop for Cluster {
             prefix = self.prefix
         );
         let _ = std::process::Command::new("sh").args(["-c", &script]).status();
+    }
+}
+
+/// A private PostgreSQL server on a free port, in a temporary data directory, for tests
+/// that stop or restart it. As root, it runs as the `postgres` user (initdb refuses root).
+pub struct PgServer {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+fn pg_bin(name: &str) -> Result<PathBuf> {
+    let root = std::path::Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(root)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    versions.sort();
+    let bin = versions.last().ok_or_else(|| anyhow!("no PostgreSQL under {}", root.display()))?.join("bin").join(name);
+    Ok(bin)
+}
+
+fn as_postgres(program: &std::path::Path) -> std::process::Command {
+    let root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if root {
+        let mut cmd = std::process::Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+impl PgServer {
+    /// initdb and start; waits until it accepts connections.
+    pub async fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("chat_pg"));
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::process::Command::new("chown").args(["postgres:postgres", &dir.display().to_string()]).status();
+        let out = as_postgres(&pg_bin("initdb")?)
+            .args(["-D", &dir.join("data").display().to_string(), "-A", "trust", "-U", "postgres", "--no-sync"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let server = Self { port: free_port(), dir };
+        server.up()?;
+        Ok(server)
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<()> {
+        let data = self.dir.join("data").display().to_string();
+        let out = as_postgres(&pg_bin("pg_ctl")?).args(["-D", &data, "-w", "-t", "30"]).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "pg_ctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    fn up(&self) -> Result<()> {
+        let opts = format!("-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off", self.port, self.dir.display());
+        let log = self.dir.join("log").display().to_string();
+        self.ctl(&["-o", &opts, "-l", &log, "start"])
+    }
+
+    /// Stops it (fast shutdown: open sessions are cut).
+    pub fn stop(&self) -> Result<()> {
+        self.ctl(&["-m", "fast", "stop"])
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&self) -> Result<()> {
+        self.up()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.ctl(&["-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -183,3 +183,35 @@ async fn a_restarted_message_service_costs_clients_at_most_unavailable() -> Resu
     assert_eq!(stored, TOTAL as i64, "retries stored nothing twice");
     Ok(())
 }
+
+#[tokio::test]
+async fn with_postgres_down_sends_are_unavailable_and_retries_land_exactly_once() -> Result<()> {
+    let pg = chat_tests::PgServer::start().await?;
+    let cluster = Cluster::start_on(2, &pg.base_url(), &chat_tests::redis_url(), &[]).await?;
+    let room = room_for(&cluster, "alice", &["bob"]).await?;
+    const TOTAL: usize = 40;
+    let bob = tokio::spawn(chat_tests::follow_room(vec![cluster.ws_url(1)], "bob", room.clone(), TOTAL));
+
+    // While Postgres is down a send is refused with `unavailable` and nothing is stored.
+    let mut alice = cluster.client(0, "alice").await?;
+    pg.stop()?;
+    let refused =
+        alice.request(json!({"type": "send", "room": room, "text": "m1", "client_msg_id": "alice-0"})).await?;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+
+    let texts: Vec<String> = (1..=TOTAL).map(|i| format!("m{i}")).collect();
+    let sender = tokio::spawn(chat_tests::send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pg.restart()?;
+    sender.await??;
+
+    assert_eq!(bob.await??, (1..=TOTAL as i64).collect::<Vec<_>>());
+    let mut db = cluster.db.connect().await?;
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT seq, body FROM messages ORDER BY seq").fetch_all(&mut db).await?;
+    let expected: Vec<(i64, String)> = (1..=TOTAL).map(|i| (i as i64, format!("m{i}"))).collect();
+    assert_eq!(rows, expected, "every retry landed exactly once; nothing half-written");
+    let last_seq: i64 = sqlx::query_scalar("SELECT last_seq FROM rooms").fetch_one(&mut db).await?;
+    assert_eq!(last_seq, TOTAL as i64);
+    Ok(())
+}
