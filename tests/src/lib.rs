@@ -120,6 +120,14 @@ pub struct Cluster {
     env: Vec<(String, String)>,
 }
 
+async fn terminate(child: &mut Child) -> Result<Option<i32>> {
+    let pid = child.id().ok_or_else(|| anyhow!("the process already exited"))?;
+    let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+    Ok(status.code())
+}
+
 fn spawn_message(grpc_addr: &str, db_url: &str, redis: &str, prefix: &str, env: &[(String, String)]) -> Result<Child> {
     Command::new(bin("chat-message"))
         .env("MESSAGE_ADDR", grpc_addr)
@@ -218,11 +226,12 @@ impl Cluster {
 
     /// Sends SIGTERM to gateway `i` and waits (bounded) for it to exit; its exit code.
     pub async fn terminate_gateway(&mut self, i: usize) -> Result<Option<i32>> {
-        let pid = self.gateway_procs[i].id().ok_or_else(|| anyhow!("gateway {i} already exited"))?;
-        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
-        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.gateway_procs[i].wait()).await??;
-        Ok(status.code())
+        terminate(&mut self.gateway_procs[i]).await
+    }
+
+    /// Sends SIGTERM to the message service and waits (bounded) for it; its exit code.
+    pub async fn terminate_message_service(&mut self) -> Result<Option<i32>> {
+        terminate(&mut self.message).await
     }
 
     /// The `ws://` URL of gateway `i`.

@@ -215,3 +215,22 @@ async fn with_postgres_down_sends_are_unavailable_and_retries_land_exactly_once(
     assert_eq!(last_seq, TOTAL as i64);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_message_service_exits_0_on_sigterm_after_finishing_in_flight_calls() -> Result<()> {
+    let mut cluster = Cluster::start_with(1, &chat_tests::redis_url(), &[("SHUTDOWN_GRACE_SECS", "5")]).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = alice.ack(json!({"type": "create_room", "kind": "group", "members": []})).await?["room"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    alice.send(&json!({"type": "send", "id": "last", "room": room, "text": "in flight"})).await?;
+    let started = std::time::Instant::now();
+    assert_eq!(cluster.terminate_message_service().await?, Some(0));
+    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+    // The call sent before the signal was answered, one way or the other.
+    let reply = alice.recv().await?;
+    assert_eq!(reply["id"], "last", "{reply}");
+    assert!(reply["type"] == "ack" || reply["code"] == "unavailable", "{reply}");
+    Ok(())
+}
