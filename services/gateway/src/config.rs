@@ -69,6 +69,10 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
     pub max_connections_per_user: u32,
 
+    /// Largest request line plus headers, in bytes (413 above).
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
     /// Rooms one connection may have joined at once.
     #[arg(long, env = "MAX_ROOMS_PER_CONNECTION", default_value_t = 500)]
     pub max_rooms_per_connection: usize,
@@ -164,6 +168,9 @@ impl Config {
         }
         if self.presence_stale_ms < 600 {
             return Err("PRESENCE_STALE_MS must be at least 600".into());
+        }
+        if self.max_header_bytes < 1024 {
+            return Err("MAX_HEADER_BYTES must be at least 1024".into());
         }
         if self.max_frame_bytes < 1024 {
             return Err("MAX_FRAME_BYTES must be at least 1024".into());

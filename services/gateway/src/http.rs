@@ -30,20 +30,22 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(api::not_found)
         .layer(Extension(openapi))
-        .layer(axum::middleware::from_fn(limit_headers))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit_headers))
         .with_state(state)
 }
 
-/// Largest request line plus headers accepted (a handshake carries at most a token of
-/// 8 KiB, in a header or the query).
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-
 /// Refuses requests whose URI and headers together exceed `MAX_HEADER_BYTES` (413).
-async fn limit_headers(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+/// The default, 16 KiB, leaves room for a token of 8 KiB in a header or the query.
+async fn limit_headers(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let limit = state.settings().max_header_bytes;
     let size = req.uri().to_string().len()
         + req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
-    if size > MAX_HEADER_BYTES {
-        let err = CommandError::new(ErrorCode::TooLarge, format!("request headers over {MAX_HEADER_BYTES} bytes"));
+    if size > limit {
+        let err = CommandError::new(ErrorCode::TooLarge, format!("request headers over {limit} bytes"));
         return HttpError(err).into_response();
     }
     next.run(req).await

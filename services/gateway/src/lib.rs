@@ -71,6 +71,7 @@ impl Application {
         .await?;
         let settings = ConnSettings {
             max_rooms: config.max_rooms_per_connection,
+            max_header_bytes: config.max_header_bytes,
             allowed_origins: config
                 .allowed_origins
                 .iter()

@@ -20,6 +20,8 @@ pub struct ConnSettings {
     pub allowed_origins: Arc<[String]>,
     /// Rooms one connection may have joined at once.
     pub max_rooms: usize,
+    /// Largest request line plus headers.
+    pub max_header_bytes: usize,
     pub heartbeat: Duration,
     pub auth_timeout: Duration,
     pub max_frame_bytes: usize,

@@ -15,12 +15,14 @@ use crate::validate;
 pub struct ChatApi {
     store: Store,
     publisher: Publisher,
+    /// Longest message text accepted, in characters.
+    max_text_chars: usize,
 }
 
 impl ChatApi {
     /// The service over its backends.
-    pub fn new(store: Store, publisher: Publisher) -> Self {
-        Self { store, publisher }
+    pub fn new(store: Store, publisher: Publisher, max_text_chars: usize) -> Self {
+        Self { store, publisher, max_text_chars }
     }
 }
 
@@ -69,7 +71,7 @@ impl ChatService for ChatApi {
         let caller = caller(req.caller)?;
         let room_id = validate::room_id(&req.room_id)?;
         let attachments = validate::attachment_ids(&req.attachment_ids)?;
-        validate::text(&req.text, !attachments.is_empty())?;
+        validate::text(&req.text, !attachments.is_empty(), self.max_text_chars)?;
         self.store.own_attachments(&caller.user_id, &attachments).await?;
         let kind = validate::message_kind(req.kind.as_deref())?;
         validate::client_msg_id(req.client_msg_id.as_deref())?;
@@ -149,7 +151,7 @@ impl ChatService for ChatApi {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
         let message_id = validate::message_id(&req.message_id)?;
-        validate::text(&req.text, false)?;
+        validate::text(&req.text, false, self.max_text_chars)?;
         let message = self.store.edit_message(&caller, message_id, &req.text).await?;
         let event = Event::MessageEdited(MessageEdited { message: Some(message.clone()) });
         self.publisher.room_event(&message.room_id, event).await;

@@ -27,6 +27,10 @@ pub struct Config {
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
 
+    /// Longest message text, in characters.
+    #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = crate::validate::MAX_TEXT_CHARS)]
+    pub max_text_chars: usize,
+
     /// Redis URL for publishing events.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
@@ -60,6 +64,9 @@ impl Config {
         }
         if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
             return Err("REDIS_URL must be a redis:// URL".into());
+        }
+        if self.max_text_chars == 0 {
+            return Err("MAX_TEXT_CHARS must be at least 1".into());
         }
         if self.db_max_connections == 0 {
             return Err("DB_MAX_CONNECTIONS must be at least 1".into());

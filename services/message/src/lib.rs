@@ -35,6 +35,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// A message service with its backends connected and its port bound, ready to run.
 pub struct Application {
     listener: TcpListener,
+    max_text_chars: usize,
     store: Store,
     publisher: Publisher,
     grace: Duration,
@@ -52,7 +53,7 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        Ok(Self { listener, store, publisher, grace: config.shutdown_grace() })
+        Ok(Self { listener, max_text_chars: config.max_text_chars, store, publisher, grace: config.shutdown_grace() })
     }
 
     /// The bound address (useful with port 0).
@@ -64,7 +65,7 @@ impl Application {
     /// grace period.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let api = ChatApi::new(self.store.clone(), self.publisher.clone());
+        let api = ChatApi::new(self.store.clone(), self.publisher.clone(), self.max_text_chars);
         let health_task =
             tokio::spawn(report_health(reporter, self.store.clone(), self.publisher.clone(), shutdown.clone()));
 

@@ -3,7 +3,7 @@
 
 use crate::error::ServiceError;
 
-/// Longest message text, in Unicode scalar values.
+/// Default longest message text, in Unicode scalar values (`MAX_TEXT_CHARS`).
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest user id (JWT `sub`).
 pub const MAX_USER_ID_CHARS: usize = 128;
@@ -63,11 +63,11 @@ pub fn room_name(name: Option<String>) -> Result<Option<String>, ServiceError> {
     Ok(Some(name))
 }
 
-/// Message text: 1..=4000 characters, or empty when attachments carry the content.
-pub fn text(text: &str, has_attachments: bool) -> Result<(), ServiceError> {
+/// Message text: 1..=`max` characters, or empty when attachments carry the content.
+pub fn text(text: &str, has_attachments: bool, max: usize) -> Result<(), ServiceError> {
     let n = text.chars().count();
-    if n > MAX_TEXT_CHARS {
-        return Err(invalid(format!("text is {n} characters; the limit is {MAX_TEXT_CHARS}")));
+    if n > max {
+        return Err(invalid(format!("text is {n} characters; the limit is {max}")));
     }
     if n == 0 && !has_attachments {
         return Err(invalid("text must not be empty"));
@@ -180,10 +180,11 @@ mod tests {
 
     #[test]
     fn text_is_limited_to_4000_characters_not_bytes() {
-        assert!(text(&"é".repeat(4000), false).is_ok());
-        assert!(text(&"a".repeat(4001), false).is_err());
-        assert!(text("", false).is_err());
-        assert!(text("", true).is_ok());
+        assert!(text(&"é".repeat(4000), false, MAX_TEXT_CHARS).is_ok());
+        assert!(text(&"a".repeat(4001), false, MAX_TEXT_CHARS).is_err());
+        assert!(text("", false, MAX_TEXT_CHARS).is_err());
+        assert!(text("", true, MAX_TEXT_CHARS).is_ok());
+        assert!(text("abc", false, 2).is_err());
     }
 
     #[test]
