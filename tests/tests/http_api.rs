@@ -308,6 +308,7 @@ async fn the_openapi_document_lists_every_route() -> Result<()> {
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/openapi.json"),
+        ("get", "/metrics"),
         ("post", "/v1/rooms"),
         ("get", "/v1/rooms"),
         ("get", "/v1/rooms/{id}/messages"),
@@ -329,5 +330,52 @@ async fn the_openapi_document_lists_every_route() -> Result<()> {
     }
     let documented: usize = paths.values().map(|p| p.as_object().map_or(0, |m| m.len())).sum();
     assert_eq!(documented, routes.len(), "a route is documented that this test does not know: {paths:?}");
+    Ok(())
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
+    let before = chat_tests::http(b, "GET", "/metrics", None, "", b"").await?;
+    assert_eq!(before.status, 200);
+    let text = String::from_utf8_lossy(&before.raw).into_owned();
+    for name in [
+        "chat_gateway_connections",
+        "chat_gateway_fanout_latency_seconds",
+        "chat_gateway_redis_errors_total",
+        "chat_gateway_outbound_drops_total",
+        "chat_gateway_rate_limited_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut bob = cluster.client(1, "bob").await?;
+    let room = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?["room"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    bob.ack(json!({"type": "join", "room": room})).await?;
+    for i in 0..3 {
+        alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
+        bob.event("message").await?;
+    }
+    let after_a =
+        String::from_utf8_lossy(&chat_tests::http(a, "GET", "/metrics", None, "", b"").await?.raw).into_owned();
+    let after_b =
+        String::from_utf8_lossy(&chat_tests::http(b, "GET", "/metrics", None, "", b"").await?.raw).into_owned();
+    assert_eq!(metric(&after_a, r#"chat_gateway_commands_total{command="send",outcome="ok"}"#), 3.0, "{after_a}");
+    assert_eq!(metric(&after_b, "chat_gateway_connections"), 1.0, "{after_b}");
+    assert!(metric(&after_b, "chat_gateway_fanout_latency_seconds_count") >= 3.0, "{after_b}");
+    assert!(metric(&after_a, r#"chat_gateway_grpc_latency_seconds_count{method="send_message"}"#) >= 3.0, "{after_a}");
     Ok(())
 }

@@ -13,6 +13,22 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::auth::Claims;
 use crate::error::CommandError;
+use crate::metrics::{MethodLabels, Metrics};
+
+/// Calls a ChatService method on a clone of the shared client, recording its latency
+/// by method; `?` maps a failed status to the protocol error.
+macro_rules! call {
+    ($self:ident, $method:ident, $req:expr) => {{
+        let started = std::time::Instant::now();
+        let reply = $self.chat.clone().$method($req).await;
+        $self
+            .metrics
+            .grpc_latency
+            .get_or_create(&MethodLabels { method: stringify!($method) })
+            .observe(started.elapsed().as_secs_f64());
+        reply?.into_inner()
+    }};
+}
 
 /// Largest gRPC message: an attachment (10 MiB) plus its envelope.
 const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
@@ -22,6 +38,7 @@ const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
 pub struct Backend {
     chat: ChatServiceClient<Channel>,
     health: HealthClient<Channel>,
+    metrics: Metrics,
 }
 
 /// The identity sent with every call.
@@ -32,7 +49,7 @@ pub fn caller(claims: &Claims) -> pb::Caller {
 impl Backend {
     /// A channel to `url` with a per-call deadline of `timeout`; waits, with bounded
     /// retries, until the service reports SERVING.
-    pub async fn connect(url: &str, timeout: Duration, retry: Retry) -> anyhow::Result<Self> {
+    pub async fn connect(url: &str, timeout: Duration, retry: Retry, metrics: Metrics) -> anyhow::Result<Self> {
         let endpoint = Endpoint::from_shared(url.to_owned())?
             .connect_timeout(Duration::from_secs(2))
             .timeout(timeout)
@@ -44,7 +61,7 @@ impl Backend {
         let chat = ChatServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
-        let backend = Self { chat, health: HealthClient::new(channel) };
+        let backend = Self { chat, health: HealthClient::new(channel), metrics };
         retry
             .run(&format!("message service at {url}"), || async {
                 match backend.serving().await {
@@ -69,47 +86,47 @@ impl Backend {
 
     /// Creates a room owned by the caller.
     pub async fn create_room(&self, req: pb::CreateRoomRequest) -> Result<pb::Room, CommandError> {
-        let reply = self.chat.clone().create_room(req).await?.into_inner();
+        let reply = call!(self, create_room, req);
         reply.room.ok_or_else(missing)
     }
 
     /// Checks access to a room; returns its newest seq and its members.
     pub async fn join_room(&self, caller: pb::Caller, room_id: String) -> Result<pb::JoinRoomResponse, CommandError> {
-        Ok(self.chat.clone().join_room(pb::JoinRoomRequest { caller: Some(caller), room_id }).await?.into_inner())
+        Ok(call!(self, join_room, pb::JoinRoomRequest { caller: Some(caller), room_id }))
     }
 
     /// Stores and publishes a message.
     pub async fn send_message(&self, req: pb::SendMessageRequest) -> Result<pb::Message, CommandError> {
-        let reply = self.chat.clone().send_message(req).await?.into_inner();
+        let reply = call!(self, send_message, req);
         reply.message.ok_or_else(missing)
     }
 
     /// A page of history.
     pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, CommandError> {
-        Ok(self.chat.clone().history(req).await?.into_inner())
+        Ok(call!(self, history, req))
     }
 }
 
 impl Backend {
     /// Adds members to a room.
     pub async fn add_members(&self, req: pb::AddMembersRequest) -> Result<pb::AddMembersResponse, CommandError> {
-        Ok(self.chat.clone().add_members(req).await?.into_inner())
+        Ok(call!(self, add_members, req))
     }
 
     /// Removes a member from a room.
     pub async fn remove_member(&self, req: pb::RemoveMemberRequest) -> Result<bool, CommandError> {
-        Ok(self.chat.clone().remove_member(req).await?.into_inner().removed)
+        Ok(call!(self, remove_member, req).removed)
     }
 
     /// The caller's rooms.
     pub async fn list_rooms(&self, caller: pb::Caller) -> Result<Vec<pb::RoomSummary>, CommandError> {
         let req = pb::ListRoomsRequest { caller: Some(caller) };
-        Ok(self.chat.clone().list_rooms(req).await?.into_inner().rooms)
+        Ok(call!(self, list_rooms, req).rooms)
     }
 
     /// Edits a message.
     pub async fn edit_message(&self, req: pb::EditMessageRequest) -> Result<pb::Message, CommandError> {
-        self.chat.clone().edit_message(req).await?.into_inner().message.ok_or_else(missing)
+        call!(self, edit_message, req).message.ok_or_else(missing)
     }
 
     /// Deletes a message.
@@ -117,17 +134,17 @@ impl Backend {
         &self,
         req: pb::DeleteMessageRequest,
     ) -> Result<pb::DeleteMessageResponse, CommandError> {
-        Ok(self.chat.clone().delete_message(req).await?.into_inner())
+        Ok(call!(self, delete_message, req))
     }
 
     /// Adds or removes a reaction.
     pub async fn react(&self, req: pb::ReactRequest) -> Result<pb::ReactResponse, CommandError> {
-        Ok(self.chat.clone().react(req).await?.into_inner())
+        Ok(call!(self, react, req))
     }
 
     /// Moves a read position.
     pub async fn mark_read(&self, req: pb::MarkReadRequest) -> Result<i64, CommandError> {
-        Ok(self.chat.clone().mark_read(req).await?.into_inner().read_seq)
+        Ok(call!(self, mark_read, req).read_seq)
     }
 
     /// Stores and delivers notifications (admin).
@@ -135,7 +152,7 @@ impl Backend {
         &self,
         req: pb::CreateNotificationsRequest,
     ) -> Result<Vec<pb::Notification>, CommandError> {
-        Ok(self.chat.clone().create_notifications(req).await?.into_inner().notifications)
+        Ok(call!(self, create_notifications, req).notifications)
     }
 
     /// The caller's notifications.
@@ -143,17 +160,17 @@ impl Backend {
         &self,
         req: pb::ListNotificationsRequest,
     ) -> Result<pb::ListNotificationsResponse, CommandError> {
-        Ok(self.chat.clone().list_notifications(req).await?.into_inner())
+        Ok(call!(self, list_notifications, req))
     }
 
     /// Marks the caller's notifications read.
     pub async fn mark_notifications_read(&self, req: pb::MarkNotificationsReadRequest) -> Result<i64, CommandError> {
-        Ok(self.chat.clone().mark_notifications_read(req).await?.into_inner().updated)
+        Ok(call!(self, mark_notifications_read, req).updated)
     }
 
     /// Stores an uploaded file.
     pub async fn upload_attachment(&self, req: pb::UploadAttachmentRequest) -> Result<pb::Attachment, CommandError> {
-        self.chat.clone().upload_attachment(req).await?.into_inner().attachment.ok_or_else(missing)
+        call!(self, upload_attachment, req).attachment.ok_or_else(missing)
     }
 
     /// An attachment and its bytes, if the caller may read it.
@@ -161,12 +178,12 @@ impl Backend {
         &self,
         req: pb::GetAttachmentRequest,
     ) -> Result<pb::GetAttachmentResponse, CommandError> {
-        Ok(self.chat.clone().get_attachment(req).await?.into_inner())
+        Ok(call!(self, get_attachment, req))
     }
 
     /// A room's newest seq (internal).
     pub async fn room_seq(&self, room_id: String) -> Result<i64, CommandError> {
-        Ok(self.chat.clone().room_seq(pb::RoomSeqRequest { room_id }).await?.into_inner().last_seq)
+        Ok(call!(self, room_seq, pb::RoomSeqRequest { room_id }).last_seq)
     }
 
     /// Messages with `after < seq < before`, ascending (internal).
@@ -178,12 +195,12 @@ impl Backend {
         limit: u32,
     ) -> Result<Vec<pb::Message>, CommandError> {
         let req = pb::RoomMessagesRequest { room_id, after_seq, before_seq, limit };
-        Ok(self.chat.clone().room_messages(req).await?.into_inner().messages)
+        Ok(call!(self, room_messages, req).messages)
     }
 
     /// The rooms a user belongs to (internal).
     pub async fn user_rooms(&self, user_id: String) -> Result<Vec<String>, CommandError> {
-        Ok(self.chat.clone().user_rooms(pb::UserRoomsRequest { user_id }).await?.into_inner().room_ids)
+        Ok(call!(self, user_rooms, pb::UserRoomsRequest { user_id }).room_ids)
     }
 }
 

@@ -111,6 +111,9 @@ mod tests {
     fn codes_serialise_in_snake_case() {
         assert_eq!(serde_json::to_string(&ErrorCode::BadRequest).unwrap(), "\"bad_request\"");
         assert_eq!(serde_json::to_string(&ErrorCode::TooLarge).unwrap(), "\"too_large\"");
+        for code in [ErrorCode::BadRequest, ErrorCode::RateLimited, ErrorCode::NotFound, ErrorCode::Internal] {
+            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
+        }
     }
 }
 
@@ -147,6 +150,21 @@ impl From<CommandError> for HttpError {
 }
 
 impl ErrorCode {
+    /// The code as it appears on the wire (and in metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
     /// The HTTP status of this code: the one mapping, used by every REST handler.
     pub fn http_status(self) -> axum::http::StatusCode {
         use axum::http::StatusCode as S;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::error::{CommandError, ErrorCode};
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol;
 use crate::room::{Joined, Listener, RoomHandle};
@@ -42,6 +43,7 @@ struct Inner {
     subscriber: SubscriberClient,
     channels: Channels,
     backend: Backend,
+    metrics: Metrics,
     /// Room id → its task. Read per event; never held across an await.
     rooms: RwLock<HashMap<String, RoomHandle>>,
     /// User id → that user's local connections, for per-user events.
@@ -49,6 +51,13 @@ struct Inner {
     /// Serialises subscribe/unsubscribe, so a join never returns before its room's
     /// subscription is live and a leave never unsubscribes under a concurrent join.
     transitions: tokio::sync::Mutex<()>,
+}
+
+impl Fanout {
+    fn unavailable(&self, err: fred::error::Error) -> CommandError {
+        self.inner.metrics.redis_errors.inc();
+        unavailable(err)
+    }
 }
 
 fn unavailable(err: fred::error::Error) -> CommandError {
@@ -59,7 +68,13 @@ fn unavailable(err: fred::error::Error) -> CommandError {
 impl Fanout {
     /// Connects the subscriber, with bounded retries. After that, fred reconnects on its
     /// own and `manage_subscriptions` restores every subscription.
-    pub async fn connect(url: &str, channels: Channels, backend: Backend, retry: Retry) -> anyhow::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        channels: Channels,
+        backend: Backend,
+        metrics: Metrics,
+        retry: Retry,
+    ) -> anyhow::Result<Self> {
         let subscriber =
             chat_common::redis::builder(url, Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
         retry.run("Redis", || subscriber.init()).await?;
@@ -70,6 +85,7 @@ impl Fanout {
                 subscriber,
                 channels,
                 backend,
+                metrics,
                 rooms: RwLock::new(HashMap::new()),
                 users: RwLock::new(HashMap::new()),
                 transitions: tokio::sync::Mutex::new(()),
@@ -104,7 +120,7 @@ impl Fanout {
             return Ok(hub.clone());
         }
         let channel = self.inner.channels.room(room);
-        self.inner.subscriber.subscribe(channel.clone()).await.map_err(unavailable)?;
+        self.inner.subscriber.subscribe(channel.clone()).await.map_err(|e| self.unavailable(e))?;
         // Read the room's position only once the subscription is live: every later
         // message then arrives on the channel, every earlier one is in Postgres.
         let last_seq = match self.inner.backend.room_seq(room.to_owned()).await {
@@ -114,7 +130,7 @@ impl Fanout {
                 return Err(err);
             }
         };
-        let hub = RoomHandle::spawn(room.to_owned(), last_seq, self.inner.backend.clone());
+        let hub = RoomHandle::spawn(room.to_owned(), last_seq, self.inner.backend.clone(), self.inner.metrics.clone());
         write(&self.inner.rooms).insert(room.to_owned(), hub.clone());
         Ok(hub)
     }
@@ -144,7 +160,7 @@ impl Fanout {
     pub async fn add_user_conn(&self, user: &str, outbox: &Outbox) -> Result<(), CommandError> {
         let _guard = self.inner.transitions.lock().await;
         if !read(&self.inner.users).contains_key(user) {
-            self.inner.subscriber.subscribe(self.inner.channels.user(user)).await.map_err(unavailable)?;
+            self.inner.subscriber.subscribe(self.inner.channels.user(user)).await.map_err(|e| self.unavailable(e))?;
         }
         write(&self.inner.users).entry(user.to_owned()).or_default().insert(outbox.id(), outbox.clone());
         Ok(())
@@ -224,8 +240,8 @@ impl Fanout {
             tracing::warn!(channel = %msg.channel, "non-binary payload");
             return;
         };
-        let event = match Envelope::decode(payload) {
-            Ok(Envelope { event: Some(event), .. }) => event,
+        let (event, published_us) = match Envelope::decode(payload) {
+            Ok(Envelope { event: Some(event), published_at_us, .. }) => (event, published_at_us),
             Ok(_) => return,
             Err(err) => {
                 tracing::warn!(%err, channel = %msg.channel, "undecodable envelope");
@@ -234,7 +250,7 @@ impl Fanout {
         };
         if let Some(room) = self.inner.channels.room_of(&msg.channel) {
             if let Some(hub) = read(&self.inner.rooms).get(room) {
-                hub.event(event);
+                hub.event(event, published_us);
             }
         } else if let Some(user) = self.inner.channels.user_of(&msg.channel) {
             self.deliver_to_user(user, event);

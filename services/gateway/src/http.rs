@@ -23,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
+        .routes(routes!(metrics))
         .merge(api::router())
         .merge(attachments::router())
         .split_for_parts();
@@ -68,6 +69,15 @@ impl Modify for BearerAuth {
         openapi.components.get_or_insert_with(Default::default).add_security_scheme("bearer", scheme);
         openapi.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
     }
+}
+
+/// `GET /metrics`: Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(()), responses((status = 200, description = "metrics in the OpenMetrics text format")))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics().encode(),
+    )
 }
 
 /// `GET /openapi.json`: this document.

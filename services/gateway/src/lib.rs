@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod presence;
 pub mod protocol;
@@ -33,6 +34,7 @@ use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::fanout::Fanout;
+use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::ratelimit::{Limits, Rates};
 use crate::state::{AppState, ConnSettings};
@@ -55,17 +57,29 @@ impl Application {
         let retry = config.startup_retry();
         let keys = config.jwt_keys().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let verifier = Verifier::new(&keys, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref())?;
-        let backend =
-            Backend::connect(&config.message_service_url, Duration::from_millis(config.grpc_timeout_ms), retry).await?;
-        let fanout =
-            Fanout::connect(&config.redis_url, Channels::new(&config.redis_channel_prefix), backend.clone(), retry)
-                .await?;
+        let metrics = Metrics::new();
+        let backend = Backend::connect(
+            &config.message_service_url,
+            Duration::from_millis(config.grpc_timeout_ms),
+            retry,
+            metrics.clone(),
+        )
+        .await?;
+        let fanout = Fanout::connect(
+            &config.redis_url,
+            Channels::new(&config.redis_channel_prefix),
+            backend.clone(),
+            metrics.clone(),
+            retry,
+        )
+        .await?;
         let presence = Presence::connect(
             &config.redis_url,
             &config.redis_channel_prefix,
             backend.clone(),
             config.max_connections_per_user,
             Duration::from_millis(config.presence_stale_ms),
+            metrics.redis_errors.clone(),
             retry,
         )
         .await?;
@@ -92,7 +106,7 @@ impl Application {
             user_per_sec: config.rate_user_per_sec,
             user_burst: config.rate_user_burst,
         });
-        let state = AppState::new(verifier, backend, fanout, presence, limits, settings, shutdown);
+        let state = AppState::new(verifier, backend, fanout, presence, limits, metrics, settings, shutdown);
         Ok(Self {
             listener,
             state,

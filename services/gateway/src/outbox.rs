@@ -24,6 +24,8 @@ pub struct CloseReason {
 pub enum Outgoing {
     One(Message),
     Many(Vec<Message>),
+    /// A live message event, with when it was published (Unix µs) for fan-out latency.
+    Timed(Message, i64),
 }
 
 /// Handle to a connection's queue; cheap to clone, shared with the fan-out.
@@ -31,15 +33,21 @@ pub enum Outgoing {
 pub struct Outbox {
     id: u64,
     tx: mpsc::Sender<Outgoing>,
+    /// Counts connections dropped for a full queue.
+    drops: prometheus_client::metrics::counter::Counter,
     closing: CancellationToken,
     reason: Arc<OnceLock<CloseReason>>,
 }
 
 impl Outbox {
     /// A queue of `capacity` frames for connection `id`, and its receiving end.
-    pub fn new(id: u64, capacity: usize) -> (Self, mpsc::Receiver<Outgoing>) {
+    pub fn new(
+        id: u64,
+        capacity: usize,
+        drops: prometheus_client::metrics::counter::Counter,
+    ) -> (Self, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(capacity);
-        let outbox = Self { id, tx, closing: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
+        let outbox = Self { id, tx, drops, closing: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
         (outbox, rx)
     }
 
@@ -55,6 +63,11 @@ impl Outbox {
         self.push(Outgoing::One(frame))
     }
 
+    /// Queues a live message event published at `published_us` (Unix µs).
+    pub fn push_timed(&self, frame: Message, published_us: i64) {
+        self.push(Outgoing::Timed(frame, published_us))
+    }
+
     /// Queues frames that must arrive together, in order, in one slot; a full queue
     /// closes the connection as in `push_event`.
     pub fn push_batch(&self, frames: Vec<Message>) {
@@ -68,6 +81,9 @@ impl Outbox {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(conn = self.id, "outbound queue full; disconnecting slow consumer");
+                if self.close_reason().is_none() {
+                    self.drops.inc();
+                }
                 self.close(CLOSE_SLOW_CONSUMER, "slow consumer");
             }
             // The connection is already going away.
@@ -107,7 +123,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_closes_the_connection_instead_of_growing() {
-        let (outbox, mut rx) = Outbox::new(1, 2);
+        let (outbox, mut rx) = Outbox::new(1, 2, Default::default());
         outbox.push_event(Message::Text("a".into()));
         outbox.push_event(Message::Text("b".into()));
         assert_eq!(outbox.close_reason(), None);
@@ -120,7 +136,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_close_reason_wins() {
-        let (outbox, _rx) = Outbox::new(1, 2);
+        let (outbox, _rx) = Outbox::new(1, 2, Default::default());
         outbox.close(4001, "token expired");
         outbox.close(1012, "restart");
         assert_eq!(outbox.close_reason().unwrap().code, 4001);

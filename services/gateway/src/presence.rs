@@ -78,13 +78,14 @@ impl Presence {
         backend: Backend,
         cap: u32,
         stale_after: Duration,
+        redis_errors: prometheus_client::metrics::counter::Counter,
         retry: Retry,
     ) -> anyhow::Result<Self> {
         let client = chat_common::redis::builder(url, Duration::from_secs(2), 32)?.build()?;
         retry.run("Redis", || client.init()).await?;
         let gateway_id = format!("{:016x}", rand::rng().random::<u64>());
         Ok(Self {
-            publisher: Publisher::new(client.clone(), Channels::new(prefix)),
+            publisher: Publisher::new(client.clone(), Channels::new(prefix), redis_errors),
             client,
             prefix: prefix.to_owned(),
             gateway_id,

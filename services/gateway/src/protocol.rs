@@ -126,6 +126,32 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The command's `type`, for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Auth { .. } => "auth",
+            Command::CreateRoom { .. } => "create_room",
+            Command::Join { .. } => "join",
+            Command::Leave { .. } => "leave",
+            Command::Send { .. } => "send",
+            Command::History { .. } => "history",
+            Command::Ping {} => "ping",
+            Command::AddMembers { .. } => "add_members",
+            Command::RemoveMember { .. } => "remove_member",
+            Command::Rooms {} => "rooms",
+            Command::Edit { .. } => "edit",
+            Command::Delete { .. } => "delete",
+            Command::React { .. } => "react",
+            Command::Unreact { .. } => "unreact",
+            Command::Typing { .. } => "typing",
+            Command::Read { .. } => "read",
+            Command::Presence { .. } => "presence",
+            Command::RefreshToken { .. } => "refresh_token",
+        }
+    }
+}
+
 /// Room kinds as clients name them.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

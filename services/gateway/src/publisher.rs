@@ -13,12 +13,14 @@ use crate::error::{CommandError, ErrorCode};
 pub struct Publisher {
     client: Client,
     channels: Channels,
+    /// Counts failed publishes.
+    errors: prometheus_client::metrics::counter::Counter,
 }
 
 impl Publisher {
     /// A publisher over a connected client.
-    pub fn new(client: Client, channels: Channels) -> Self {
-        Self { client, channels }
+    pub fn new(client: Client, channels: Channels, errors: prometheus_client::metrics::counter::Counter) -> Self {
+        Self { client, channels, errors }
     }
 
     /// Publishes on a room's channel.
@@ -37,9 +39,15 @@ impl Publisher {
     }
 
     async fn publish(&self, channel: String, event: Event) -> Result<(), CommandError> {
-        let payload = Envelope { trace_context: Default::default(), event: Some(event) }.encode_to_vec();
+        let payload = Envelope {
+            trace_context: Default::default(),
+            published_at_us: chrono::Utc::now().timestamp_micros(),
+            event: Some(event),
+        }
+        .encode_to_vec();
         self.client.publish::<i64, _, _>(channel.as_str(), payload).await.map(|_| ()).map_err(|err| {
             tracing::warn!(%err, %channel, "publish failed");
+            self.errors.inc();
             CommandError::new(ErrorCode::Unavailable, "event bus unavailable; retry")
         })
     }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::backend::Backend;
 use crate::error::CommandError;
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol;
 
@@ -45,7 +46,8 @@ pub struct Joined {
 
 enum Command {
     /// Boxed: events are large and most commands are events; one allocation each.
-    Event(Box<Event>),
+    /// With the publish time (Unix µs).
+    Event(Box<Event>, i64),
     Join {
         listener: Listener,
         since: Option<i64>,
@@ -73,9 +75,10 @@ pub struct RoomHandle {
 
 impl RoomHandle {
     /// Starts the task for `room_id`, whose messages up to `last_seq` count as delivered.
-    pub fn spawn(room_id: String, last_seq: i64, backend: Backend) -> Self {
+    pub fn spawn(room_id: String, last_seq: i64, backend: Backend, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::channel(ROOM_QUEUE);
-        let task = RoomTask { room_id, backend, seq: last_seq, listeners: HashMap::new(), typing: HashMap::new() };
+        let task =
+            RoomTask { room_id, backend, metrics, seq: last_seq, listeners: HashMap::new(), typing: HashMap::new() };
         tokio::spawn(task.run(rx));
         Self { tx }
     }
@@ -87,8 +90,9 @@ impl RoomHandle {
 
     /// Hands over an event from Redis without waiting. A full queue drops it: message
     /// events come back through gap repair; ephemeral ones are gone, as their kind allows.
-    pub fn event(&self, event: Event) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Command::Event(Box::new(event))) {
+    pub fn event(&self, event: Event, published_us: i64) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Command::Event(Box::new(event), published_us))
+        {
             tracing::warn!("room queue full; event dropped");
         }
     }
@@ -127,6 +131,7 @@ impl RoomHandle {
 struct RoomTask {
     room_id: String,
     backend: Backend,
+    metrics: Metrics,
     /// Every message up to this seq has been delivered (or predates every listener).
     seq: i64,
     listeners: HashMap<u64, Listener>,
@@ -147,7 +152,7 @@ impl RoomTask {
             };
             let Some(command) = command else { return };
             match command {
-                Command::Event(event) => self.on_event(*event).await,
+                Command::Event(event, published_us) => self.on_event(*event, published_us).await,
                 Command::Join { listener, since, reply } => {
                     let _ = reply.send(self.join(listener, since).await);
                 }
@@ -167,9 +172,11 @@ impl RoomTask {
         }
     }
 
-    async fn on_event(&mut self, event: Event) {
+    async fn on_event(&mut self, event: Event, published_us: i64) {
         match event {
-            Event::MessageCreated(pb::MessageCreated { message: Some(message) }) => self.on_message(message).await,
+            Event::MessageCreated(pb::MessageCreated { message: Some(message) }) => {
+                self.on_message(message, published_us).await
+            }
             Event::Typing(typing) => {
                 let user: Arc<str> = Arc::from(typing.user_id.as_str());
                 if typing.active {
@@ -189,7 +196,7 @@ impl RoomTask {
 
     /// Delivers messages strictly in seq order: duplicates are dropped, and a jump
     /// first fetches the missing range from the message service.
-    async fn on_message(&mut self, message: pb::Message) {
+    async fn on_message(&mut self, message: pb::Message, published_us: i64) {
         if message.seq <= self.seq {
             return;
         }
@@ -197,7 +204,10 @@ impl RoomTask {
             self.repair(message.seq).await;
         }
         self.seq = message.seq;
-        self.deliver(protocol::message_event(&message));
+        let frame = Utf8Bytes::from(protocol::message_event(&message));
+        for l in self.listeners.values() {
+            l.outbox.push_timed(WsMessage::Text(frame.clone()), published_us);
+        }
     }
 
     /// Delivers every stored message between the watermark and `upto` (exclusive).
@@ -207,6 +217,7 @@ impl RoomTask {
             let fetched = self.fetch(self.seq, upto).await;
             match fetched {
                 Ok(messages) if !messages.is_empty() => {
+                    self.metrics.gap_repairs.inc_by(messages.len() as u64);
                     for m in &messages {
                         self.deliver(protocol::message_event(m));
                     }

@@ -66,26 +66,40 @@ impl Session {
                 CommandError::new(ErrorCode::TooLarge, format!("frame is {} bytes; the limit is {limit}", text.len()));
             return protocol::error(protocol::peek_id(text).as_deref(), &err);
         }
+        let metrics = self.state.metrics().clone();
         let frame = match protocol::parse(text) {
             Ok(frame) => frame,
-            Err(bad) => return protocol::error(bad.id.as_deref(), &bad.error),
+            Err(bad) => {
+                metrics.command("invalid", bad.error.code.as_str());
+                return protocol::error(bad.id.as_deref(), &bad.error);
+            }
         };
-        match self.limiter.check(std::time::Instant::now()) {
-            Verdict::Allow => {}
+        let name = frame.command.name();
+        let refusal = match self.limiter.check(std::time::Instant::now()) {
+            Verdict::Allow => None,
             Verdict::Refuse(wait) => {
-                let err = CommandError::rate_limited("too many commands; slow down", wait.as_millis().max(1) as u64);
-                return protocol::error(frame.id.as_deref(), &err);
+                Some(CommandError::rate_limited("too many commands; slow down", wait.as_millis().max(1) as u64))
             }
             Verdict::Abuse => {
                 self.listener.outbox.close(CLOSE_POLICY, "rate limit exceeded");
-                let err = CommandError::rate_limited("too many commands; closing", 1000);
-                return protocol::error(frame.id.as_deref(), &err);
+                Some(CommandError::rate_limited("too many commands; closing", 1000))
             }
+        };
+        if let Some(err) = refusal {
+            metrics.rate_limited.inc();
+            metrics.command(name, err.code.as_str());
+            return protocol::error(frame.id.as_deref(), &err);
         }
         let id = frame.id.as_deref();
         match self.execute(id, frame.command).await {
-            Ok(reply) => reply,
-            Err(err) => protocol::error(id, &err),
+            Ok(reply) => {
+                metrics.command(name, "ok");
+                reply
+            }
+            Err(err) => {
+                metrics.command(name, err.code.as_str());
+                protocol::error(id, &err)
+            }
         }
     }
 

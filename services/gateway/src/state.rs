@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::fanout::Fanout;
+use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::ratelimit::Limits;
 
@@ -40,6 +41,7 @@ struct Shared {
     fanout: Fanout,
     presence: Presence,
     limits: Limits,
+    metrics: Metrics,
     settings: ConnSettings,
     shutdown: CancellationToken,
     /// Cancelled after the drain delay: connections get `reconnect` and close 1012.
@@ -58,6 +60,7 @@ impl AppState {
         fanout: Fanout,
         presence: Presence,
         limits: Limits,
+        metrics: Metrics,
         settings: ConnSettings,
         shutdown: CancellationToken,
     ) -> Self {
@@ -68,6 +71,7 @@ impl AppState {
                 fanout,
                 presence,
                 limits,
+                metrics,
                 settings,
                 shutdown,
                 close_connections: CancellationToken::new(),
@@ -93,6 +97,11 @@ impl AppState {
 
     pub fn presence(&self) -> &Presence {
         &self.inner.presence
+    }
+
+    /// Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Command rate limits.

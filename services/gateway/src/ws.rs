@@ -89,7 +89,7 @@ async fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) {
 
     let conn_id = state.next_conn_id();
     let settings = state.settings();
-    let (outbox, rx) = Outbox::new(conn_id, settings.outbound_queue);
+    let (outbox, rx) = Outbox::new(conn_id, settings.outbound_queue, state.metrics().outbound_drops.clone());
     let session_id = format!("{:032x}", rand::rng().random::<u128>());
     let welcome = protocol::Welcome {
         kind: "welcome",
@@ -114,6 +114,7 @@ async fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) {
         write_loop(sink, rx, outbox, state, Arc::new(AtomicU64::new(0))).await;
         return;
     }
+    state.metrics().connections.inc();
     let last_seen = Arc::new(AtomicU64::new(state.uptime_ms()));
     let writer = tokio::spawn(write_loop(sink, rx, outbox.clone(), state.clone(), last_seen.clone()));
     if let Err(err) = state.fanout().add_user_conn(&user, &outbox).await {
@@ -130,6 +131,7 @@ async fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) {
         session.end().await;
     }
     outbox.close(1000, "");
+    state.metrics().connections.dec();
     state.fanout().remove_user_conn(&user, conn_id).await;
     if state.presence().release(&user).await {
         let presence = state.presence().clone();
@@ -245,16 +247,21 @@ async fn write_loop(
         tokio::select! {
             item = rx.recv() => {
                 let Some(item) = item else { break };
-                let mut ok = feed(&mut sink, item).await;
+                let mut published = Vec::new();
+                let mut ok = feed(&mut sink, item, &mut published).await;
                 while ok {
                     match rx.try_recv() {
-                        Ok(item) => ok = feed(&mut sink, item).await,
+                        Ok(item) => ok = feed(&mut sink, item, &mut published).await,
                         Err(_) => break,
                     }
                 }
                 if !ok || sink.flush().await.is_err() {
                     outbox.close(CLOSE_ABNORMAL, "");
                     return;
+                }
+                let now_us = chrono::Utc::now().timestamp_micros();
+                for at in published {
+                    state.metrics().fanout_latency.observe((now_us - at).max(0) as f64 / 1e6);
                 }
             }
             _ = ping.tick() => {
@@ -279,7 +286,7 @@ async fn write_loop(
     // close frame, except to a slow consumer, whose queue is what we are giving up on.
     if reason.code != CLOSE_SLOW_CONSUMER {
         while let Ok(item) = rx.try_recv() {
-            if !feed(&mut sink, item).await {
+            if !feed(&mut sink, item, &mut Vec::new()).await {
                 return;
             }
         }
@@ -288,10 +295,15 @@ async fn write_loop(
     let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(close)))).await;
 }
 
-/// Writes a queue entry without flushing; false when the socket is gone.
-async fn feed(sink: &mut SplitSink<WebSocket, Message>, item: Outgoing) -> bool {
+/// Writes a queue entry without flushing; false when the socket is gone. Publish times
+/// of timed entries are collected into `published`.
+async fn feed(sink: &mut SplitSink<WebSocket, Message>, item: Outgoing, published: &mut Vec<i64>) -> bool {
     match item {
         Outgoing::One(frame) => sink.feed(frame).await.is_ok(),
+        Outgoing::Timed(frame, at) => {
+            published.push(at);
+            sink.feed(frame).await.is_ok()
+        }
         Outgoing::Many(frames) => {
             for frame in frames {
                 if sink.feed(frame).await.is_err() {
