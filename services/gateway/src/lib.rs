@@ -37,7 +37,7 @@ use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::ratelimit::{Limits, Rates};
-use crate::state::{AppState, ConnSettings};
+use crate::state::{AppState, ConnSettings, Parts};
 
 /// How often the message service's health is checked for `/readyz`.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -106,7 +106,7 @@ impl Application {
             user_per_sec: config.rate_user_per_sec,
             user_burst: config.rate_user_burst,
         });
-        let state = AppState::new(verifier, backend, fanout, presence, limits, metrics, settings, shutdown);
+        let state = AppState::new(Parts { verifier, backend, fanout, presence, limits, metrics, settings, shutdown });
         Ok(Self {
             listener,
             state,

@@ -52,18 +52,23 @@ struct Shared {
     started: Instant,
 }
 
+/// The parts a gateway is assembled from.
+pub struct Parts {
+    pub verifier: Verifier,
+    pub backend: Backend,
+    pub fanout: Fanout,
+    pub presence: Presence,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    pub settings: ConnSettings,
+    /// Cancelled when the gateway starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
 impl AppState {
     /// Shared state over connected backends.
-    pub fn new(
-        verifier: Verifier,
-        backend: Backend,
-        fanout: Fanout,
-        presence: Presence,
-        limits: Limits,
-        metrics: Metrics,
-        settings: ConnSettings,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts { verifier, backend, fanout, presence, limits, metrics, settings, shutdown } = parts;
         Self {
             inner: Arc::new(Shared {
                 verifier,
