@@ -43,7 +43,7 @@ wait_ready() { # url, name, pid
   exit 1
 }
 
-MESSAGE_ADDR=127.0.0.1:50051 "$BIN/chat-message" &
+MESSAGE_ADDR=127.0.0.1:50051 METRICS_ADDR="${METRICS_ADDR:-127.0.0.1:9091}" "$BIN/chat-message" &
 pids+=($!)
 GATEWAY_ADDR=127.0.0.1:8080 MESSAGE_SERVICE_URL=http://127.0.0.1:50051 "$BIN/chat-gateway" &
 pids+=($!)
@@ -58,9 +58,9 @@ secret_hint=""
 cat <<INFO
 
   chat cluster is up
-    message service  grpc://127.0.0.1:50051
-    gateway A        ws://127.0.0.1:8080/ws   http://127.0.0.1:8080/readyz
-    gateway B        ws://127.0.0.1:8081/ws   http://127.0.0.1:8081/readyz
+    message service  grpc://127.0.0.1:50051   metrics http://127.0.0.1:9091/metrics
+    gateway A        ws://127.0.0.1:8080/ws   http://127.0.0.1:8080/metrics   http://127.0.0.1:8080/openapi.json
+    gateway B        ws://127.0.0.1:8081/ws   http://127.0.0.1:8081/metrics
     database         $DATABASE_URL
     redis            $REDIS_URL
     JWT_SECRET       $JWT_SECRET$secret_hint

@@ -111,6 +111,8 @@ impl Drop for TestDb {
 /// A message service and `n` gateways, on free ports, against a fresh database.
 pub struct Cluster {
     pub db: TestDb,
+    /// `host:port` of the message service's `/metrics`.
+    pub message_metrics: String,
     redis: String,
     prefix: String,
     pub grpc_addr: String,
@@ -128,9 +130,17 @@ async fn terminate(child: &mut Child) -> Result<Option<i32>> {
     Ok(status.code())
 }
 
-fn spawn_message(grpc_addr: &str, db_url: &str, redis: &str, prefix: &str, env: &[(String, String)]) -> Result<Child> {
+fn spawn_message(
+    grpc_addr: &str,
+    metrics_addr: &str,
+    db_url: &str,
+    redis: &str,
+    prefix: &str,
+    env: &[(String, String)],
+) -> Result<Child> {
     Command::new(bin("chat-message"))
         .env("MESSAGE_ADDR", grpc_addr)
+        .env("METRICS_ADDR", metrics_addr)
         .env("DATABASE_URL", db_url)
         .env("REDIS_URL", redis)
         .env("REDIS_CHANNEL_PREFIX", prefix)
@@ -161,7 +171,8 @@ impl Cluster {
         let grpc_port = free_port();
         let grpc_addr = format!("127.0.0.1:{grpc_port}");
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let message = spawn_message(&grpc_addr, &db.url, redis, &prefix, &env)?;
+        let message_metrics = format!("127.0.0.1:{}", free_port());
+        let message = spawn_message(&grpc_addr, &message_metrics, &db.url, redis, &prefix, &env)?;
         let mut gateway_procs = Vec::new();
         let mut urls = Vec::new();
         for _ in 0..gateways {
@@ -182,8 +193,17 @@ impl Cluster {
             gateway_procs.push(child);
             urls.push(format!("127.0.0.1:{port}"));
         }
-        let mut cluster =
-            Self { db, redis: redis.to_owned(), prefix, grpc_addr, gateways: urls, message, gateway_procs, env };
+        let mut cluster = Self {
+            db,
+            redis: redis.to_owned(),
+            prefix,
+            grpc_addr,
+            message_metrics,
+            gateways: urls,
+            message,
+            gateway_procs,
+            env,
+        };
         for gw in cluster.gateways.clone() {
             cluster.wait_ready(&gw).await?;
         }
@@ -214,7 +234,8 @@ impl Cluster {
     /// Kills the message service (SIGKILL) and starts it again on the same port.
     pub async fn restart_message_service(&mut self) -> Result<()> {
         self.message.kill().await?;
-        self.message = spawn_message(&self.grpc_addr, &self.db.url, &self.redis, &self.prefix, &self.env)?;
+        self.message =
+            spawn_message(&self.grpc_addr, &self.message_metrics, &self.db.url, &self.redis, &self.prefix, &self.env)?;
         Ok(())
     }
 

@@ -377,5 +377,12 @@ async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> 
     assert_eq!(metric(&after_b, "chat_gateway_connections"), 1.0, "{after_b}");
     assert!(metric(&after_b, "chat_gateway_fanout_latency_seconds_count") >= 3.0, "{after_b}");
     assert!(metric(&after_a, r#"chat_gateway_grpc_latency_seconds_count{method="send_message"}"#) >= 3.0, "{after_a}");
+
+    let message = chat_tests::http(&cluster.message_metrics, "GET", "/metrics", None, "", b"").await?;
+    assert_eq!(message.status, 200);
+    let text = String::from_utf8_lossy(&message.raw).into_owned();
+    assert_eq!(metric(&text, "chat_message_sends_persisted_total"), 3.0, "{text}");
+    assert!(text.contains("chat_message_postgres_errors_total"), "{text}");
+    assert!(text.contains("chat_message_redis_errors_total"), "{text}");
     Ok(())
 }

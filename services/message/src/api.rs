@@ -6,6 +6,7 @@ use chat_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::error::ServiceError;
+use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::store::{NewMessage, Page, Store};
 use crate::validate;
@@ -17,12 +18,13 @@ pub struct ChatApi {
     publisher: Publisher,
     /// Longest message text accepted, in characters.
     max_text_chars: usize,
+    metrics: Metrics,
 }
 
 impl ChatApi {
     /// The service over its backends.
-    pub fn new(store: Store, publisher: Publisher, max_text_chars: usize) -> Self {
-        Self { store, publisher, max_text_chars }
+    pub fn new(store: Store, publisher: Publisher, max_text_chars: usize, metrics: Metrics) -> Self {
+        Self { store, publisher, max_text_chars, metrics }
     }
 }
 
@@ -90,6 +92,9 @@ impl ChatService for ChatApi {
             client_msg_id: req.client_msg_id.as_deref(),
         };
         let (message, duplicate) = self.store.insert_message(&caller, new).await?;
+        if !duplicate {
+            self.metrics.sends_persisted.inc();
+        }
         tracing::Span::current().record("seq", message.seq);
         // Published after the commit, and again on a retry: a client retries when it did
         // not see the ack, which may also mean the first publish never happened.

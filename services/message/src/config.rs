@@ -15,6 +15,10 @@ pub struct Config {
     #[arg(long, env = "MESSAGE_ADDR", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    pub metrics_addr: SocketAddr,
+
     /// Postgres connection URL. The database is created if it does not exist.
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://localhost/chat")]
     pub database_url: String,

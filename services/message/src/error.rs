@@ -28,6 +28,7 @@ pub enum ServiceError {
 
 impl From<sqlx::Error> for ServiceError {
     fn from(err: sqlx::Error) -> Self {
+        crate::metrics::POSTGRES_ERRORS.inc();
         match err {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut

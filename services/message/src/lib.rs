@@ -7,6 +7,7 @@ pub mod api;
 pub mod blobs;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod publish;
 pub mod store;
 pub mod validate;
@@ -23,6 +24,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::api::ChatApi;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::store::Store;
 
@@ -35,6 +37,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// A message service with its backends connected and its port bound, ready to run.
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: TcpListener,
+    metrics: Metrics,
     max_text_chars: usize,
     store: Store,
     publisher: Publisher,
@@ -53,7 +57,23 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        Ok(Self { listener, max_text_chars: config.max_text_chars, store, publisher, grace: config.shutdown_grace() })
+        let metrics_listener = metrics::bind(config.metrics_addr).await?;
+        let metrics = Metrics::new();
+        let publisher = publisher.with_metrics(metrics.clone());
+        Ok(Self {
+            listener,
+            metrics_listener,
+            metrics,
+            max_text_chars: config.max_text_chars,
+            store,
+            publisher,
+            grace: config.shutdown_grace(),
+        })
+    }
+
+    /// The bound metrics address (useful with port 0).
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics_listener.local_addr()
     }
 
     /// The bound address (useful with port 0).
@@ -65,10 +85,11 @@ impl Application {
     /// grace period.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let api = ChatApi::new(self.store.clone(), self.publisher.clone(), self.max_text_chars);
+        let api = ChatApi::new(self.store.clone(), self.publisher.clone(), self.max_text_chars, self.metrics.clone());
         let health_task =
             tokio::spawn(report_health(reporter, self.store.clone(), self.publisher.clone(), shutdown.clone()));
 
+        tokio::spawn(self.metrics.clone().serve(self.metrics_listener, shutdown.clone()));
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let stopped = shutdown.clone();
         let server = tonic::transport::Server::builder()

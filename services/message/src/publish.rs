@@ -13,6 +13,8 @@ use prost::Message as _;
 pub struct Publisher {
     client: Client,
     channels: Channels,
+    /// Counts failed publishes.
+    errors: prometheus_client::metrics::counter::Counter,
 }
 
 impl Publisher {
@@ -21,7 +23,12 @@ impl Publisher {
         // Publishing is on the send path: a Redis outage must fail fast, not stall sends.
         let client = chat_common::redis::builder(url, Duration::from_secs(1), 32)?.build()?;
         retry.run("Redis", || client.init()).await?;
-        Ok(Self { client, channels })
+        Ok(Self { client, channels, errors: Default::default() })
+    }
+
+    /// The same publisher, counting its failures in `metrics`.
+    pub fn with_metrics(self, metrics: crate::metrics::Metrics) -> Self {
+        Self { errors: metrics.redis_errors, ..self }
     }
 
     /// True while the Redis connection is up.
@@ -55,6 +62,7 @@ impl Publisher {
         .encode_to_vec();
         if let Err(err) = self.client.publish::<i64, _, _>(channel.as_str(), payload).await {
             tracing::warn!(%err, %channel, "event stored but not published");
+            self.errors.inc();
         }
     }
 
