@@ -77,6 +77,33 @@ async fn rest_errors_use_the_contract_format_and_statuses() -> Result<()> {
         assert_eq!(reply.body["error"]["code"], code, "{reply:?}");
         assert!(reply.body["error"]["message"].is_string());
     };
+    // Every /v1 route wants a valid token.
+    for (method, path) in [
+        ("GET", "/v1/rooms"),
+        ("POST", "/v1/rooms"),
+        ("GET", "/v1/rooms/1/messages"),
+        ("POST", "/v1/rooms/1/messages"),
+        ("POST", "/v1/attachments"),
+        ("GET", "/v1/attachments/1"),
+        ("GET", "/v1/me/status"),
+        ("GET", "/v1/users/bob/status"),
+        ("DELETE", "/v1/users/bob/connections"),
+        ("GET", "/v1/connections"),
+        ("POST", "/v1/push"),
+        ("POST", "/v1/notifications"),
+        ("GET", "/v1/notifications"),
+        ("POST", "/v1/notifications/read"),
+    ] {
+        check(http_json(a, method, path, None, None).await?, 401, "unauthorized");
+    }
+    check(http_json(a, "GET", "/v1/notifications?limit=0", Some(&alice), None).await?, 400, "bad_request");
+    check(http_json(a, "GET", "/v1/notifications?before=xyz", Some(&alice), None).await?, 400, "bad_request");
+    check(http_json(a, "POST", "/v1/notifications/read", Some(&alice), Some(json!({}))).await?, 400, "bad_request");
+    check(
+        http_json(a, "POST", "/v1/rooms/424242/messages", Some(&alice), Some(json!({"text": "x"}))).await?,
+        404,
+        "not_found",
+    );
     check(http_json(a, "GET", "/v1/rooms", None, None).await?, 401, "unauthorized");
     check(http_json(a, "GET", "/v1/rooms", Some("garbage"), None).await?, 401, "unauthorized");
     check(http_json(a, "POST", "/v1/rooms", Some(&alice), Some(json!({"kind": "nope"}))).await?, 400, "bad_request");
