@@ -110,16 +110,17 @@ impl Drop for TestDb {
 
 /// A message service and `n` gateways, on free ports, against a fresh database.
 pub struct Cluster {
-    pub db: TestDb,
     /// `host:port` of the message service's `/metrics`.
     pub message_metrics: String,
     redis: String,
     prefix: String,
     pub grpc_addr: String,
     pub gateways: Vec<String>,
+    // Fields drop in order: the processes die before their database is dropped.
     message: Child,
     gateway_procs: Vec<Child>,
     env: Vec<(String, String)>,
+    pub db: TestDb,
 }
 
 async fn terminate(child: &mut Child) -> Result<Option<i32>> {
