@@ -39,12 +39,7 @@ impl Publisher {
     }
 
     async fn publish(&self, channel: String, event: Event) -> Result<(), CommandError> {
-        let payload = Envelope {
-            trace_context: Default::default(),
-            published_at_us: chrono::Utc::now().timestamp_micros(),
-            event: Some(event),
-        }
-        .encode_to_vec();
+        let payload = Envelope::stamped(event).encode_to_vec();
         self.client.publish::<i64, _, _>(channel.as_str(), payload).await.map(|_| ()).map_err(|err| {
             tracing::warn!(%err, %channel, "publish failed");
             self.errors.inc();

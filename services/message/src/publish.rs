@@ -54,12 +54,7 @@ impl Publisher {
     }
 
     async fn publish(&self, channel: String, event: Event) {
-        let payload = Envelope {
-            trace_context: Default::default(),
-            published_at_us: chrono::Utc::now().timestamp_micros(),
-            event: Some(event),
-        }
-        .encode_to_vec();
+        let payload = Envelope::stamped(event).encode_to_vec();
         if let Err(err) = self.client.publish::<i64, _, _>(channel.as_str(), payload).await {
             tracing::warn!(%err, %channel, "event stored but not published");
             self.errors.inc();
