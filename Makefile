@@ -10,7 +10,7 @@ run:
 ## Build the binaries the end-to-end tests start, then run the whole suite.
 test:
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 build:
 	$(CARGO) build --workspace --bins

@@ -17,4 +17,11 @@ impl v1::Envelope {
             .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
         Self { trace_context: Default::default(), published_at_us: now_us, event: Some(event) }
     }
+
+    /// The same envelope carrying a W3C trace context (`traceparent`, `tracestate`), so
+    /// each gateway's delivery span joins the publisher's trace. Empty when untraced.
+    pub fn traced(mut self, trace_context: std::collections::HashMap<String, String>) -> Self {
+        self.trace_context = trace_context;
+        self
+    }
 }

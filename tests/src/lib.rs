@@ -3,6 +3,8 @@
 //! that speaks the protocol.
 #![deny(rust_2018_idioms)]
 
+pub mod otlp;
+
 use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -40,14 +42,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a server a test is about to start.
+///
+/// Port 0 would hand out ports from the kernel's ephemeral range, where the many
+/// outgoing connections of parallel tests also land, so a port could be taken before the
+/// server binds it. These come from below that range (32768+ on Linux), each at most once
+/// per test process, starting at a pid-derived offset so concurrent test processes rarely
+/// probe the same ones.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = (u64::from(std::process::id()) * 7919 % u64::from(SPAN)) as u32;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 fn unique(prefix: &str) -> String {
+    // Tests in one binary run in parallel threads and may read the same clock value: the
+    // counter keeps their names apart, the clock keeps apart runs that reuse a pid.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000_000)
+    format!("{prefix}_{}_{n}_{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 /// Base URL of the Postgres server tests use (no database name).
@@ -238,6 +262,11 @@ impl Cluster {
         self.message =
             spawn_message(&self.grpc_addr, &self.message_metrics, &self.db.url, &self.redis, &self.prefix, &self.env)?;
         Ok(())
+    }
+
+    /// Process id of gateway `i`, while it runs.
+    pub fn gateway_pid(&self, i: usize) -> Option<u32> {
+        self.gateway_procs[i].id()
     }
 
     /// Kills gateway `i` with SIGKILL: no drain, no clean-up.
@@ -608,6 +637,12 @@ impl WsClient {
         let (taken, kept): (Vec<Value>, Vec<Value>) = self.pending.drain(..).partition(|f| f["type"] == kind);
         self.pending = kept.into();
         taken
+    }
+
+    /// Creates a group room with `members` (besides this user); its id.
+    pub async fn create_group(&mut self, members: &[&str]) -> Result<String> {
+        let reply = self.ack(json!({"type": "create_room", "kind": "group", "members": members})).await?;
+        reply["room"]["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no room id in {reply}"))
     }
 
     /// Closes the connection politely.

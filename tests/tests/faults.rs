@@ -80,10 +80,7 @@ async fn sigterm_drains_a_gateway_under_traffic_without_losing_a_message() -> Re
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
     let mut carol = cluster.client(0, "carol").await?;
-    let room = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?["room"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = alice.create_group(&["bob"]).await?;
     bob.ack(json!({"type": "join", "room": room})).await?;
 
     // A client that retries every unacknowledged send with the same client_msg_id,
@@ -220,10 +217,7 @@ async fn with_postgres_down_sends_are_unavailable_and_retries_land_exactly_once(
 async fn the_message_service_exits_0_on_sigterm_after_finishing_in_flight_calls() -> Result<()> {
     let mut cluster = Cluster::start_with(1, &chat_tests::redis_url(), &[("SHUTDOWN_GRACE_SECS", "5")]).await?;
     let mut alice = cluster.client(0, "alice").await?;
-    let room = alice.ack(json!({"type": "create_room", "kind": "group", "members": []})).await?["room"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = alice.create_group(&[]).await?;
     alice.send(&json!({"type": "send", "id": "last", "room": room, "text": "in flight"})).await?;
     let started = std::time::Instant::now();
     assert_eq!(cluster.terminate_message_service().await?, Some(0));

@@ -302,10 +302,7 @@ async fn attachments_upload_attach_and_download_with_access_rules() -> Result<()
 
     let mut bob_ws = cluster.client(1, "bob").await?;
     let mut alice_ws = cluster.client(0, "alice").await?;
-    let room = alice_ws.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?["room"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = alice_ws.create_group(&["bob"]).await?;
     bob_ws.ack(json!({"type": "join", "room": room})).await?;
     let reply = bob_ws.request(json!({"type": "send", "room": room, "text": "", "attachments": [id]})).await?;
     assert_eq!(reply["code"], "bad_request", "only the uploader may attach a file");
@@ -387,10 +384,7 @@ async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> 
 
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let room = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?["room"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = alice.create_group(&["bob"]).await?;
     bob.ack(json!({"type": "join", "room": room})).await?;
     for i in 0..3 {
         alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;

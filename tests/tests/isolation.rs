@@ -27,10 +27,7 @@ async fn a_non_member_never_hears_a_rooms_events() -> Result<()> {
     let mut bob = cluster.client(1, "bob").await?;
     let mut mallory = [cluster.client(0, "mallory").await?, cluster.client(1, "mallory").await?];
 
-    let secret = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?["room"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let secret = alice.create_group(&["bob"]).await?;
     let public = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["mallory"]})).await?["room"]
         ["id"]
         .as_str()

@@ -1,9 +1,10 @@
 //! What the gateway and the message service truly share: Redis channel naming,
-//! telemetry initialisation, bounded start-up retries and the shutdown signal.
+//! telemetry initialisation and trace-context propagation, bounded start-up retries and the shutdown signal.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod channels;
+pub mod propagation;
 pub mod redis;
 pub mod shutdown;
 pub mod startup;

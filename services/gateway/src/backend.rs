@@ -15,12 +15,22 @@ use crate::auth::Claims;
 use crate::error::CommandError;
 use crate::metrics::{MethodLabels, Metrics};
 
-/// Calls a ChatService method on a clone of the shared client, recording its latency
-/// by method; `?` maps a failed status to the protocol error.
+/// Calls a ChatService method on a clone of the shared client, inside a client span
+/// whose trace context travels in the request metadata, recording its latency by
+/// method; `?` maps a failed status to the protocol error.
 macro_rules! call {
     ($self:ident, $method:ident, $req:expr) => {{
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = concat!("chat.v1.ChatService/", stringify!($method)),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.method = stringify!($method),
+        );
+        let mut request = tonic::Request::new($req);
+        chat_common::propagation::inject_metadata(&span, request.metadata_mut());
         let started = std::time::Instant::now();
-        let reply = $self.chat.clone().$method($req).await;
+        let reply = tracing::Instrument::instrument($self.chat.clone().$method(request), span).await;
         $self
             .metrics
             .grpc_latency

@@ -123,9 +123,9 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
 
-    /// `json` for one JSON object per log line, `text` for humans.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Log format and trace export.
+    #[command(flatten)]
+    pub telemetry: chat_common::telemetry::TelemetryConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -142,6 +142,7 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Rejects values that parse but cannot work, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
+        self.telemetry.validate()?;
         match self.jwt_algorithm.as_str() {
             "HS256" if self.jwt_secret.as_deref().unwrap_or_default().is_empty() => {
                 return Err("JWT_SECRET must be set (and not empty) for HS256 tokens".into());

@@ -21,7 +21,7 @@ use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol;
-use crate::room::{Joined, Listener, RoomHandle};
+use crate::room::{delivery_span, Joined, Listener, RoomHandle};
 
 /// Events buffered between Redis and the dispatcher before the oldest are dropped
 /// (and message events later repaired from Postgres).
@@ -240,8 +240,8 @@ impl Fanout {
             tracing::warn!(channel = %msg.channel, "non-binary payload");
             return;
         };
-        let (event, published_us) = match Envelope::decode(payload) {
-            Ok(Envelope { event: Some(event), published_at_us, .. }) => (event, published_at_us),
+        let envelope = match Envelope::decode(payload) {
+            Ok(envelope) if envelope.event.is_some() => envelope,
             Ok(_) => return,
             Err(err) => {
                 tracing::warn!(%err, channel = %msg.channel, "undecodable envelope");
@@ -250,11 +250,16 @@ impl Fanout {
         };
         if let Some(room) = self.inner.channels.room_of(&msg.channel) {
             if let Some(hub) = read(&self.inner.rooms).get(room) {
-                hub.event(event, published_us);
+                hub.event(envelope);
             }
-        } else if let Some(user) = self.inner.channels.user_of(&msg.channel) {
+            return;
+        }
+        let Envelope { trace_context, event: Some(event), .. } = envelope else { return };
+        if let Some(user) = self.inner.channels.user_of(&msg.channel) {
+            let _span = delivery_span(&trace_context, None, self.local_connections(user)).entered();
             self.deliver_to_user(user, event);
         } else if msg.channel == self.inner.channels.broadcast() {
+            let _span = delivery_span(&trace_context, None, 0).entered();
             self.deliver_to_everyone(event);
         }
     }

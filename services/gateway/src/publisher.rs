@@ -2,9 +2,12 @@
 //! and disconnects — on Redis, for every gateway to hear.
 
 use chat_common::channels::Channels;
+use chat_common::propagation;
+use chat_common::telemetry::publish_span;
 use chat_proto::v1::{envelope::Event, Envelope};
 use fred::prelude::{Client, PubsubInterface};
 use prost::Message as _;
+use tracing::Instrument;
 
 use crate::error::{CommandError, ErrorCode};
 
@@ -39,8 +42,10 @@ impl Publisher {
     }
 
     async fn publish(&self, channel: String, event: Event) -> Result<(), CommandError> {
-        let payload = Envelope::stamped(event).encode_to_vec();
-        self.client.publish::<i64, _, _>(channel.as_str(), payload).await.map(|_| ()).map_err(|err| {
+        let span = publish_span(&channel);
+        let payload = Envelope::stamped(event).traced(propagation::to_map(&span)).encode_to_vec();
+        let published = self.client.publish::<i64, _, _>(channel.as_str(), payload).instrument(span).await;
+        published.map(|_| ()).map_err(|err| {
             tracing::warn!(%err, %channel, "publish failed");
             self.errors.inc();
             CommandError::new(ErrorCode::Unavailable, "event bus unavailable; retry")

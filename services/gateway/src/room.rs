@@ -15,6 +15,8 @@ use chat_proto::v1::envelope::Event;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use tracing::Instrument;
+
 use crate::backend::Backend;
 use crate::error::CommandError;
 use crate::metrics::Metrics;
@@ -27,6 +29,17 @@ pub const TYPING_TTL: Duration = Duration::from_secs(6);
 pub const MAX_BACKLOG: i64 = 1000;
 /// Commands queued for one room before events are dropped (and later repaired).
 const ROOM_QUEUE: usize = 4096;
+
+/// The span of one gateway's delivery of a fan-out event, a child of the publisher's span
+/// (through the envelope's trace context); `Span::none()` for an untraced envelope.
+pub fn delivery_span(trace_context: &HashMap<String, String>, room: Option<&str>, listeners: usize) -> tracing::Span {
+    if trace_context.is_empty() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("fanout.deliver", otel.kind = "consumer", room, listeners);
+    chat_common::propagation::set_parent_from_map(&span, trace_context);
+    span
+}
 
 /// A connection listening to a room.
 #[derive(Clone)]
@@ -45,9 +58,9 @@ pub struct Joined {
 }
 
 enum Command {
-    /// Boxed: events are large and most commands are events; one allocation each.
-    /// With the publish time (Unix µs).
-    Event(Box<Event>, i64),
+    /// Boxed: envelopes are large and most commands are events; one allocation each.
+    /// The dispatcher only forwards envelopes that carry an event.
+    Event(Box<pb::Envelope>),
     Join {
         listener: Listener,
         since: Option<i64>,
@@ -88,11 +101,10 @@ impl RoomHandle {
         self.tx.same_channel(&other.tx)
     }
 
-    /// Hands over an event from Redis without waiting. A full queue drops it: message
+    /// Hands over an envelope from Redis without waiting. A full queue drops it: message
     /// events come back through gap repair; ephemeral ones are gone, as their kind allows.
-    pub fn event(&self, event: Event, published_us: i64) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Command::Event(Box::new(event), published_us))
-        {
+    pub fn event(&self, envelope: pb::Envelope) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Command::Event(Box::new(envelope))) {
             tracing::warn!("room queue full; event dropped");
         }
     }
@@ -152,7 +164,7 @@ impl RoomTask {
             };
             let Some(command) = command else { return };
             match command {
-                Command::Event(event, published_us) => self.on_event(*event, published_us).await,
+                Command::Event(envelope) => self.on_envelope(*envelope).await,
                 Command::Join { listener, since, reply } => {
                     let _ = reply.send(self.join(listener, since).await);
                 }
@@ -170,6 +182,14 @@ impl RoomTask {
                 Command::Resync => self.resync().await,
             }
         }
+    }
+
+    /// Delivers one envelope, inside a span continuing the publisher's trace when the
+    /// envelope carries one (an untraced event costs no span).
+    async fn on_envelope(&mut self, envelope: pb::Envelope) {
+        let Some(event) = envelope.event else { return };
+        let span = delivery_span(&envelope.trace_context, Some(&self.room_id), self.listeners.len());
+        self.on_event(event, envelope.published_at_us).instrument(span).await
     }
 
     async fn on_event(&mut self, event: Event, published_us: i64) {

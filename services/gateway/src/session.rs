@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chat_proto::v1 as pb;
 use serde::Serialize;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::auth::{self, Claims};
 use crate::backend::caller;
@@ -91,16 +92,24 @@ impl Session {
             return protocol::error(frame.id.as_deref(), &err);
         }
         let id = frame.id.as_deref();
-        match self.execute(id, frame.command).await {
-            Ok(reply) => {
-                metrics.command(name, "ok");
-                reply
-            }
-            Err(err) => {
-                metrics.command(name, err.code.as_str());
-                protocol::error(id, &err)
-            }
-        }
+        // The root of a command's trace: the gRPC call, the message service's work and every
+        // gateway's delivery of the resulting event hang below it.
+        let span = tracing::info_span!(
+            "ws.command",
+            otel.name = format!("ws {name}"),
+            otel.kind = "server",
+            command = name,
+            user = %self.claims.sub,
+            outcome = tracing::field::Empty,
+        );
+        let result = self.execute(id, frame.command).instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(err) => err.code.as_str(),
+        };
+        span.record("outcome", outcome);
+        metrics.command(name, outcome);
+        result.unwrap_or_else(|err| protocol::error(id, &err))
     }
 
     fn who(&self) -> Option<pb::Caller> {

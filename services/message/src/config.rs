@@ -55,14 +55,15 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
 
-    /// `json` for one JSON object per log line, `text` for humans.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Log format and trace export.
+    #[command(flatten)]
+    pub telemetry: chat_common::telemetry::TelemetryConfig,
 }
 
 impl Config {
     /// Rejects values that parse but cannot work, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
+        self.telemetry.validate()?;
         if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
             return Err("DATABASE_URL must be a postgres:// URL".into());
         }

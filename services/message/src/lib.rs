@@ -93,6 +93,7 @@ impl Application {
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let stopped = shutdown.clone();
         let server = tonic::transport::Server::builder()
+            .trace_fn(rpc_span)
             .add_service(health_service)
             .add_service(
                 ChatServiceServer::new(api)
@@ -117,6 +118,26 @@ impl Application {
         tracing::info!("message service stopped");
         Ok(())
     }
+}
+
+/// The server span of one RPC, continuing the caller's trace from the `traceparent`
+/// metadata. Health checks (probes, gateway readiness) get none: they would bury the
+/// traces that matter.
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    if path.starts_with("/grpc.health.") {
+        return tracing::Span::none();
+    }
+    let method = path.rsplit('/').next().unwrap_or(path);
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = method,
+    );
+    chat_common::propagation::set_parent_from_headers(&span, req.headers());
+    span
 }
 
 /// Keeps the gRPC health status in step with the backends, so gateways and Kubernetes

@@ -3,10 +3,13 @@
 use std::time::Duration;
 
 use chat_common::channels::Channels;
+use chat_common::propagation;
 use chat_common::startup::Retry;
+use chat_common::telemetry::publish_span;
 use chat_proto::v1::{envelope::Event, Envelope, Message, MessageCreated};
 use fred::prelude::{Client, ClientLike, PubsubInterface};
 use prost::Message as _;
+use tracing::Instrument;
 
 /// Handle to the publishing Redis connection; cheap to clone.
 #[derive(Clone)]
@@ -54,8 +57,11 @@ impl Publisher {
     }
 
     async fn publish(&self, channel: String, event: Event) {
-        let payload = Envelope::stamped(event).encode_to_vec();
-        if let Err(err) = self.client.publish::<i64, _, _>(channel.as_str(), payload).await {
+        let span = publish_span(&channel);
+        // Gateways continue the trace from here: their delivery spans are children of this one.
+        let payload = Envelope::stamped(event).traced(propagation::to_map(&span)).encode_to_vec();
+        let published = self.client.publish::<i64, _, _>(channel.as_str(), payload).instrument(span).await;
+        if let Err(err) = published {
             tracing::warn!(%err, %channel, "event stored but not published");
             self.errors.inc();
         }

@@ -21,6 +21,7 @@ impl From<Row> for Attachment {
 
 impl Store {
     /// Stores an upload: metadata row, then bytes in the blob store.
+    #[tracing::instrument(name = "db.create_attachment", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn create_attachment(
         &self,
         caller: &Caller,
@@ -48,6 +49,7 @@ impl Store {
 
     /// An attachment and its bytes, for its uploader or for a member of a room with a
     /// message carrying it (admins too, in support rooms).
+    #[tracing::instrument(name = "db.attachment", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn attachment(&self, caller: &Caller, id: i64) -> Result<(Attachment, Vec<u8>), ServiceError> {
         let row: Option<(i64, String, String, i64, String, bool)> = sqlx::query_as(
             "SELECT a.id, a.name, a.content_type, a.size, a.uploader_id, EXISTS ( \
@@ -71,6 +73,7 @@ impl Store {
     }
 
     /// Checks that every id names an attachment the sender uploaded.
+    #[tracing::instrument(name = "db.own_attachments", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn own_attachments(&self, sender: &str, ids: &[i64]) -> Result<(), ServiceError> {
         if ids.is_empty() {
             return Ok(());

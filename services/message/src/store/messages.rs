@@ -56,6 +56,7 @@ impl Store {
     /// Stores a message: allocates the room's next seq and inserts the row in one
     /// transaction. Returns the message and whether it was already stored (a retry with
     /// the same sender and `client_msg_id`).
+    #[tracing::instrument(name = "db.insert_message", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn insert_message(&self, caller: &Caller, msg: NewMessage<'_>) -> Result<(Message, bool), ServiceError> {
         if let Some(cid) = msg.client_msg_id {
             if let Some(existing) = self.by_client_msg_id(&caller.user_id, cid).await? {
@@ -139,6 +140,7 @@ impl Store {
 
     /// A page of history in ascending seq order, and whether more lies beyond it: older
     /// messages when reading backwards (no `after_seq`), newer ones when reading forwards.
+    #[tracing::instrument(name = "db.history", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn history(
         &self,
         caller: &Caller,
@@ -177,6 +179,7 @@ impl Store {
     }
 
     /// Messages with `after < seq < before`, ascending, at most `limit` (internal).
+    #[tracing::instrument(name = "db.room_messages", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn room_messages(
         &self,
         room_id: i64,
@@ -243,6 +246,7 @@ impl Store {
     }
 
     /// Replaces a message's text; only its sender may, and not once it is deleted.
+    #[tracing::instrument(name = "db.edit_message", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn edit_message(&self, caller: &Caller, message_id: i64, text: &str) -> Result<Message, ServiceError> {
         let (msg, standing) = self.message_ref(caller, message_id).await?;
         if msg.sender_id != caller.user_id || !standing.can_read() {
@@ -267,6 +271,7 @@ impl Store {
 
     /// Soft-deletes a message (its sender, the room owner, or an admin). Returns the
     /// room, the seq, and whether it was deleted just now.
+    #[tracing::instrument(name = "db.delete_message", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn delete_message(&self, caller: &Caller, message_id: i64) -> Result<(i64, i64, bool), ServiceError> {
         let (msg, standing) = self.message_ref(caller, message_id).await?;
         let own = msg.sender_id == caller.user_id && standing.can_read();
@@ -283,6 +288,7 @@ impl Store {
     }
 
     /// Adds or removes the caller's reaction. Returns the room and whether anything changed.
+    #[tracing::instrument(name = "db.react", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn react(
         &self,
         caller: &Caller,
@@ -315,6 +321,7 @@ impl Store {
 
     /// Moves the caller's read position to `seq` (clamped to the room's newest seq; it
     /// never moves backwards). Returns the position after the call.
+    #[tracing::instrument(name = "db.mark_read", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn mark_read(&self, caller: &Caller, room_id: i64, seq: i64) -> Result<i64, ServiceError> {
         let standing = self.readable(caller, room_id).await?;
         let target = seq.min(standing.last_seq);

@@ -33,6 +33,7 @@ impl From<Row> for Notification {
 
 impl Store {
     /// Stores one notification per user; `data_json` must be valid JSON.
+    #[tracing::instrument(name = "db.create_notifications", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn create_notifications(
         &self,
         user_ids: &[String],
@@ -56,6 +57,7 @@ impl Store {
 
     /// A page of a user's notifications, newest first; whether older ones exist; and
     /// how many are unread in all.
+    #[tracing::instrument(name = "db.list_notifications", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn list_notifications(
         &self,
         user_id: &str,
@@ -85,6 +87,7 @@ impl Store {
     }
 
     /// Marks the user's notifications read: those named, or all. Others' ids are ignored.
+    #[tracing::instrument(name = "db.mark_notifications_read", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn mark_notifications_read(&self, user_id: &str, ids: &[i64], all: bool) -> Result<i64, ServiceError> {
         let done = sqlx::query(
             "UPDATE notifications SET read_at = now() WHERE user_id = $1 AND read_at IS NULL \

@@ -44,6 +44,7 @@ fn direct_key(a: &str, b: &str) -> String {
 impl Store {
     /// Creates a room with the caller as owner. A direct room between the same two users
     /// is created once; asking again returns it (and `false`: nothing was created).
+    #[tracing::instrument(name = "db.create_room", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn create_room(
         &self,
         caller: &Caller,
@@ -97,6 +98,7 @@ impl Store {
     }
 
     /// A room with its members.
+    #[tracing::instrument(name = "db.room", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn room(&self, id: i64) -> Result<Room, ServiceError> {
         let room: RoomRow = sqlx::query_as("SELECT id, kind, name, last_seq, created_at FROM rooms WHERE id = $1")
             .bind(id)
@@ -112,6 +114,7 @@ impl Store {
     }
 
     /// For a caller who may read the room: its newest seq and its members' ids.
+    #[tracing::instrument(name = "db.join", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn join(&self, caller: &Caller, room_id: i64) -> Result<(i64, Vec<String>), ServiceError> {
         let standing = self.readable(caller, room_id).await?;
         let members: Vec<String> = sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1")
@@ -122,6 +125,7 @@ impl Store {
     }
 
     /// Adds members (room owner or admin). Returns the room and who was newly added.
+    #[tracing::instrument(name = "db.add_members", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn add_members(
         &self,
         caller: &Caller,
@@ -150,6 +154,7 @@ impl Store {
 
     /// Removes a member: the room owner or an admin may remove anyone, a member may
     /// remove themself. False when the user was not a member.
+    #[tracing::instrument(name = "db.remove_member", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn remove_member(&self, caller: &Caller, room_id: i64, user_id: &str) -> Result<bool, ServiceError> {
         let standing = self.standing(caller, room_id).await?;
         let leaving_self = caller.user_id == user_id && standing.role.is_some();
@@ -168,6 +173,7 @@ impl Store {
     /// The caller's rooms (and, for admins, every support room), newest activity first,
     /// with unread counts (messages by others above the read position, not deleted)
     /// and the last message.
+    #[tracing::instrument(name = "db.list_rooms", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn list_rooms(&self, caller: &Caller) -> Result<Vec<RoomSummary>, ServiceError> {
         #[derive(sqlx::FromRow)]
         struct Row {
@@ -218,6 +224,7 @@ impl Store {
     }
 
     /// A room's newest seq (internal).
+    #[tracing::instrument(name = "db.room_seq", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn room_seq(&self, room_id: i64) -> Result<i64, ServiceError> {
         sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1")
             .bind(room_id)
@@ -227,6 +234,7 @@ impl Store {
     }
 
     /// The ids of every room a user belongs to (internal).
+    #[tracing::instrument(name = "db.user_rooms", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn user_rooms(&self, user_id: &str) -> Result<Vec<i64>, ServiceError> {
         Ok(sqlx::query_scalar("SELECT room_id FROM room_members WHERE user_id = $1")
             .bind(user_id)
