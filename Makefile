@@ -1,14 +1,19 @@
 # The two commands: `make run` starts the local cluster, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: run test build release lint fmt clean
+.PHONY: run run-lb test build release lint fmt clean
 
 ## Start the local cluster: message service on :50051, gateways on :8080 and :8081.
 run:
 	@./deploy/run-local.sh
 
+## The local cluster behind HAProxy: GATEWAYS gateways (default 3), load balancer on LB_ADDR.
+run-lb:
+	@GATEWAYS=$${GATEWAYS:-3} LB_ADDR=$${LB_ADDR:-127.0.0.1:8000} ./deploy/run-local.sh
+
 ## Build the binaries the end-to-end tests start, then run the whole suite.
 test:
+	@./deploy/install-test-tools.sh
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 

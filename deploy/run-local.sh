@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts the local cluster of the client contract: the message service on 127.0.0.1:50051
 # and two gateways on 127.0.0.1:8080 and 127.0.0.1:8081, against DATABASE_URL and
-# REDIS_URL (local defaults). Ctrl-C stops everything it started.
+# REDIS_URL (local defaults). GATEWAYS=N starts N gateways (8080, 8081, …); LB_ADDR puts
+# HAProxy in front of them. Ctrl-C stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ DEV_SECRET="dev-secret-change-me"
 export JWT_SECRET="${JWT_SECRET:-$DEV_SECRET}"
 export RUST_LOG="${RUST_LOG:-info}"
 PROFILE="${PROFILE:-release}"
+GATEWAYS="${GATEWAYS:-2}"
+LB_ADDR="${LB_ADDR:-}"
 
 if [ "$PROFILE" = release ]; then
   cargo build --release --workspace --bins
@@ -45,13 +48,26 @@ wait_ready() { # url, name, pid
 
 MESSAGE_ADDR=127.0.0.1:50051 METRICS_ADDR="${METRICS_ADDR:-127.0.0.1:9091}" "$BIN/chat-message" &
 pids+=($!)
-GATEWAY_ADDR=127.0.0.1:8080 MESSAGE_SERVICE_URL=http://127.0.0.1:50051 "$BIN/chat-gateway" &
-pids+=($!)
-GATEWAY_ADDR=127.0.0.1:8081 MESSAGE_SERVICE_URL=http://127.0.0.1:50051 "$BIN/chat-gateway" &
-pids+=($!)
+# Gateways on 8080, 8081, … (GATEWAYS, default 2: the contract's local cluster).
+gateways=()
+for i in $(seq 0 $((GATEWAYS - 1))); do
+  addr="127.0.0.1:$((8080 + i))"
+  GATEWAY_ADDR=$addr MESSAGE_SERVICE_URL=http://127.0.0.1:50051 "$BIN/chat-gateway" &
+  pids+=($!)
+  gateways+=("$addr")
+done
+for i in "${!gateways[@]}"; do
+  wait_ready "http://${gateways[$i]}/readyz" "gateway ${gateways[$i]}" "${pids[$((i + 1))]}"
+done
 
-wait_ready http://127.0.0.1:8080/readyz "gateway A" "${pids[1]}"
-wait_ready http://127.0.0.1:8081/readyz "gateway B" "${pids[2]}"
+# Optionally HAProxy in front of them (LB_ADDR, e.g. 127.0.0.1:8000; `make run-lb`).
+lb_line=""
+if [ -n "$LB_ADDR" ]; then
+  ./deploy/lb/haproxy.sh run "$LB_ADDR" "${gateways[@]}" &
+  pids+=($!)
+  wait_ready "http://$LB_ADDR/readyz" "haproxy" "${pids[-1]}"
+  lb_line="    load balancer    ws://$LB_ADDR/ws   (HAProxy over ${#gateways[@]} gateways)"
+fi
 
 secret_hint=""
 [ "$JWT_SECRET" = "$DEV_SECRET" ] && secret_hint=" (dev default; set JWT_SECRET to override)"
@@ -59,8 +75,8 @@ cat <<INFO
 
   chat cluster is up
     message service  grpc://127.0.0.1:50051   metrics http://127.0.0.1:9091/metrics
-    gateway A        ws://127.0.0.1:8080/ws   http://127.0.0.1:8080/metrics   http://127.0.0.1:8080/openapi.json
-    gateway B        ws://127.0.0.1:8081/ws   http://127.0.0.1:8081/metrics
+$(for gw in "${gateways[@]}"; do echo "    gateway          ws://$gw/ws   http://$gw/metrics   http://$gw/openapi.json"; done)
+${lb_line}
     database         $DATABASE_URL
     redis            $REDIS_URL
     JWT_SECRET       $JWT_SECRET$secret_hint

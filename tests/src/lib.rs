@@ -132,6 +132,22 @@ impl Drop for TestDb {
     }
 }
 
+/// A further message service of a cluster.
+pub struct Replica {
+    pub grpc_addr: String,
+    /// `host:port` of its `/metrics`.
+    pub metrics: String,
+    child: Child,
+}
+
+impl Replica {
+    /// Kills it with SIGKILL.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
 /// A message service and `n` gateways, on free ports, against a fresh database.
 pub struct Cluster {
     /// `host:port` of the message service's `/metrics`.
@@ -140,6 +156,8 @@ pub struct Cluster {
     prefix: String,
     pub grpc_addr: String,
     pub gateways: Vec<String>,
+    /// Message services beyond the first (see `start_replicated`).
+    pub replicas: Vec<Replica>,
     // Fields drop in order: the processes die before their database is dropped.
     message: Child,
     gateway_procs: Vec<Child>,
@@ -190,6 +208,22 @@ impl Cluster {
 
     /// Like `start_with`, with a fresh database on the Postgres server at `postgres`.
     pub async fn start_on(gateways: usize, postgres: &str, redis: &str, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_full(gateways, 0, postgres, redis, env).await
+    }
+
+    /// Like `start`, with `replicas` more message services beside the first; the gateways
+    /// balance their calls across all of them.
+    pub async fn start_replicated(gateways: usize, replicas: usize) -> Result<Self> {
+        Self::start_full(gateways, replicas, &postgres_base(), &redis_url(), &[]).await
+    }
+
+    async fn start_full(
+        gateways: usize,
+        replicas: usize,
+        postgres: &str,
+        redis: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let db = TestDb::on(postgres);
         // A private channel namespace: other clusters on the same Redis never cross-talk.
         let prefix = unique("e2e");
@@ -198,13 +232,24 @@ impl Cluster {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let message_metrics = format!("127.0.0.1:{}", free_port());
         let message = spawn_message(&grpc_addr, &message_metrics, &db.url, redis, &prefix, &env)?;
+        let mut extra = Vec::new();
+        for _ in 0..replicas {
+            let grpc_addr = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let child = spawn_message(&grpc_addr, &metrics, &db.url, redis, &prefix, &env)?;
+            extra.push(Replica { grpc_addr, metrics, child });
+        }
+        let message_urls: Vec<String> = std::iter::once(&grpc_addr)
+            .chain(extra.iter().map(|r| &r.grpc_addr))
+            .map(|a| format!("http://{a}"))
+            .collect();
         let mut gateway_procs = Vec::new();
         let mut urls = Vec::new();
         for _ in 0..gateways {
             let port = free_port();
             let child = Command::new(bin("chat-gateway"))
                 .env("GATEWAY_ADDR", format!("127.0.0.1:{port}"))
-                .env("MESSAGE_SERVICE_URL", format!("http://{grpc_addr}"))
+                .env("MESSAGE_SERVICE_URL", message_urls.join(","))
                 .env("REDIS_URL", redis)
                 .env("REDIS_CHANNEL_PREFIX", &prefix)
                 .env("JWT_SECRET", SECRET)
@@ -226,6 +271,7 @@ impl Cluster {
             message_metrics,
             gateways: urls,
             message,
+            replicas: extra,
             gateway_procs,
             env,
         };

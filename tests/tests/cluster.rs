@@ -219,3 +219,36 @@ async fn health_endpoints_answer_without_a_token() -> Result<()> {
     assert_eq!(status, 200, "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn gateways_balance_calls_across_every_message_service_and_survive_losing_one() -> Result<()> {
+    let mut cluster = Cluster::start_replicated(1, 1).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut bob = cluster.client(0, "bob").await?;
+    let room = alice.create_group(&["bob"]).await?;
+    bob.ack(json!({"type": "join", "room": room})).await?;
+    for i in 1..=40 {
+        alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
+    }
+    let persisted = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("chat_message_sends_persisted_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let first = chat_tests::http(&cluster.message_metrics, "GET", "/metrics", None, "", b"").await?;
+    let second = chat_tests::http(&cluster.replicas[0].metrics, "GET", "/metrics", None, "", b"").await?;
+    let (first, second) =
+        (persisted(&String::from_utf8_lossy(&first.raw)), persisted(&String::from_utf8_lossy(&second.raw)));
+    assert_eq!(first + second, 40.0);
+    assert!(first > 0.0 && second > 0.0, "one gateway's calls reach both services: {first} + {second}");
+
+    // With one service gone, retried sends (same client_msg_id) land on the other.
+    cluster.replicas[0].kill().await?;
+    let texts = (41..=60).map(|i| format!("m{i}")).collect();
+    chat_tests::send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts).await?;
+    for i in 1..=60 {
+        assert_eq!(bob.event("message").await?["message"]["seq"], i);
+    }
+    Ok(())
+}

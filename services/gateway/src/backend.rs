@@ -6,12 +6,14 @@ use std::time::Duration;
 use chat_common::startup::Retry;
 use chat_proto::v1 as pb;
 use chat_proto::v1::chat_service_client::ChatServiceClient;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::auth::Claims;
+use crate::discovery::{self, Targets};
 use crate::error::CommandError;
 use crate::metrics::{MethodLabels, Metrics};
 
@@ -57,23 +59,34 @@ pub fn caller(claims: &Claims) -> pb::Caller {
 }
 
 impl Backend {
-    /// A channel to `url` with a per-call deadline of `timeout`; waits, with bounded
-    /// retries, until the service reports SERVING.
-    pub async fn connect(url: &str, timeout: Duration, retry: Retry, metrics: Metrics) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
+    /// A channel balanced across every address of `targets` (re-resolved every
+    /// `refresh`), with a per-call deadline of `timeout`; waits, with bounded retries,
+    /// until the service reports SERVING.
+    pub async fn connect(
+        targets: Targets,
+        refresh: Duration,
+        timeout: Duration,
+        retry: Retry,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let label = format!("message service at {targets}");
+        let configure = move |endpoint: Endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+        };
+        let channel = discovery::balanced_channel(targets, refresh, configure, shutdown).await;
         let chat = ChatServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
         let backend = Self { chat, health: HealthClient::new(channel), metrics };
         retry
-            .run(&format!("message service at {url}"), || async {
+            .run(&label, || async {
                 match backend.serving().await {
                     Ok(true) => Ok(()),
                     Ok(false) => Err("not serving yet".to_owned()),

@@ -15,9 +15,16 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// gRPC URL of the message service.
-    #[arg(long, env = "MESSAGE_SERVICE_URL", default_value = "http://127.0.0.1:50051")]
-    pub message_service_url: String,
+    /// gRPC URL of the message service; several may be given, comma-separated. Calls are
+    /// balanced across every address the URLs' names resolve to (on Kubernetes: a
+    /// headless Service naming each pod).
+    #[arg(long, env = "MESSAGE_SERVICE_URL", default_value = "http://127.0.0.1:50051", value_delimiter = ',')]
+    pub message_service_url: Vec<String>,
+
+    /// How often the message service's names are resolved again, in ms, so pods that come
+    /// and go join and leave the balancer.
+    #[arg(long, env = "MESSAGE_SERVICE_DNS_REFRESH_MS", default_value_t = 5_000)]
+    pub message_service_dns_refresh_ms: u64,
 
     /// Redis URL for subscribing to room events.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
@@ -140,6 +147,11 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
+    /// The message service's URLs, parsed.
+    pub fn message_targets(&self) -> Result<crate::discovery::Targets, String> {
+        crate::discovery::Targets::parse(&self.message_service_url)
+    }
+
     /// Rejects values that parse but cannot work, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
         self.telemetry.validate()?;
@@ -152,8 +164,9 @@ impl Config {
             }
             _ => {}
         }
-        if !self.message_service_url.starts_with("http://") && !self.message_service_url.starts_with("https://") {
-            return Err("MESSAGE_SERVICE_URL must be an http:// URL".into());
+        self.message_targets().map_err(|e| format!("MESSAGE_SERVICE_URL: {e}"))?;
+        if self.message_service_dns_refresh_ms < 100 {
+            return Err("MESSAGE_SERVICE_DNS_REFRESH_MS must be at least 100".into());
         }
         if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
             return Err("REDIS_URL must be a redis:// URL".into());

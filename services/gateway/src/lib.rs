@@ -9,6 +9,7 @@ pub mod attachments;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod fanout;
 pub mod http;
@@ -58,11 +59,14 @@ impl Application {
         let keys = config.jwt_keys().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let verifier = Verifier::new(&keys, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref())?;
         let metrics = Metrics::new();
+        let targets = config.message_targets().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let backend = Backend::connect(
-            &config.message_service_url,
+            targets,
+            Duration::from_millis(config.message_service_dns_refresh_ms),
             Duration::from_millis(config.grpc_timeout_ms),
             retry,
             metrics.clone(),
+            shutdown.clone(),
         )
         .await?;
         let fanout = Fanout::connect(
