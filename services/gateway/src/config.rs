@@ -26,9 +26,9 @@ pub struct Config {
     #[arg(long, env = "MESSAGE_SERVICE_DNS_REFRESH_MS", default_value_t = 5_000)]
     pub message_service_dns_refresh_ms: u64,
 
-    /// Redis URL for subscribing to room events.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// Redis (single server or cluster).
+    #[command(flatten)]
+    pub redis: chat_common::redis::RedisConfig,
 
     /// Prefix of every Redis channel name; the message service must use the same one.
     #[arg(long, env = "REDIS_CHANNEL_PREFIX", default_value = "chat")]
@@ -140,7 +140,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("message_service_url", &self.message_service_url)
-            .field("redis_url", &self.redis_url)
+            .field("redis", &self.redis)
             .field("jwt_secret", &"<redacted>")
             .finish_non_exhaustive()
     }
@@ -168,9 +168,7 @@ impl Config {
         if self.message_service_dns_refresh_ms < 100 {
             return Err("MESSAGE_SERVICE_DNS_REFRESH_MS must be at least 100".into());
         }
-        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
-            return Err("REDIS_URL must be a redis:// URL".into());
-        }
+        self.redis.validate()?;
         if self.redis_channel_prefix.is_empty() || self.redis_channel_prefix.contains(['{', '}']) {
             return Err("REDIS_CHANNEL_PREFIX must be non-empty and contain no braces".into());
         }

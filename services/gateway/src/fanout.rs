@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use chat_common::channels::Channels;
+use chat_common::redis::{PubSub, RedisConfig};
 use chat_common::startup::Retry;
 use chat_proto::v1::{envelope::Event, Envelope};
 use fred::clients::SubscriberClient;
-use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
+use fred::prelude::{ClientLike, EventInterface};
 use fred::types::Message as RedisMessage;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +41,7 @@ pub struct Fanout {
 }
 
 struct Inner {
-    subscriber: SubscriberClient,
+    subscriber: PubSub<SubscriberClient>,
     channels: Channels,
     backend: Backend,
     metrics: Metrics,
@@ -69,16 +70,16 @@ impl Fanout {
     /// Connects the subscriber, with bounded retries. After that, fred reconnects on its
     /// own and `manage_subscriptions` restores every subscription.
     pub async fn connect(
-        url: &str,
+        redis: &RedisConfig,
         channels: Channels,
         backend: Backend,
         metrics: Metrics,
         retry: Retry,
     ) -> anyhow::Result<Self> {
-        let subscriber =
-            chat_common::redis::builder(url, Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
-        retry.run("Redis", || subscriber.init()).await?;
-        let _resubscribe = subscriber.manage_subscriptions();
+        let client = redis.builder(Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
+        retry.run("Redis", || client.init()).await?;
+        let _resubscribe = client.manage_subscriptions();
+        let subscriber = redis.subscriber(client);
         subscriber.subscribe(channels.broadcast()).await?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -95,7 +96,7 @@ impl Fanout {
 
     /// True while the Redis subscriber connection is up.
     pub fn is_connected(&self) -> bool {
-        self.inner.subscriber.is_connected()
+        self.inner.subscriber.client().is_connected()
     }
 
     /// Starts delivering `room` to `listener`, after replaying what it missed since
@@ -120,13 +121,13 @@ impl Fanout {
             return Ok(hub.clone());
         }
         let channel = self.inner.channels.room(room);
-        self.inner.subscriber.subscribe(channel.clone()).await.map_err(|e| self.unavailable(e))?;
+        self.inner.subscriber.subscribe(&channel).await.map_err(|e| self.unavailable(e))?;
         // Read the room's position only once the subscription is live: every later
         // message then arrives on the channel, every earlier one is in Postgres.
         let last_seq = match self.inner.backend.room_seq(room.to_owned()).await {
             Ok(seq) => seq,
             Err(err) => {
-                let _ = self.inner.subscriber.unsubscribe(channel).await;
+                let _ = self.inner.subscriber.unsubscribe(&channel).await;
                 return Err(err);
             }
         };
@@ -147,7 +148,7 @@ impl Fanout {
         if let Some(current) = current.filter(|c| c.same(&hub)) {
             if current.stop_if_empty().await {
                 write(&self.inner.rooms).remove(room);
-                if let Err(err) = self.inner.subscriber.unsubscribe(self.inner.channels.room(room)).await {
+                if let Err(err) = self.inner.subscriber.unsubscribe(&self.inner.channels.room(room)).await {
                     // Harmless: events for a room without a task are dropped on arrival.
                     tracing::warn!(%err, room, "redis unsubscribe failed");
                 }
@@ -160,7 +161,7 @@ impl Fanout {
     pub async fn add_user_conn(&self, user: &str, outbox: &Outbox) -> Result<(), CommandError> {
         let _guard = self.inner.transitions.lock().await;
         if !read(&self.inner.users).contains_key(user) {
-            self.inner.subscriber.subscribe(self.inner.channels.user(user)).await.map_err(|e| self.unavailable(e))?;
+            self.inner.subscriber.subscribe(&self.inner.channels.user(user)).await.map_err(|e| self.unavailable(e))?;
         }
         write(&self.inner.users).entry(user.to_owned()).or_default().insert(outbox.id(), outbox.clone());
         Ok(())
@@ -181,7 +182,7 @@ impl Fanout {
             empty == Some(true)
         };
         if now_empty {
-            if let Err(err) = self.inner.subscriber.unsubscribe(self.inner.channels.user(user)).await {
+            if let Err(err) = self.inner.subscriber.unsubscribe(&self.inner.channels.user(user)).await {
                 tracing::warn!(%err, user, "redis unsubscribe failed");
             }
         }
@@ -196,8 +197,8 @@ impl Fanout {
     /// reconnect every room catches up from Postgres, since events published while
     /// the connection was down are lost.
     pub async fn run_dispatcher(self, shutdown: CancellationToken) {
-        let mut rx = self.inner.subscriber.message_rx();
-        let mut reconnects = self.inner.subscriber.reconnect_rx();
+        let mut rx = self.inner.subscriber.client().message_rx();
+        let mut reconnects = self.inner.subscriber.client().reconnect_rx();
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
@@ -224,7 +225,7 @@ impl Fanout {
                 _ = shutdown.cancelled() => break,
             }
         }
-        if let Err(err) = self.inner.subscriber.quit().await {
+        if let Err(err) = self.inner.subscriber.client().quit().await {
             tracing::debug!(%err, "redis quit");
         }
     }

@@ -70,7 +70,7 @@ impl Application {
         )
         .await?;
         let fanout = Fanout::connect(
-            &config.redis_url,
+            &config.redis,
             Channels::new(&config.redis_channel_prefix),
             backend.clone(),
             metrics.clone(),
@@ -78,7 +78,7 @@ impl Application {
         )
         .await?;
         let presence = Presence::connect(
-            &config.redis_url,
+            &config.redis,
             &config.redis_channel_prefix,
             backend.clone(),
             config.max_connections_per_user,

@@ -8,9 +8,11 @@
 //! (`PRESENCE_STALE_MS`, default 30 s) is swept by the others, which look every third of
 //! that period, so a crashed gateway's users go offline within 4/3 of it (40 s).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_common::channels::Channels;
+use chat_common::redis::RedisConfig;
 use chat_common::startup::Retry;
 use chat_proto::v1::envelope::Event;
 use fred::prelude::{Client, ClientLike, Expiration, HashesInterface, KeysInterface, LuaInterface};
@@ -22,24 +24,24 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::publisher::Publisher;
 
+/// Lock stripes serialising presence updates per user within one gateway.
+const STRIPES: usize = 64;
+
+// Each script touches one key (the user's hash), so it runs on a Redis Cluster too.
 const CONNECT: &str = r#"
 local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
 if tonumber(ARGV[2]) > 0 and total >= tonumber(ARGV[2]) then return -1 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('SADD', KEYS[2], ARGV[3])
 return total + 1
 "#;
 
 const DISCONNECT: &str = r#"
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if n <= 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[2], ARGV[2])
-end
+local mine = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if mine <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
-return total
+return {mine, total}
 "#;
 
 const SWEEP_USER: &str = r#"
@@ -60,6 +62,11 @@ pub enum Admission {
 #[derive(Clone)]
 pub struct Presence {
     client: Client,
+    /// Scans every node of a Redis Cluster, not just one.
+    cluster: bool,
+    /// Serialises this gateway's count and user-set updates per user (striped), so the
+    /// set of users it counted never disagrees with its counts.
+    stripes: Arc<[tokio::sync::Mutex<()>]>,
     publisher: Publisher,
     prefix: String,
     gateway_id: String,
@@ -73,7 +80,7 @@ pub struct Presence {
 impl Presence {
     /// Connects with bounded retries. `cap` is the per-user connection limit (0: none).
     pub async fn connect(
-        url: &str,
+        redis: &RedisConfig,
         prefix: &str,
         backend: Backend,
         cap: u32,
@@ -81,18 +88,26 @@ impl Presence {
         redis_errors: prometheus_client::metrics::counter::Counter,
         retry: Retry,
     ) -> anyhow::Result<Self> {
-        let client = chat_common::redis::builder(url, Duration::from_secs(2), 32)?.build()?;
+        let client = redis.builder(Duration::from_secs(2), 32)?.build()?;
         retry.run("Redis", || client.init()).await?;
         let gateway_id = format!("{:016x}", rand::rng().random::<u64>());
         Ok(Self {
-            publisher: Publisher::new(client.clone(), Channels::new(prefix), redis_errors),
+            publisher: Publisher::new(redis.publisher(client.clone()), Channels::new(prefix), redis_errors),
             client,
+            cluster: redis.cluster,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             prefix: prefix.to_owned(),
             gateway_id,
             backend,
             cap,
             stale_after,
         })
+    }
+
+    fn stripe(&self, user: &str) -> &tokio::sync::Mutex<()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(user, &mut hasher);
+        &self.stripes[(std::hash::Hasher::finish(&hasher) % self.stripes.len() as u64) as usize]
     }
 
     fn user_key(&self, user: &str) -> String {
@@ -110,11 +125,18 @@ impl Presence {
     /// Counts a new connection of `user`, unless that exceeds the cap. When Redis is
     /// unreachable the connection is admitted (presence is best effort; chat is not).
     pub async fn admit(&self, user: &str) -> Admission {
-        let keys = vec![self.user_key(user), self.users_key(&self.gateway_id)];
-        let args = vec![self.gateway_id.clone(), self.cap.to_string(), user.to_owned()];
-        match self.client.eval::<i64, _, _, _>(CONNECT, keys, args).await {
+        let _serial = self.stripe(user).lock().await;
+        let args = vec![self.gateway_id.clone(), self.cap.to_string()];
+        match self.client.eval::<i64, _, _, _>(CONNECT, vec![self.user_key(user)], args).await {
             Ok(-1) => Admission::OverCap,
-            Ok(total) => Admission::Admitted { first: total == 1 },
+            Ok(total) => {
+                // Remembered so that, should this gateway die, another one can sweep the count.
+                let added: Result<i64, _> = self.client.sadd(self.users_key(&self.gateway_id), user).await;
+                if let Err(err) = added {
+                    tracing::warn!(%err, "presence: user not recorded for a sweep");
+                }
+                Admission::Admitted { first: total == 1 }
+            }
             Err(err) => {
                 tracing::warn!(%err, "presence unavailable; admitting without counting");
                 Admission::Admitted { first: false }
@@ -124,10 +146,15 @@ impl Presence {
 
     /// Uncounts a connection; true when it was the user's last one in the cluster.
     pub async fn release(&self, user: &str) -> bool {
-        let keys = vec![self.user_key(user), self.users_key(&self.gateway_id)];
-        let args = vec![self.gateway_id.clone(), user.to_owned()];
-        match self.client.eval::<i64, _, _, _>(DISCONNECT, keys, args).await {
-            Ok(total) => total <= 0,
+        let _serial = self.stripe(user).lock().await;
+        let args = vec![self.gateway_id.clone()];
+        match self.client.eval::<(i64, i64), _, _, _>(DISCONNECT, vec![self.user_key(user)], args).await {
+            Ok((mine, total)) => {
+                if mine <= 0 {
+                    let _: Result<i64, _> = self.client.srem(self.users_key(&self.gateway_id), user).await;
+                }
+                total <= 0
+            }
             Err(err) => {
                 tracing::warn!(%err, "presence unavailable; connection not uncounted (swept later)");
                 false
@@ -183,7 +210,12 @@ impl Presence {
     /// Every user with an open connection anywhere, with their connection counts.
     pub async fn everyone(&self) -> Result<Vec<(String, i64)>, crate::error::CommandError> {
         let prefix = format!("{}:presence:{{", self.prefix);
-        let mut keys = self.client.scan_buffered(format!("{prefix}*"), Some(500), None);
+        let pattern = format!("{prefix}*");
+        let mut keys = if self.cluster {
+            self.client.scan_cluster_buffered(pattern, Some(500), None).boxed()
+        } else {
+            self.client.scan_buffered(pattern, Some(500), None).boxed()
+        };
         let mut users = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(unavailable)?;

@@ -3,9 +3,10 @@
 
 use chat_common::channels::Channels;
 use chat_common::propagation;
+use chat_common::redis::PubSub;
 use chat_common::telemetry::publish_span;
 use chat_proto::v1::{envelope::Event, Envelope};
-use fred::prelude::{Client, PubsubInterface};
+use fred::prelude::Client;
 use prost::Message as _;
 use tracing::Instrument;
 
@@ -14,7 +15,7 @@ use crate::error::{CommandError, ErrorCode};
 /// Handle to a publishing Redis connection; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
-    client: Client,
+    bus: PubSub<Client>,
     channels: Channels,
     /// Counts failed publishes.
     errors: prometheus_client::metrics::counter::Counter,
@@ -22,8 +23,8 @@ pub struct Publisher {
 
 impl Publisher {
     /// A publisher over a connected client.
-    pub fn new(client: Client, channels: Channels, errors: prometheus_client::metrics::counter::Counter) -> Self {
-        Self { client, channels, errors }
+    pub fn new(bus: PubSub<Client>, channels: Channels, errors: prometheus_client::metrics::counter::Counter) -> Self {
+        Self { bus, channels, errors }
     }
 
     /// Publishes on a room's channel.
@@ -44,8 +45,8 @@ impl Publisher {
     async fn publish(&self, channel: String, event: Event) -> Result<(), CommandError> {
         let span = publish_span(&channel);
         let payload = Envelope::stamped(event).traced(propagation::to_map(&span)).encode_to_vec();
-        let published = self.client.publish::<i64, _, _>(channel.as_str(), payload).instrument(span).await;
-        published.map(|_| ()).map_err(|err| {
+        let published = self.bus.publish(&channel, payload).instrument(span).await;
+        published.map_err(|err| {
             tracing::warn!(%err, %channel, "publish failed");
             self.errors.inc();
             CommandError::new(ErrorCode::Unavailable, "event bus unavailable; retry")

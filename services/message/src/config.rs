@@ -35,9 +35,9 @@ pub struct Config {
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = crate::validate::MAX_TEXT_CHARS)]
     pub max_text_chars: usize,
 
-    /// Redis URL for publishing events.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// Redis (single server or cluster).
+    #[command(flatten)]
+    pub redis: chat_common::redis::RedisConfig,
 
     /// Prefix of every Redis channel name; gateways must use the same one.
     #[arg(long, env = "REDIS_CHANNEL_PREFIX", default_value = "chat")]
@@ -67,9 +67,7 @@ impl Config {
         if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
             return Err("DATABASE_URL must be a postgres:// URL".into());
         }
-        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
-            return Err("REDIS_URL must be a redis:// URL".into());
-        }
+        self.redis.validate()?;
         if self.max_text_chars == 0 {
             return Err("MAX_TEXT_CHARS must be at least 1".into());
         }

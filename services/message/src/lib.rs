@@ -31,6 +31,10 @@ use crate::store::Store;
 /// Largest gRPC message: an attachment (10 MiB) plus its envelope.
 const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
 
+/// The gRPC health service name that reports SERVING while the process runs (for
+/// liveness); the overall status ("") follows the backends (for readiness).
+pub const LIVENESS: &str = "liveness";
+
 /// How often the health status is re-checked against Postgres and Redis.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -52,8 +56,7 @@ impl Application {
         let retry = config.startup_retry();
         let store =
             Store::connect(&config.database_url(), config.create_database, config.db_max_connections, retry).await?;
-        let publisher =
-            Publisher::connect(&config.redis_url, Channels::new(&config.redis_channel_prefix), retry).await?;
+        let publisher = Publisher::connect(&config.redis, Channels::new(&config.redis_channel_prefix), retry).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -143,6 +146,8 @@ fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
 /// Keeps the gRPC health status in step with the backends, so gateways and Kubernetes
 /// stop routing to a message service that cannot reach Postgres or Redis.
 async fn report_health(reporter: HealthReporter, store: Store, publisher: Publisher, shutdown: CancellationToken) {
+    // For liveness probes: the process answers, whatever its backends do.
+    reporter.set_service_status(LIVENESS, tonic_health::ServingStatus::Serving).await;
     let mut serving = None;
     loop {
         let healthy = publisher.is_connected() && store.is_healthy().await;

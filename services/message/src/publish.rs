@@ -4,17 +4,18 @@ use std::time::Duration;
 
 use chat_common::channels::Channels;
 use chat_common::propagation;
+use chat_common::redis::{PubSub, RedisConfig};
 use chat_common::startup::Retry;
 use chat_common::telemetry::publish_span;
 use chat_proto::v1::{envelope::Event, Envelope, Message, MessageCreated};
-use fred::prelude::{Client, ClientLike, PubsubInterface};
+use fred::prelude::{Client, ClientLike};
 use prost::Message as _;
 use tracing::Instrument;
 
 /// Handle to the publishing Redis connection; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
-    client: Client,
+    bus: PubSub<Client>,
     channels: Channels,
     /// Counts failed publishes.
     errors: prometheus_client::metrics::counter::Counter,
@@ -22,11 +23,11 @@ pub struct Publisher {
 
 impl Publisher {
     /// Connects with bounded retries; later disconnects are retried forever in the background.
-    pub async fn connect(url: &str, channels: Channels, retry: Retry) -> anyhow::Result<Self> {
+    pub async fn connect(redis: &RedisConfig, channels: Channels, retry: Retry) -> anyhow::Result<Self> {
         // Publishing is on the send path: a Redis outage must fail fast, not stall sends.
-        let client = chat_common::redis::builder(url, Duration::from_secs(1), 32)?.build()?;
+        let client = redis.builder(Duration::from_secs(1), 32)?.build()?;
         retry.run("Redis", || client.init()).await?;
-        Ok(Self { client, channels, errors: Default::default() })
+        Ok(Self { bus: redis.publisher(client), channels, errors: Default::default() })
     }
 
     /// The same publisher, counting its failures in `metrics`.
@@ -36,7 +37,7 @@ impl Publisher {
 
     /// True while the Redis connection is up.
     pub fn is_connected(&self) -> bool {
-        self.client.is_connected()
+        self.bus.client().is_connected()
     }
 
     /// Publishes an event on a room's channel. Failures are logged, not returned: the
@@ -60,7 +61,7 @@ impl Publisher {
         let span = publish_span(&channel);
         // Gateways continue the trace from here: their delivery spans are children of this one.
         let payload = Envelope::stamped(event).traced(propagation::to_map(&span)).encode_to_vec();
-        let published = self.client.publish::<i64, _, _>(channel.as_str(), payload).instrument(span).await;
+        let published = self.bus.publish(&channel, payload).instrument(span).await;
         if let Err(err) = published {
             tracing::warn!(%err, %channel, "event stored but not published");
             self.errors.inc();
@@ -69,7 +70,7 @@ impl Publisher {
 
     /// Closes the connection after pending commands are written.
     pub async fn quit(&self) {
-        if let Err(err) = self.client.quit().await {
+        if let Err(err) = self.bus.client().quit().await {
             tracing::debug!(%err, "redis quit");
         }
     }
