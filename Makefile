@@ -1,7 +1,7 @@
 # The two commands: `make run` starts the local cluster, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: run run-lb test check-deploy build release lint fmt clean
+.PHONY: run run-lb test bench check-deploy build release lint fmt clean
 
 ## Start the local cluster: message service on :50051, gateways on :8080 and :8081.
 run:
@@ -22,6 +22,10 @@ build:
 
 release:
 	$(CARGO) build --release --workspace --bins
+
+## The benchmark suite (under 10 minutes) on a local cluster of its own; writes docs/benchmarks.md.
+bench:
+	@./deploy/bench.sh
 
 ## Deployment checks, as CI runs them: every kustomize overlay renders and validates
 ## against the Kubernetes schemas (kubernetes-validate), and hadolint passes the Dockerfile.

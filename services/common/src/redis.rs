@@ -103,3 +103,21 @@ impl<C: PubsubInterface + ClientLike + EventInterface> PubSub<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str, cluster: bool) -> RedisConfig {
+        RedisConfig { url: url.to_owned(), cluster }
+    }
+
+    #[test]
+    fn rediss_urls_get_tls_and_cluster_mode_is_the_switch() {
+        assert!(config("redis://127.0.0.1:6379", false).builder(Duration::from_secs(1), 8).is_ok());
+        let tls = Config::from_url("rediss://redis.example:6380").unwrap();
+        assert!(tls.tls.is_some(), "rediss:// must connect over TLS");
+        assert!(config("redis://127.0.0.1:7000", true).builder(Duration::from_secs(1), 8).is_ok());
+        assert!(config("http://x", false).validate().is_err());
+    }
+}

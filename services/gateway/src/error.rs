@@ -47,7 +47,12 @@ impl CommandError {
 
 impl From<tonic::Status> for CommandError {
     fn from(status: tonic::Status) -> Self {
+        // A status with a source error was made by our own client transport (connection
+        // refused or reset, GOAWAY from a message service shutting down, h2 errors), not
+        // by the message service: the call may succeed elsewhere, so the client retries.
+        let from_transport = std::error::Error::source(&status).is_some();
         let code = match status.code() {
+            _ if from_transport => ErrorCode::Unavailable,
             Code::InvalidArgument | Code::OutOfRange => ErrorCode::BadRequest,
             Code::Unauthenticated => ErrorCode::Unauthorized,
             Code::PermissionDenied => ErrorCode::Forbidden,
@@ -97,6 +102,15 @@ mod tests {
         for (grpc, want) in cases {
             assert_eq!(CommandError::from(tonic::Status::new(grpc, "m")).code, want, "{grpc:?}");
         }
+    }
+
+    #[test]
+    fn transport_failures_are_unavailable_whatever_their_code() {
+        // What tonic reports when a message service shutting down sends GOAWAY mid-call.
+        let mut status = tonic::Status::internal("h2 protocol error: http2 error");
+        status.set_source(std::sync::Arc::new(std::io::Error::other("GoAway(NO_ERROR, Remote)")));
+        assert_eq!(CommandError::from(status).code, ErrorCode::Unavailable);
+        assert_eq!(CommandError::from(tonic::Status::internal("bug")).code, ErrorCode::Internal);
     }
 
     #[test]

@@ -31,6 +31,10 @@ const SOCKET_MAX_MESSAGE: usize = 1024 * 1024;
 /// Close codes used here.
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_RESTART: u16 = 1012;
+/// Bytes read from a socket at a time.
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes of queued frames gathered before a write; the writer flushes after each batch.
+const WRITE_BUFFER: usize = 16 * 1024;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// When a client over the per-user connection cap may try again.
@@ -67,6 +71,11 @@ pub async fn upgrade(
     let tracker = state.connections().clone();
     ws.max_message_size(SOCKET_MAX_MESSAGE)
         .max_frame_size(SOCKET_MAX_MESSAGE)
+        // tungstenite's defaults (128 KiB to read, 128 KiB before writing) are sized for
+        // bulk transfer; chat frames are small and a gateway holds tens of thousands of
+        // sockets. The read buffer grows for a large frame when one comes.
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| tracker.track_future(serve(socket, state, claims)))
 }
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# `make bench`: the standard benchmark suite on a local cluster (release build), written
+# to docs/benchmarks.md. The cluster runs on its own ports and database, so `make run`
+# may stay up beside it. Every scenario's JSON line goes to target/bench/results.jsonl.
+#
+# Environment: BENCH_QUICK=1 runs a smaller suite (for trying the tool, not for figures)
+# and writes its report under target/bench/ instead of docs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=target/release
+OUT=target/bench
+RESULTS=$OUT/results.jsonl
+SECRET=bench-secret
+PREFIX="bench$$"
+DB=chat_bench_$$
+PG_BASE="${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
+GW_A=127.0.0.1:18080
+GW_B=127.0.0.1:18081
+MSG=127.0.0.1:50151
+
+cargo build --release --workspace --bins
+mkdir -p "$OUT"
+: >"$RESULTS"
+# The gateways and chat-bench hold thousands of sockets each.
+ulimit -n "$(ulimit -Hn)"
+
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  [ ${#pids[@]} -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  psql "$PG_BASE/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  redis-cli --scan --pattern "$PREFIX:*" | xargs -r redis-cli del >/dev/null 2>&1 || true
+}
+trap cleanup EXIT INT TERM
+
+wait_ready() { # host:port
+  for _ in $(seq 1 300); do
+    curl -fsS -o /dev/null "http://$1/readyz" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "gateway $1 not ready" >&2
+  exit 1
+}
+
+export RUST_LOG=warn REDIS_CHANNEL_PREFIX=$PREFIX JWT_SECRET=$SECRET
+# Limits meant for abusive clients are off: the bench is one client doing a lot.
+export RATE_CONN_PER_SEC=0 RATE_USER_PER_SEC=0 MAX_CONNECTIONS_PER_USER=0
+
+start_gateway() { # addr
+  GATEWAY_ADDR=$1 MESSAGE_SERVICE_URL=http://$MSG "$BIN/chat-gateway" &
+  pids+=($!)
+  last_pid=$!
+}
+
+MESSAGE_ADDR=$MSG METRICS_ADDR=127.0.0.1:19191 DATABASE_URL="$PG_BASE/$DB" "$BIN/chat-message" &
+pids+=($!)
+message_pid=$!
+start_gateway $GW_A; gw_a_pid=$last_pid
+start_gateway $GW_B; gw_b_pid=$last_pid
+wait_ready $GW_A
+wait_ready $GW_B
+
+bench() { "$BIN/chat-bench" "$@" --gateways "$GW_A,$GW_B" --secret "$SECRET" --out "$RESULTS"; }
+backend="--pids $message_pid,$gw_a_pid,$gw_b_pid --pid-names postgres,redis-server"
+sources="--sources 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
+
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+  IDLE=2000 ROOMS=20 RAMP=200,400 FAN_RATE=400 SECS=4 RECONNECT_ROOMS=20
+else
+  IDLE=19000 ROOMS=100 RAMP=250,500,1000,1500,2000 FAN_RATE=1500 SECS=10 RECONNECT_ROOMS=100
+fi
+
+# Idle first, on a fresh gateway: its RSS growth is then the connections' alone.
+# shellcheck disable=SC2086
+bench idle --connections "$IDLE" --gateway-pid "$gw_a_pid" $sources
+# shellcheck disable=SC2086
+bench fanout --name light --rooms 10 --members 100 --rate 1000 --seconds "$SECS" $backend
+# shellcheck disable=SC2086
+bench ramp --rooms "$ROOMS" --members 100 --rates "$RAMP" --seconds "$SECS" $sources
+# shellcheck disable=SC2086
+bench fanout --rooms "$ROOMS" --members 100 --rate "$FAN_RATE" --seconds "$SECS" $backend $sources
+# shellcheck disable=SC2086
+bench persist --rooms 100 --senders 200 --window 4 --seconds "$SECS" $backend
+# shellcheck disable=SC2086
+bench persist --rooms 1 --senders 100 --window 4 --seconds "$SECS" $backend
+# Last: it kills gateway A.
+# shellcheck disable=SC2086
+bench reconnect --rooms "$RECONNECT_ROOMS" --members 100 --rate 200 --kill-pid "$gw_a_pid" $sources
+
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+  # A trial run's figures are not the suite's: keep them out of docs/.
+  "$BIN/chat-bench" report --results "$RESULTS" --out "$OUT/benchmarks.md" \
+    --plot "$OUT/benchmarks-latency.png" --history "$OUT/history.jsonl"
+else
+  "$BIN/chat-bench" report --results "$RESULTS"
+fi
