@@ -54,7 +54,8 @@ start_gateway() { # addr
   last_pid=$!
 }
 
-MESSAGE_ADDR=$MSG METRICS_ADDR=127.0.0.1:19191 DATABASE_URL="$PG_BASE/$DB" "$BIN/chat-message" &
+# Loopback: no TLS to Postgres (the driver would otherwise prefer it).
+MESSAGE_ADDR=$MSG METRICS_ADDR=127.0.0.1:19191 DATABASE_URL="$PG_BASE/$DB?sslmode=disable" "$BIN/chat-message" &
 pids+=($!)
 message_pid=$!
 start_gateway $GW_A; gw_a_pid=$last_pid

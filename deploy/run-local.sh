@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export DATABASE_URL="${DATABASE_URL:-postgres://localhost/chat}"
+# Loopback: TLS would only cost CPU (Debian's Postgres offers it, and the driver prefers it).
+export DATABASE_URL="${DATABASE_URL:-postgres://localhost/chat?sslmode=disable}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 DEV_SECRET="dev-secret-change-me"
 export JWT_SECRET="${JWT_SECRET:-$DEV_SECRET}"

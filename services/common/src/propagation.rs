@@ -47,6 +47,21 @@ pub fn set_parent_from_headers(span: &tracing::Span, headers: &HeaderMap) {
     }
 }
 
+/// Makes `span` — work done for several requests at once, in another task — a child of
+/// the first request's span and linked to the others', so each request's trace shows it.
+pub fn serve_batch<'a>(span: &tracing::Span, mut requests: impl Iterator<Item = &'a tracing::Span>) {
+    if let Some(first) = requests.next() {
+        set_parent(span, first.context());
+    }
+    for other in requests {
+        let cx = other.context();
+        let linked = cx.span().span_context().clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
+}
+
 fn set_parent(span: &tracing::Span, cx: opentelemetry::Context) {
     if cx.span().span_context().is_valid() {
         // Fails only when no OpenTelemetry layer is installed or the span already

@@ -8,13 +8,15 @@ use tonic::{Request, Response, Status};
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::store::{NewMessage, Page, Store};
+use crate::store::{Committer, NewMessage, Outgoing, Page, Store};
 use crate::validate;
 
 /// The gRPC service: a store and a publisher.
 #[derive(Clone)]
 pub struct ChatApi {
     store: Store,
+    /// Group commit for sends without attachments (nearly all of them).
+    committer: Committer,
     publisher: Publisher,
     /// Longest message text accepted, in characters.
     max_text_chars: usize,
@@ -23,8 +25,14 @@ pub struct ChatApi {
 
 impl ChatApi {
     /// The service over its backends.
-    pub fn new(store: Store, publisher: Publisher, max_text_chars: usize, metrics: Metrics) -> Self {
-        Self { store, publisher, max_text_chars, metrics }
+    pub fn new(
+        store: Store,
+        committer: Committer,
+        publisher: Publisher,
+        max_text_chars: usize,
+        metrics: Metrics,
+    ) -> Self {
+        Self { store, committer, publisher, max_text_chars, metrics }
     }
 }
 
@@ -83,15 +91,20 @@ impl ChatService for ChatApi {
             .map(validate::message_id)
             .transpose()
             .map_err(|_| ServiceError::InvalidArgument("reply_to names no message of this room".into()))?;
-        let new = NewMessage {
-            room_id,
-            attachments: &attachments,
-            kind,
-            text: &req.text,
-            reply_to,
-            client_msg_id: req.client_msg_id.as_deref(),
+        let (message, duplicate) = if attachments.is_empty() {
+            let msg = Outgoing { room_id, kind, text: req.text, reply_to, client_msg_id: req.client_msg_id };
+            self.committer.submit(caller, msg).await?
+        } else {
+            let new = NewMessage {
+                room_id,
+                attachments: &attachments,
+                kind,
+                text: &req.text,
+                reply_to,
+                client_msg_id: req.client_msg_id.as_deref(),
+            };
+            self.store.insert_message(&caller, new).await?
         };
-        let (message, duplicate) = self.store.insert_message(&caller, new).await?;
         if !duplicate {
             self.metrics.sends_persisted.inc();
         }

@@ -26,7 +26,7 @@ use crate::api::ChatApi;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::store::Store;
+use crate::store::{Committer, Store};
 
 /// Largest gRPC message: an attachment (10 MiB) plus its envelope.
 const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
@@ -44,6 +44,7 @@ pub struct Application {
     metrics_listener: TcpListener,
     metrics: Metrics,
     max_text_chars: usize,
+    db_max_connections: u32,
     store: Store,
     publisher: Publisher,
     grace: Duration,
@@ -68,6 +69,7 @@ impl Application {
             metrics_listener,
             metrics,
             max_text_chars: config.max_text_chars,
+            db_max_connections: config.db_max_connections,
             store,
             publisher,
             grace: config.shutdown_grace(),
@@ -88,7 +90,15 @@ impl Application {
     /// grace period.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let api = ChatApi::new(self.store.clone(), self.publisher.clone(), self.max_text_chars, self.metrics.clone());
+        // Half the pool commits batches; the rest serves reads and other writes.
+        let committer = Committer::start(self.store.clone(), (self.db_max_connections as usize / 2).max(1));
+        let api = ChatApi::new(
+            self.store.clone(),
+            committer,
+            self.publisher.clone(),
+            self.max_text_chars,
+            self.metrics.clone(),
+        );
         let health_task =
             tokio::spawn(report_health(reporter, self.store.clone(), self.publisher.clone(), shutdown.clone()));
 

@@ -198,7 +198,7 @@ impl Store {
     }
 
     /// Messages with their reactions and attachments filled in.
-    async fn decorate(&self, rows: Vec<MessageRow>) -> Result<Vec<Message>, ServiceError> {
+    pub(super) async fn decorate(&self, rows: Vec<MessageRow>) -> Result<Vec<Message>, ServiceError> {
         let mut messages: Vec<Message> = rows.into_iter().map(Message::from).collect();
         let mut refs: Vec<&mut Message> = messages.iter_mut().collect();
         self.attach_reactions(&mut refs).await?;

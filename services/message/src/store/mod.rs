@@ -4,10 +4,12 @@
 //! this module holds the handle, connection set-up and the access rules both use.
 
 mod attachments;
+mod batch;
 mod messages;
 mod notifications;
 mod rooms;
 
+pub use batch::{Committer, Outgoing};
 pub use messages::{NewMessage, Page};
 
 use std::sync::Arc;
@@ -122,7 +124,7 @@ macro_rules! message_columns {
 }
 use message_columns;
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 struct MessageRow {
     id: i64,
     room_id: i64,
