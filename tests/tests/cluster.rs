@@ -254,13 +254,13 @@ async fn gateways_balance_calls_across_every_message_service_and_survive_losing_
 }
 
 #[tokio::test]
-async fn concurrent_sends_and_retries_to_one_room_store_each_message_once_under_gapless_seqs() -> Result<()> {
+async fn concurrent_sends_and_retries_to_two_rooms_store_each_message_once_under_gapless_seqs() -> Result<()> {
     // Many connections at once: the message service commits them in batches.
     let cluster = Cluster::start(2).await?;
     let users: Vec<String> = (0..8).map(|u| format!("user{u}")).collect();
     let mut owner = cluster.client(0, &users[0]).await?;
     let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();
-    let room = owner.create_group(&others).await?;
+    let rooms = [owner.create_group(&others).await?, owner.create_group(&others).await?];
     const EACH: usize = 30;
     let mut tasks = Vec::new();
     // Every user sends from two connections (one per gateway) the same client_msg_ids,
@@ -268,10 +268,12 @@ async fn concurrent_sends_and_retries_to_one_room_store_each_message_once_under_
     for user in &users {
         for gateway in 0..2 {
             let mut client = cluster.client(gateway, user).await?;
-            let (room, user) = (room.clone(), user.clone());
+            let (rooms, user) = (rooms.clone(), user.clone());
             tasks.push(tokio::spawn(async move {
                 let mut acks = Vec::new();
                 for i in 0..EACH {
+                    // Alternating rooms: batches hold both, each numbered on its own.
+                    let room = &rooms[i % 2];
                     let send = json!({"type": "send", "room": room, "text": format!("{user} {i}"), "client_msg_id": format!("{user}-{i}")});
                     let ack = client.ack(send).await?;
                     acks.push((format!("{user}-{i}"), ack["message"]["id"].clone(), ack["message"]["seq"].clone()));
@@ -281,7 +283,7 @@ async fn concurrent_sends_and_retries_to_one_room_store_each_message_once_under_
         }
     }
     let mut outsider = cluster.client(1, "outsider").await?;
-    let refused = outsider.request(json!({"type": "send", "room": room, "text": "let me in"})).await?;
+    let refused = outsider.request(json!({"type": "send", "room": rooms[0], "text": "let me in"})).await?;
     assert_eq!(refused["code"], "forbidden");
 
     let mut by_cid: std::collections::HashMap<String, (Value, Value)> = std::collections::HashMap::new();
@@ -294,13 +296,18 @@ async fn concurrent_sends_and_retries_to_one_room_store_each_message_once_under_
     assert_eq!(by_cid.len(), users.len() * EACH);
 
     let mut db = cluster.db.connect().await?;
-    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE room_id = $1::bigint ORDER BY seq")
-        .bind(&room)
-        .fetch_all(&mut db)
-        .await?;
-    assert_eq!(seqs, (1..=(users.len() * EACH) as i64).collect::<Vec<_>>(), "each message once, no gap");
-    let last: i64 =
-        sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1::bigint").bind(&room).fetch_one(&mut db).await?;
-    assert_eq!(last, (users.len() * EACH) as i64);
+    for room in &rooms {
+        let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE room_id = $1::bigint ORDER BY seq")
+            .bind(room)
+            .fetch_all(&mut db)
+            .await?;
+        let per_room = (users.len() * EACH / 2) as i64;
+        assert_eq!(seqs, (1..=per_room).collect::<Vec<_>>(), "room {room}: each message once, no gap");
+        let last: i64 = sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1::bigint")
+            .bind(room)
+            .fetch_one(&mut db)
+            .await?;
+        assert_eq!(last, per_room);
+    }
     Ok(())
 }

@@ -1,12 +1,12 @@
-//! Group commit: sends waiting for the same room are stored together, one transaction
-//! per batch, so a busy room costs Postgres one commit (one fsync) per batch instead of
-//! one per message.
+//! Group commit: sends waiting at one worker are stored together, one transaction per
+//! batch whatever their rooms, so Postgres does one commit (one fsync) per batch instead
+//! of one per message.
 //!
-//! Seqs stay gapless and idempotency exact: the batch takes the room row's lock first,
-//! then looks up which `(sender, client_msg_id)` pairs are already stored (they are
-//! answered with the stored message, as a retry), numbers only the new messages from
-//! the locked `last_seq`, inserts them in one statement and moves `last_seq` by exactly
-//! that many before committing.
+//! Seqs stay gapless and idempotency exact: the batch locks its rooms' rows (in id order,
+//! so batches never deadlock), then looks up which `(sender, client_msg_id)` pairs are
+//! already stored (they are answered with the stored message, as a retry), numbers only
+//! the new messages from each locked `last_seq`, inserts them in one statement and moves
+//! each room's `last_seq` by exactly its count before committing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -86,28 +86,13 @@ async fn work(store: Store, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        // One batch per room, rooms in order of first appearance.
-        let mut rooms: Vec<(i64, Vec<Job>)> = Vec::new();
-        for job in jobs {
-            match rooms.iter_mut().find(|(room, _)| *room == job.msg.room_id) {
-                Some((_, group)) => group.push(job),
-                None => rooms.push((job.msg.room_id, vec![job])),
-            }
-        }
-        for (room, group) in rooms {
-            let span = tracing::info_span!(
-                "db.insert_batch",
-                otel.kind = "client",
-                db.system = "postgresql",
-                room,
-                batch = group.len()
-            );
-            chat_common::propagation::serve_batch(&span, group.iter().map(|j| &j.span));
-            let (requests, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|j| ((j.caller, j.msg), j.reply)).unzip();
-            let results = store.insert_batch(room, &requests).instrument(span).await;
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(result);
-            }
+        let span =
+            tracing::info_span!("db.insert_batch", otel.kind = "client", db.system = "postgresql", batch = jobs.len());
+        chat_common::propagation::serve_batch(&span, jobs.iter().map(|j| &j.span));
+        let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| ((j.caller, j.msg), j.reply)).unzip();
+        let results = store.insert_batch(&requests).instrument(span).await;
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
         }
     }
 }
@@ -126,17 +111,18 @@ fn shared(err: &ServiceError) -> ServiceError {
 }
 
 impl Store {
-    /// Stores a batch of sends to `room_id`; one result per request, in order.
-    async fn insert_batch(&self, room_id: i64, requests: &[(Caller, Outgoing)]) -> Vec<Reply> {
+    /// Stores a batch of sends; one result per request, in order.
+    async fn insert_batch(&self, requests: &[(Caller, Outgoing)]) -> Vec<Reply> {
         let mut results: Vec<Option<Reply>> = requests.iter().map(|_| None).collect();
-        if let Err(err) = self.screen(room_id, requests, &mut results).await {
+        if let Err(err) = self.screen(requests, &mut results).await {
             return fill(results, err);
         }
-        // A unique violation means another room's batch stored the same (sender,
-        // client_msg_id) concurrently; the second attempt finds it.
-        let mut attempt = self.commit_batch(room_id, requests, &mut results).await;
+        // A unique violation means a concurrent writer (another worker's batch, or the
+        // attachment path) stored the same (sender, client_msg_id); the second attempt
+        // finds it.
+        let mut attempt = self.commit_batch(requests, &mut results).await;
         if matches!(&attempt, Err(ServiceError::Internal(sqlx::Error::Database(db))) if db.is_unique_violation()) {
-            attempt = self.commit_batch(room_id, requests, &mut results).await;
+            attempt = self.commit_batch(requests, &mut results).await;
         }
         match attempt {
             Ok(()) => {
@@ -146,33 +132,30 @@ impl Store {
         }
     }
 
-    /// Refuses, before any lock, the requests that cannot be stored: senders who are not
-    /// members, and replies to messages of other rooms.
-    async fn screen(
-        &self,
-        room_id: i64,
-        requests: &[(Caller, Outgoing)],
-        results: &mut [Option<Reply>],
-    ) -> Result<(), ServiceError> {
+    /// Refuses, before any lock, the requests that cannot be stored: rooms that do not
+    /// exist, senders who are not members, replies to messages of other rooms.
+    async fn screen(&self, requests: &[(Caller, Outgoing)], results: &mut [Option<Reply>]) -> Result<(), ServiceError> {
+        let rooms: Vec<i64> = requests.iter().map(|(_, m)| m.room_id).collect::<HashSet<_>>().into_iter().collect();
         let senders: Vec<String> =
             requests.iter().map(|(c, _)| c.user_id.clone()).collect::<HashSet<_>>().into_iter().collect();
-        let room: Option<(String, Vec<String>)> = sqlx::query_as(
-            "SELECT r.kind, COALESCE(array_agg(m.user_id) FILTER (WHERE m.user_id IS NOT NULL), '{}') \
+        let found: Vec<(i64, String, Vec<String>)> = sqlx::query_as(
+            "SELECT r.id, r.kind, COALESCE(array_agg(m.user_id) FILTER (WHERE m.user_id IS NOT NULL), '{}') \
              FROM rooms r LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = ANY($2) \
-             WHERE r.id = $1 GROUP BY r.kind",
+             WHERE r.id = ANY($1) GROUP BY r.id, r.kind",
         )
-        .bind(room_id)
+        .bind(&rooms)
         .bind(&senders)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        let (kind, members) = room.ok_or(ServiceError::NotFound("room"))?;
-        let members: HashSet<String> = members.into_iter().collect();
+        let rooms: HashMap<i64, (bool, HashSet<String>)> = found
+            .into_iter()
+            .map(|(id, kind, members)| (id, (kind == "support", members.into_iter().collect())))
+            .collect();
         let replies: Vec<i64> = requests.iter().filter_map(|(_, m)| m.reply_to).collect();
-        let found: HashSet<i64> = if replies.is_empty() {
-            HashSet::new()
+        let reply_rooms: HashMap<i64, i64> = if replies.is_empty() {
+            HashMap::new()
         } else {
-            sqlx::query_scalar("SELECT id FROM messages WHERE room_id = $1 AND id = ANY($2)")
-                .bind(room_id)
+            sqlx::query_as("SELECT id, room_id FROM messages WHERE id = ANY($1)")
                 .bind(&replies)
                 .fetch_all(&self.pool)
                 .await?
@@ -180,37 +163,47 @@ impl Store {
                 .collect()
         };
         for ((caller, msg), result) in requests.iter().zip(results.iter_mut()) {
-            let may_write = members.contains(&caller.user_id) || (kind == "support" && caller.admin);
+            let Some((support, members)) = rooms.get(&msg.room_id) else {
+                *result = Some(Err(ServiceError::NotFound("room")));
+                continue;
+            };
+            let may_write = members.contains(&caller.user_id) || (*support && caller.admin);
             if !may_write {
                 *result = Some(Err(ServiceError::Forbidden("not a member of this room")));
-            } else if msg.reply_to.is_some_and(|r| !found.contains(&r)) {
+            } else if msg.reply_to.is_some_and(|r| reply_rooms.get(&r) != Some(&msg.room_id)) {
                 *result = Some(Err(ServiceError::InvalidArgument("reply_to names no message of this room".into())));
             }
         }
         Ok(())
     }
 
-    /// One transaction: lock the room, answer retries with what is stored, insert the
-    /// rest under consecutive seqs.
+    /// One transaction: lock the rooms, answer retries with what is stored, insert the
+    /// rest under consecutive seqs per room.
     async fn commit_batch(
         &self,
-        room_id: i64,
         requests: &[(Caller, Outgoing)],
         results: &mut [Option<Reply>],
     ) -> Result<(), ServiceError> {
+        let open: Vec<usize> = (0..requests.len()).filter(|&i| results[i].is_none()).collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let mut rooms: Vec<i64> = open.iter().map(|&i| requests[i].1.room_id).collect();
+        rooms.sort_unstable();
+        rooms.dedup();
         let mut tx = self.pool.begin().await?;
-        let last_seq: i64 = sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE")
-            .bind(room_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let locked: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT id, last_seq FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&rooms)
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut next: HashMap<i64, i64> = locked.into_iter().collect();
 
-        // Retries: (sender, client_msg_id) pairs already stored, now that the lock makes
-        // every earlier batch of this room visible.
-        let keyed: Vec<(String, String)> = requests
+        // Retries: (sender, client_msg_id) pairs already stored, now that the locks make
+        // every earlier batch of these rooms visible.
+        let keyed: Vec<(String, String)> = open
             .iter()
-            .zip(results.iter())
-            .filter(|(_, r)| r.is_none())
-            .filter_map(|((c, m), _)| Some((c.user_id.clone(), m.client_msg_id.clone()?)))
+            .filter_map(|&i| Some((requests[i].0.user_id.clone(), requests[i].1.client_msg_id.clone()?)))
             .collect();
         let mut stored: HashMap<(String, String), MessageRow> = HashMap::new();
         if !keyed.is_empty() {
@@ -229,90 +222,86 @@ impl Store {
             }
         }
 
-        // The new messages, each (sender, client_msg_id) once, numbered in arrival order.
-        let mut fresh: Vec<usize> = Vec::new();
+        // The new messages, each (sender, client_msg_id) once, numbered per room in
+        // arrival order.
+        let mut fresh: Vec<(usize, i64)> = Vec::new();
         let mut first_of: HashMap<(String, String), usize> = HashMap::new();
-        for (i, ((caller, msg), result)) in requests.iter().zip(results.iter()).enumerate() {
-            if result.is_some() {
-                continue;
-            }
-            let key = msg.client_msg_id.clone().map(|cid| (caller.user_id.clone(), cid));
-            if let Some(key) = key {
+        for &i in &open {
+            let (caller, msg) = &requests[i];
+            if let Some(cid) = &msg.client_msg_id {
+                let key = (caller.user_id.clone(), cid.clone());
                 if stored.contains_key(&key) || first_of.contains_key(&key) {
                     continue;
                 }
                 first_of.insert(key, i);
             }
-            fresh.push(i);
+            let Some(last) = next.get_mut(&msg.room_id) else { continue };
+            *last += 1;
+            fresh.push((i, *last));
         }
-        let n = fresh.len() as i64;
-        let seqs: Vec<i64> = (1..=n).map(|k| last_seq + k).collect();
-        let pick = |f: &dyn Fn(&(Caller, Outgoing)) -> Option<String>| -> Vec<Option<String>> {
-            fresh.iter().map(|&i| f(&requests[i])).collect()
-        };
-        let senders = pick(&|(c, _)| Some(c.user_id.clone()));
-        let names = pick(&|(c, _)| c.name.clone());
-        let kinds = pick(&|(_, m)| Some(m.kind.to_owned()));
-        let bodies = pick(&|(_, m)| Some(m.text.clone()));
-        let cids = pick(&|(_, m)| m.client_msg_id.clone());
-        let reply_to: Vec<Option<i64>> = fresh.iter().map(|&i| requests[i].1.reply_to).collect();
-        let mut inserted: HashMap<i64, MessageRow> = HashMap::new();
-        if n > 0 {
+        let mut inserted: HashMap<(i64, i64), MessageRow> = HashMap::new();
+        if !fresh.is_empty() {
+            let column = |f: &dyn Fn(&(Caller, Outgoing)) -> Option<String>| -> Vec<Option<String>> {
+                fresh.iter().map(|&(i, _)| f(&requests[i])).collect()
+            };
+            let room_ids: Vec<i64> = fresh.iter().map(|&(i, _)| requests[i].1.room_id).collect();
+            let seqs: Vec<i64> = fresh.iter().map(|&(_, seq)| seq).collect();
+            let reply_to: Vec<Option<i64>> = fresh.iter().map(|&(i, _)| requests[i].1.reply_to).collect();
             const SQL: &str = concat!(
                 "INSERT INTO messages (room_id, seq, sender_id, sender_name, kind, body, reply_to, client_msg_id) \
-                 SELECT $1, t.seq, t.sender_id, t.sender_name, t.kind, t.body, t.reply_to, t.client_msg_id \
-                 FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[]) \
-                   AS t(seq, sender_id, sender_name, kind, body, reply_to, client_msg_id) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                   $7::bigint[], $8::text[]) \
                  RETURNING ",
                 message_columns!()
             );
             let rows: Vec<MessageRow> = sqlx::query_as(SQL)
-                .bind(room_id)
+                .bind(&room_ids)
                 .bind(&seqs)
-                .bind(&senders)
-                .bind(&names)
-                .bind(&kinds)
-                .bind(&bodies)
+                .bind(column(&|(c, _)| Some(c.user_id.clone())))
+                .bind(column(&|(c, _)| c.name.clone()))
+                .bind(column(&|(_, m)| Some(m.kind.to_owned())))
+                .bind(column(&|(_, m)| Some(m.text.clone())))
                 .bind(&reply_to)
-                .bind(&cids)
+                .bind(column(&|(_, m)| m.client_msg_id.clone()))
                 .fetch_all(&mut *tx)
                 .await?;
-            inserted = rows.into_iter().map(|r| (r.seq, r)).collect();
-            sqlx::query("UPDATE rooms SET last_seq = $2 WHERE id = $1")
-                .bind(room_id)
-                .bind(last_seq + n)
-                .execute(&mut *tx)
-                .await?;
+            inserted = rows.into_iter().map(|r| ((r.room_id, r.seq), r)).collect();
+            let (ids, lasts): (Vec<i64>, Vec<i64>) = next.iter().map(|(id, last)| (*id, *last)).unzip();
+            sqlx::query(
+                "UPDATE rooms SET last_seq = t.last FROM UNNEST($1::bigint[], $2::bigint[]) AS t(id, last) \
+                 WHERE rooms.id = t.id AND rooms.last_seq <> t.last",
+            )
+            .bind(&ids)
+            .bind(&lasts)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
 
         // New rows carry no reactions or attachments yet: no decoration needed.
         let mut new_messages: HashMap<usize, Message> = HashMap::new();
-        for (k, &i) in fresh.iter().enumerate() {
-            if let Some(row) = inserted.remove(&seqs[k]) {
+        for &(i, seq) in &fresh {
+            if let Some(row) = inserted.remove(&(requests[i].1.room_id, seq)) {
                 new_messages.insert(i, Message::from(row));
             }
         }
-        let retried: Vec<MessageRow> = stored.values().cloned().collect();
-        let decorated = self.decorate(retried).await?;
+        let decorated = self.decorate(stored.into_values().collect()).await?;
         let by_key: HashMap<(String, String), Message> =
             decorated.into_iter().filter_map(|m| Some(((m.sender_id.clone(), m.client_msg_id.clone()?), m))).collect();
-        for (i, ((caller, msg), result)) in requests.iter().zip(results.iter_mut()).enumerate() {
-            if result.is_some() {
-                continue;
-            }
+        for &i in &open {
+            let (caller, msg) = &requests[i];
             if let Some(message) = new_messages.get(&i) {
-                *result = Some(Ok((message.clone(), false)));
+                results[i] = Some(Ok((message.clone(), false)));
                 continue;
             }
             let key = msg.client_msg_id.clone().map(|cid| (caller.user_id.clone(), cid));
             let earlier = key.as_ref().and_then(|k| {
                 by_key.get(k).cloned().or_else(|| first_of.get(k).and_then(|&j| new_messages.get(&j).cloned()))
             });
-            *result = Some(match earlier {
-                Some(existing) if existing.room_id == room_id.to_string() => Ok((existing, true)),
+            results[i] = Some(match earlier {
+                Some(existing) if existing.room_id == msg.room_id.to_string() => Ok((existing, true)),
                 Some(_) => Err(ServiceError::Conflict("client_msg_id was already used in another room".into())),
-                None => Err(ServiceError::Conflict("message not stored; retry".into())),
+                None => Err(ServiceError::NotFound("room")),
             });
         }
         Ok(())
