@@ -3,8 +3,9 @@
 # to docs/benchmarks.md. The cluster runs on its own ports and database, so `make run`
 # may stay up beside it. Every scenario's JSON line goes to target/bench/results.jsonl.
 #
-# Environment: BENCH_QUICK=1 runs a smaller suite (for trying the tool, not for figures)
-# and writes its report under target/bench/ instead of docs/.
+# Environment: BENCH_QUICK=1 runs a smaller suite (for trying the tool, not for figures);
+# BENCH_ONLY="persist reconnect" runs only those scenarios (idle, light, ramp, fanout,
+# persist, reconnect). Either writes its report under target/bench/ instead of docs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,7 +64,36 @@ start_gateway $GW_B; gw_b_pid=$last_pid
 wait_ready $GW_A
 wait_ready $GW_B
 
-bench() { "$BIN/chat-bench" "$@" --gateways "$GW_A,$GW_B" --secret "$SECRET" --out "$RESULTS"; }
+# CPU ticks (user + system) of the cluster's processes that still run.
+cluster_ticks() {
+  local total=0 pid
+  for pid in "$message_pid" "$gw_a_pid" "$gw_b_pid"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+
+# Waits (up to 60 s) until the cluster is idle: the previous scenario's disconnects
+# (presence, announcements) must not be measured as the next one's load.
+settle() {
+  local before after
+  for _ in $(seq 1 60); do
+    before=$(cluster_ticks)
+    sleep 1
+    after=$(cluster_ticks)
+    [ $((after - before)) -le 5 ] && return 0
+  done
+}
+
+# Runs a scenario (named by $1 for BENCH_ONLY) unless BENCH_ONLY leaves it out.
+run() {
+  local name=$1
+  shift
+  case " ${BENCH_ONLY:-$name} " in *" $name "*) ;; *) return 0 ;; esac
+  settle
+  "$BIN/chat-bench" "$@" --gateways "$GW_A,$GW_B" --secret "$SECRET" --out "$RESULTS"
+}
 backend="--pids $message_pid,$gw_a_pid,$gw_b_pid --pid-names postgres,redis-server"
 sources="--sources 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
 
@@ -75,23 +105,23 @@ fi
 
 # Idle first, on a fresh gateway: its RSS growth is then the connections' alone.
 # shellcheck disable=SC2086
-bench idle --connections "$IDLE" --gateway-pid "$gw_a_pid" $sources
+run idle idle --connections "$IDLE" --gateway-pid "$gw_a_pid" $sources
 # shellcheck disable=SC2086
-bench fanout --name light --rooms 10 --members 100 --rate 1000 --seconds "$SECS" $backend
+run light fanout --name light --rooms 10 --members 100 --rate 1000 --seconds "$SECS" $backend
 # shellcheck disable=SC2086
-bench ramp --rooms "$ROOMS" --members 100 --rates "$RAMP" --seconds "$SECS" $sources
+run ramp ramp --rooms "$ROOMS" --members 100 --rates "$RAMP" --seconds "$SECS" $sources
 # shellcheck disable=SC2086
-bench fanout --rooms "$ROOMS" --members 100 --rate "$FAN_RATE" --seconds "$SECS" $backend $sources
+run fanout fanout --rooms "$ROOMS" --members 100 --rate "$FAN_RATE" --seconds "$SECS" $backend $sources
 # shellcheck disable=SC2086
-bench persist --rooms 100 --senders 200 --window 4 --seconds "$SECS" $backend
+run persist persist --rooms 100 --senders 200 --window 4 --seconds "$SECS" $backend
 # shellcheck disable=SC2086
-bench persist --rooms 1 --senders 100 --window 4 --seconds "$SECS" $backend
+run persist persist --rooms 1 --senders 100 --window 4 --seconds "$SECS" $backend
 # Last: it kills gateway A.
 # shellcheck disable=SC2086
-bench reconnect --rooms "$RECONNECT_ROOMS" --members 100 --rate 200 --kill-pid "$gw_a_pid" $sources
+run reconnect reconnect --rooms "$RECONNECT_ROOMS" --members 100 --rate 200 --kill-pid "$gw_a_pid" $sources
 
-if [ "${BENCH_QUICK:-0}" = 1 ]; then
-  # A trial run's figures are not the suite's: keep them out of docs/.
+if [ "${BENCH_QUICK:-0}" = 1 ] || [ -n "${BENCH_ONLY:-}" ]; then
+  # A trial or partial run's figures are not the suite's: keep them out of docs/.
   "$BIN/chat-bench" report --results "$RESULTS" --out "$OUT/benchmarks.md" \
     --plot "$OUT/benchmarks-latency.png" --history "$OUT/history.jsonl"
 else
