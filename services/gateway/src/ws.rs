@@ -198,15 +198,24 @@ async fn read_loop(
     state: &AppState,
     last_seen: &AtomicU64,
 ) {
+    // Created once, not per frame: each creation registers with a timer or a token.
+    let closing = outbox.closing();
+    let restart = state.close_connections().cancelled();
+    let expiry = tokio::time::sleep_until(session.expires_at());
+    tokio::pin!(closing, restart, expiry);
     loop {
+        if expiry.deadline() != session.expires_at() {
+            // `refresh_token` moved the deadline.
+            expiry.as_mut().reset(session.expires_at());
+        }
         let frame = tokio::select! {
             frame = stream.next() => frame,
-            _ = outbox.closing() => return,
-            _ = tokio::time::sleep_until(session.expires_at()) => {
+            _ = &mut closing => return,
+            _ = &mut expiry => {
                 outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
                 return;
             }
-            _ = state.close_connections().cancelled() => {
+            _ = &mut restart => {
                 // Spread reconnects so a restarting gateway doesn't stampede the others.
                 let after_ms = rand::rng().random_range(0..2_000u64);
                 let frame = format!(r#"{{"type":"reconnect","after_ms":{after_ms}}}"#);
@@ -252,6 +261,9 @@ async fn write_loop(
 ) {
     let heartbeat = state.settings().heartbeat;
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    // Created once: re-creating it on every wake-up re-registered it with the token.
+    let closing = outbox.closing();
+    tokio::pin!(closing);
     loop {
         tokio::select! {
             item = rx.recv() => {
@@ -284,7 +296,7 @@ async fn write_loop(
                     return;
                 }
             }
-            _ = outbox.closing() => break,
+            _ = &mut closing => break,
         }
     }
     let reason = outbox.close_reason().unwrap_or(crate::outbox::CloseReason { code: 1000, reason: "" });
