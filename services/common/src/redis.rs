@@ -3,11 +3,13 @@
 //! channel's traffic stays on the shard owning its hash slot instead of being
 //! broadcast to every node).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::{Builder, Config, ReconnectPolicy};
+use tracing::Instrument;
 
 /// Where Redis is and how to use it; flattened into both services' `Config`.
 #[derive(Debug, Clone, clap::Args)]
@@ -83,6 +85,18 @@ impl<C: PubsubInterface + ClientLike + EventInterface> PubSub<C> {
         } else {
             self.client.publish::<i64, _, _>(channel, payload).await.map(drop)
         }
+    }
+
+    /// Publishes on `channel` inside a `redis.publish` span; `payload` gets that span's
+    /// W3C trace context to carry inside the message, so subscribers continue the trace.
+    pub async fn publish_traced(
+        &self,
+        channel: &str,
+        payload: impl FnOnce(HashMap<String, String>) -> Vec<u8>,
+    ) -> Result<(), fred::error::Error> {
+        let span = crate::telemetry::publish_span(channel);
+        let bytes = payload(crate::propagation::to_map(&span));
+        self.publish(channel, bytes).instrument(span).await
     }
 
     /// Subscribes to `channel`.

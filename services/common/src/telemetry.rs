@@ -156,7 +156,7 @@ fn resource(service: &'static str) -> Resource {
 
 /// The span around one Redis `PUBLISH` of a fan-out envelope; its context travels inside
 /// the envelope.
-pub fn publish_span(channel: &str) -> tracing::Span {
+pub(crate) fn publish_span(channel: &str) -> tracing::Span {
     tracing::info_span!(
         "redis.publish",
         otel.kind = "producer",

@@ -2,13 +2,10 @@
 //! and disconnects — on Redis, for every gateway to hear.
 
 use chat_common::channels::Channels;
-use chat_common::propagation;
 use chat_common::redis::PubSub;
-use chat_common::telemetry::publish_span;
 use chat_proto::v1::{envelope::Event, Envelope};
 use fred::prelude::Client;
 use prost::Message as _;
-use tracing::Instrument;
 
 use crate::error::{CommandError, ErrorCode};
 
@@ -43,9 +40,8 @@ impl Publisher {
     }
 
     async fn publish(&self, channel: String, event: Event) -> Result<(), CommandError> {
-        let span = publish_span(&channel);
-        let payload = Envelope::stamped(event).traced(propagation::to_map(&span)).encode_to_vec();
-        let published = self.bus.publish(&channel, payload).instrument(span).await;
+        let published =
+            self.bus.publish_traced(&channel, |trace| Envelope::stamped(event).traced(trace).encode_to_vec()).await;
         published.map_err(|err| {
             tracing::warn!(%err, %channel, "publish failed");
             self.errors.inc();

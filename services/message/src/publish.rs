@@ -3,14 +3,11 @@
 use std::time::Duration;
 
 use chat_common::channels::Channels;
-use chat_common::propagation;
 use chat_common::redis::{PubSub, RedisConfig};
 use chat_common::startup::Retry;
-use chat_common::telemetry::publish_span;
 use chat_proto::v1::{envelope::Event, Envelope, Message, MessageCreated};
 use fred::prelude::{Client, ClientLike};
 use prost::Message as _;
-use tracing::Instrument;
 
 /// Handle to the publishing Redis connection; cheap to clone.
 #[derive(Clone)]
@@ -58,10 +55,9 @@ impl Publisher {
     }
 
     async fn publish(&self, channel: String, event: Event) {
-        let span = publish_span(&channel);
-        // Gateways continue the trace from here: their delivery spans are children of this one.
-        let payload = Envelope::stamped(event).traced(propagation::to_map(&span)).encode_to_vec();
-        let published = self.bus.publish(&channel, payload).instrument(span).await;
+        // Gateways continue the trace from here: their delivery spans are children of the publish.
+        let published =
+            self.bus.publish_traced(&channel, |trace| Envelope::stamped(event).traced(trace).encode_to_vec()).await;
         if let Err(err) = published {
             tracing::warn!(%err, %channel, "event stored but not published");
             self.errors.inc();
