@@ -60,7 +60,7 @@ fn fanout(c: &mut Criterion) {
             b.iter_batched(
                 || (0..n).map(|i| Outbox::new(i as u64, 64, Default::default())).collect::<Vec<_>>(),
                 |queues| {
-                    for (outbox, _rx) in &queues {
+                    for (outbox, _queue) in &queues {
                         outbox.push_timed(Message::Text(frame.clone()), 0);
                     }
                     queues

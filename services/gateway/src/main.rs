@@ -6,6 +6,12 @@ use chat_gateway::Application;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// A gateway holds tens of thousands of mostly idle connections whose small buffers
+/// come and go with traffic: mimalloc keeps that heap compact where glibc's per-thread
+/// arenas let freed memory pile up (measured with `chat-bench idle`, docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

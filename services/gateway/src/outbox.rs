@@ -1,11 +1,19 @@
-//! The outbound side of one connection: a bounded queue of frames, and the one way to
-//! close the connection with a code.
+//! The outbound side of one connection: a bounded queue of frames that producers (room
+//! and user fan-out, admin commands) push to without waiting, the connection's task
+//! drains in batches, and the one way to close the connection with a code.
+//!
+//! Not a `tokio::sync::mpsc` channel: that allocates a block of 32 slots per connection
+//! up front, while most connections of a chat gateway are idle most of the time. This
+//! queue allocates nothing until the first frame, and the connection's task takes every
+//! queued frame with one lock, so a burst costs one wake-up and one socket write.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::Poll;
 
 use axum::extract::ws::Message;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
 
 /// Close code for a client that cannot keep up ("try again later": it may reconnect
 /// and recover with `since_seq`).
@@ -28,32 +36,52 @@ pub enum Outgoing {
     Timed(Message, i64),
 }
 
+struct Shared {
+    id: u64,
+    capacity: usize,
+    queue: Mutex<VecDeque<Outgoing>>,
+    /// The connection's task, woken when frames arrive or a close is asked for.
+    waker: AtomicWaker,
+    reason: OnceLock<CloseReason>,
+    /// Counts connections dropped for a full queue.
+    drops: prometheus_client::metrics::counter::Counter,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Outgoing>> {
+        // A panic while holding this lock leaves a queue of whole entries: still usable.
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Handle to a connection's queue; cheap to clone, shared with the fan-out.
 #[derive(Clone)]
 pub struct Outbox {
-    id: u64,
-    tx: mpsc::Sender<Outgoing>,
-    /// Counts connections dropped for a full queue.
-    drops: prometheus_client::metrics::counter::Counter,
-    closing: CancellationToken,
-    reason: Arc<OnceLock<CloseReason>>,
+    shared: Arc<Shared>,
+}
+
+/// The connection task's end of the queue.
+pub struct Receiver {
+    shared: Arc<Shared>,
 }
 
 impl Outbox {
-    /// A queue of `capacity` frames for connection `id`, and its receiving end.
-    pub fn new(
-        id: u64,
-        capacity: usize,
-        drops: prometheus_client::metrics::counter::Counter,
-    ) -> (Self, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let outbox = Self { id, tx, drops, closing: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
-        (outbox, rx)
+    /// A queue of `capacity` entries for connection `id`, and its receiving end.
+    pub fn new(id: u64, capacity: usize, drops: prometheus_client::metrics::counter::Counter) -> (Self, Receiver) {
+        let shared = Arc::new(Shared {
+            id,
+            capacity,
+            queue: Mutex::new(VecDeque::new()),
+            waker: AtomicWaker::new(),
+            reason: OnceLock::new(),
+            drops,
+        });
+        (Self { shared: shared.clone() }, Receiver { shared })
     }
 
     /// The connection's id, unique within this gateway.
     pub fn id(&self) -> u64 {
-        self.id
+        self.shared.id
     }
 
     /// Queues an event without waiting. A full queue means the client reads slower than
@@ -77,68 +105,141 @@ impl Outbox {
     }
 
     fn push(&self, item: Outgoing) {
-        match self.tx.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(conn = self.id, "outbound queue full; disconnecting slow consumer");
-                if self.close_reason().is_none() {
-                    self.drops.inc();
-                }
-                self.close(CLOSE_SLOW_CONSUMER, "slow consumer");
-            }
-            // The connection is already going away.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        if self.close_reason().is_some() {
+            // The connection is going away; its task reads no more.
+            return;
         }
-    }
-
-    /// Queues a reply, waiting while the queue is full (this only slows the reading of
-    /// this client's own commands). False once the connection is closing.
-    pub async fn reply(&self, frame: Message) -> bool {
-        tokio::select! {
-            sent = self.tx.send(Outgoing::One(frame)) => sent.is_ok(),
-            _ = self.closing.cancelled() => false,
+        let mut queue = self.shared.queue();
+        if queue.len() >= self.shared.capacity {
+            drop(queue);
+            tracing::warn!(conn = self.id(), "outbound queue full; disconnecting slow consumer");
+            if self.close_reason().is_none() {
+                self.shared.drops.inc();
+            }
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer");
+            return;
+        }
+        let was_empty = queue.is_empty();
+        queue.push_back(item);
+        drop(queue);
+        // A non-empty queue has already woken the task, which will take this entry too.
+        if was_empty {
+            self.shared.waker.wake();
         }
     }
 
     /// Asks the connection to close with `code`; the first reason given wins.
     pub fn close(&self, code: u16, reason: &'static str) {
-        let _ = self.reason.set(CloseReason { code, reason });
-        self.closing.cancel();
-    }
-
-    /// Resolves once `close` has been called.
-    pub async fn closing(&self) {
-        self.closing.cancelled().await
+        let _ = self.shared.reason.set(CloseReason { code, reason });
+        self.shared.waker.wake();
     }
 
     /// The reason given to `close`, if it has been called.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.reason.get().copied()
+        self.shared.reason.get().copied()
+    }
+}
+
+impl Receiver {
+    /// Resolves once frames are queued or `close` has been called.
+    pub async fn ready(&self) {
+        poll_fn(|cx| {
+            self.shared.waker.register(cx.waker());
+            if self.shared.reason.get().is_some() || !self.shared.queue().is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Moves every queued entry, oldest first, to the back of `into`. Swapping buffers
+    /// keeps the lock short and lets both sides reuse their allocations.
+    pub fn take(&self, into: &mut VecDeque<Outgoing>) {
+        let mut queue = self.shared.queue();
+        if into.is_empty() {
+            std::mem::swap(&mut *queue, into);
+        } else {
+            into.append(&mut queue);
+        }
+    }
+
+    /// The reason given to `close`, if it has been called.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.reason.get().copied()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn texts(items: &VecDeque<Outgoing>) -> Vec<String> {
+        items
+            .iter()
+            .flat_map(|item| match item {
+                Outgoing::One(m) | Outgoing::Timed(m, _) => vec![m.clone()],
+                Outgoing::Many(ms) => ms.clone(),
+            })
+            .map(|m| m.into_text().map(|t| t.to_string()).unwrap_or_default())
+            .collect()
+    }
 
     #[tokio::test]
     async fn a_full_queue_closes_the_connection_instead_of_growing() {
-        let (outbox, mut rx) = Outbox::new(1, 2, Default::default());
+        let (outbox, rx) = Outbox::new(1, 2, Default::default());
         outbox.push_event(Message::Text("a".into()));
-        outbox.push_event(Message::Text("b".into()));
+        outbox.push_batch(vec![Message::Text("b".into()), Message::Text("c".into())]);
         assert_eq!(outbox.close_reason(), None);
-        outbox.push_event(Message::Text("c".into()));
+        outbox.push_event(Message::Text("d".into()));
         assert_eq!(outbox.close_reason(), Some(CloseReason { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer" }));
-        assert_eq!(rx.len(), 2, "the queue never holds more than its capacity");
-        assert!(!outbox.reply(Message::Text("d".into())).await, "replies stop once closing");
-        rx.recv().await.unwrap();
+        outbox.push_event(Message::Text("e".into()));
+        let mut taken = VecDeque::new();
+        rx.take(&mut taken);
+        assert_eq!(texts(&taken), ["a", "b", "c"], "the queue never holds more than its capacity");
     }
 
     #[tokio::test]
     async fn the_first_close_reason_wins() {
-        let (outbox, _rx) = Outbox::new(1, 2, Default::default());
+        let (outbox, rx) = Outbox::new(1, 2, Default::default());
         outbox.close(4001, "token expired");
         outbox.close(1012, "restart");
         assert_eq!(outbox.close_reason().unwrap().code, 4001);
+        assert_eq!(rx.close_reason().unwrap().code, 4001);
+    }
+
+    #[tokio::test]
+    async fn the_receiver_wakes_for_frames_and_for_close_and_takes_in_order() {
+        let (outbox, rx) = Outbox::new(1, 16, Default::default());
+        assert!(tokio::time::timeout(Duration::from_millis(50), rx.ready()).await.is_err(), "nothing queued yet");
+
+        let producer = outbox.clone();
+        let push = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for n in 0..5 {
+                producer.push_timed(Message::Text(n.to_string().into()), n);
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), rx.ready()).await.expect("woken by a push");
+        push.await.unwrap();
+        let mut taken = VecDeque::new();
+        rx.take(&mut taken);
+        assert_eq!(texts(&taken), ["0", "1", "2", "3", "4"]);
+        rx.take(&mut taken);
+        assert_eq!(taken.len(), 5, "taking again finds nothing new");
+
+        let closer = outbox.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            closer.close(1000, "");
+        });
+        tokio::time::timeout(Duration::from_secs(5), rx.ready()).await.expect("woken by close");
+        assert_eq!(rx.close_reason().unwrap().code, 1000);
+        outbox.push_event(Message::Text("late".into()));
+        let mut after = VecDeque::new();
+        rx.take(&mut after);
+        assert!(after.is_empty(), "nothing is queued once closing");
     }
 }

@@ -1,24 +1,23 @@
 //! WebSocket connections on `/ws`: authentication at the handshake or by first frame,
-//! then a reader (commands) and a writer (replies, events, heartbeats) per socket.
+//! then one task per socket that runs its commands and writes its replies, events and
+//! heartbeats.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::auth::{self, Claims};
 use crate::error::{CommandError, ErrorCode, HttpError};
-use crate::outbox::{Outbox, Outgoing, CLOSE_SLOW_CONSUMER};
+use crate::outbox::{CloseReason, Outbox, Outgoing, Receiver, CLOSE_SLOW_CONSUMER};
 use crate::presence::Admission;
 use crate::protocol::{self, Command};
 use crate::session::Session;
@@ -32,7 +31,7 @@ const SOCKET_MAX_MESSAGE: usize = 1024 * 1024;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_RESTART: u16 = 1012;
 /// Bytes read from a socket at a time.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 512;
 /// Bytes of queued frames gathered before a write; the writer flushes after each batch.
 const WRITE_BUFFER: usize = 16 * 1024;
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -85,20 +84,33 @@ pub fn origin_allowed(allowlist: &[String], origin: &str) -> bool {
     allowlist.is_empty() || allowlist.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
 }
 
-/// Runs one connection to its end.
-async fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) {
-    let (mut sink, mut stream) = socket.split();
+/// Runs one connection to its end. This future lives as long as the connection, so
+/// it holds only the connection loop: the set-up and clean-up (Redis and gRPC calls
+/// whose futures are several KiB each) run boxed, and their memory is returned when
+/// they finish.
+///
+/// Not an `async fn`: that would keep its arguments (the socket above all) in the
+/// future beside the state they move into, for the connection's whole life.
+fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) -> impl Future<Output = ()> + Send {
+    let opening = Box::pin(open(socket, state, claims));
+    async move {
+        let Some((mut conn, session)) = opening.await else { return };
+        let session = conn.run(session).await;
+        Box::pin(conn.finish(session)).await;
+    }
+}
+
+/// Authenticates (by the first frame when the handshake carried no token), admits the
+/// user, registers for per-user events and sends `welcome`; `None` when the
+/// connection ends here.
+async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) -> Option<(Connection, Box<Session>)> {
     let (claims, auth_id) = match claims {
         Some(claims) => (claims, None),
-        None => match first_frame_auth(&state, &mut sink, &mut stream).await {
-            Some(authed) => authed,
-            None => return,
-        },
+        None => first_frame_auth(&state, &mut socket).await?,
     };
 
     let conn_id = state.next_conn_id();
     let settings = state.settings();
-    let (outbox, rx) = Outbox::new(conn_id, settings.outbound_queue, state.metrics().outbound_drops.clone());
     let session_id = format!("{:032x}", rand::rng().random::<u128>());
     let welcome = protocol::Welcome {
         kind: "welcome",
@@ -111,57 +123,47 @@ async fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) {
     let welcome = serde_json::to_string(&welcome).unwrap_or_default();
     tracing::debug!(conn = conn_id, user = %claims.sub, session = %session_id, "connection authenticated");
 
-    let user = claims.sub.clone();
-    let admission = state.presence().admit(&user).await;
+    let admission = state.presence().admit(&claims.sub).await;
     if admission == Admission::OverCap {
         let err = CommandError::rate_limited(
             "connection limit reached: too many open connections for this user",
             CONNECTION_CAP_RETRY_MS,
         );
-        let _ = outbox.reply(Message::Text(protocol::error(auth_id.as_deref(), &err).into())).await;
-        outbox.close(CLOSE_POLICY, "too many connections");
-        write_loop(sink, rx, outbox, state, Arc::new(AtomicU64::new(0))).await;
-        return;
+        let error = protocol::error(auth_id.as_deref(), &err);
+        refuse(&mut socket, error, CLOSE_POLICY, "too many connections").await;
+        return None;
     }
     state.metrics().connections.inc();
-    let last_seen = Arc::new(AtomicU64::new(state.uptime_ms()));
-    let writer = tokio::spawn(write_loop(sink, rx, outbox.clone(), state.clone(), last_seen.clone()));
-    if let Err(err) = state.fanout().add_user_conn(&user, &outbox).await {
+    let (outbox, queue) = Outbox::new(conn_id, settings.outbound_queue, state.metrics().outbound_drops.clone());
+    if let Err(err) = state.fanout().add_user_conn(&claims.sub, &outbox).await {
         tracing::warn!(%err.message, "per-user events unavailable for this connection");
     }
     if admission == (Admission::Admitted { first: true }) {
         let presence = state.presence().clone();
-        let user = user.clone();
+        let user = claims.sub.clone();
         tokio::spawn(async move { presence.announce(&user, true).await });
     }
-    if outbox.reply(Message::Text(welcome.into())).await {
-        let mut session = Session::new(state.clone(), claims, outbox.clone());
-        read_loop(&mut session, &mut stream, &outbox, &state, &last_seen).await;
-        session.end().await;
+    let session = Box::new(Session::new(state.clone(), claims, outbox.clone()));
+    let mut conn = Connection { socket, queue, outbox, pending: VecDeque::new(), published: Vec::new(), state };
+    if !conn.write(Message::Text(welcome.into())).await {
+        conn.outbox.close(CLOSE_ABNORMAL, "");
     }
-    outbox.close(1000, "");
-    state.metrics().connections.dec();
-    state.fanout().remove_user_conn(&user, conn_id).await;
-    if state.presence().release(&user).await {
-        let presence = state.presence().clone();
-        tokio::spawn(async move { presence.announce(&user, false).await });
-    }
-    if let Err(err) = writer.await {
-        tracing::warn!(%err, conn = conn_id, "writer task failed");
-    }
+    Some((conn, session))
+}
+
+/// Sends an error frame and a close frame to a client that is not let in.
+async fn refuse(socket: &mut WebSocket, error: String, code: u16, reason: &'static str) {
+    let _ = socket.send(Message::Text(error.into())).await;
+    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
 /// Waits for `{"type":"auth","token":...}` within the auth timeout. Anything else gets
 /// an `unauthorized` error frame and close 1008.
-async fn first_frame_auth(
-    state: &AppState,
-    sink: &mut SplitSink<WebSocket, Message>,
-    stream: &mut SplitStream<WebSocket>,
-) -> Option<(Claims, Option<String>)> {
+async fn first_frame_auth(state: &AppState, socket: &mut WebSocket) -> Option<(Claims, Option<String>)> {
     let deadline = Instant::now() + state.settings().auth_timeout;
     let refusal = loop {
         let frame = tokio::select! {
-            frame = tokio::time::timeout_at(deadline, stream.next()) => frame,
+            frame = tokio::time::timeout_at(deadline, socket.next()) => frame,
             _ = state.shutdown().cancelled() => return None,
         };
         let text = match frame {
@@ -184,155 +186,217 @@ async fn first_frame_auth(
     };
     let (id, message) = refusal;
     let error = protocol::error(id.as_deref(), &CommandError::new(ErrorCode::Unauthorized, message));
-    let _ = sink.send(Message::Text(error.into())).await;
-    let _ = sink.send(Message::Close(Some(CloseFrame { code: CLOSE_POLICY, reason: "unauthorized".into() }))).await;
+    refuse(socket, error, CLOSE_POLICY, "unauthorized").await;
     None
 }
 
-/// Reads frames and runs commands until the client leaves, the connection is closed,
-/// the token expires or the gateway shuts down.
-async fn read_loop(
-    session: &mut Session,
-    stream: &mut SplitStream<WebSocket>,
-    outbox: &Outbox,
-    state: &AppState,
-    last_seen: &AtomicU64,
-) {
-    // Created once, not per frame: each creation registers with a timer or a token.
-    let closing = outbox.closing();
-    let restart = state.close_connections().cancelled();
-    let expiry = tokio::time::sleep_until(session.expires_at());
-    tokio::pin!(closing, restart, expiry);
-    loop {
-        if expiry.deadline() != session.expires_at() {
-            // `refresh_token` moved the deadline.
-            expiry.as_mut().reset(session.expires_at());
-        }
-        let frame = tokio::select! {
-            frame = stream.next() => frame,
-            _ = &mut closing => return,
-            _ = &mut expiry => {
-                outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
-                return;
-            }
-            _ = &mut restart => {
-                // Spread reconnects so a restarting gateway doesn't stampede the others.
-                let after_ms = rand::rng().random_range(0..2_000u64);
-                let frame = format!(r#"{{"type":"reconnect","after_ms":{after_ms}}}"#);
-                outbox.push_event(Message::Text(frame.into()));
-                outbox.close(CLOSE_RESTART, "server restart");
-                return;
-            }
-        };
-        last_seen.store(state.uptime_ms(), Ordering::Relaxed);
-        let reply = match frame {
-            Some(Ok(Message::Text(text))) => session.handle_text(&text).await,
-            Some(Ok(Message::Binary(_))) => protocol::error(
-                None,
-                &CommandError::bad_request("binary frames are not supported; send JSON text frames"),
-            ),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | None => return,
-            Some(Err(err)) => {
-                // Oversized messages end here: tungstenite refuses them before we see them.
-                let too_big = err.to_string().contains("too long") || err.to_string().contains("Space limit");
-                if too_big {
-                    outbox.close(1009, "message too big");
-                } else {
-                    outbox.close(CLOSE_ABNORMAL, "");
-                }
-                return;
-            }
-        };
-        if !outbox.reply(Message::Text(reply.into())).await {
-            return;
-        }
-    }
+/// A command being handled: it owns the session while it runs and hands it back with
+/// the reply. Boxed, so an idle connection's task holds no command's state.
+type Running = Pin<Box<dyn Future<Output = (Box<Session>, String)> + Send>>;
+
+/// One authenticated connection: its socket and its queue of outbound frames, both
+/// served by the connection's one task. One task (not a reader and a writer over a
+/// split socket) keeps an idle connection small and a delivery to one wake-up.
+struct Connection {
+    socket: WebSocket,
+    queue: Receiver,
+    /// The producers' end of `queue`, kept to close the connection with a reason.
+    outbox: Outbox,
+    /// Entries taken from the queue, written in one batch and one flush.
+    pending: VecDeque<Outgoing>,
+    /// Publish times (Unix µs) of the live events in the batch being written.
+    published: Vec<i64>,
+    state: AppState,
 }
 
-/// Writes queued frames (batched into one flush when several are ready) and sends a
-/// WebSocket ping every heartbeat; drops a peer silent for two heartbeats.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outgoing>,
-    outbox: Outbox,
-    state: AppState,
-    last_seen: Arc<AtomicU64>,
-) {
-    let heartbeat = state.settings().heartbeat;
-    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    // Created once: re-creating it on every wake-up re-registered it with the token.
-    let closing = outbox.closing();
-    tokio::pin!(closing);
-    loop {
-        tokio::select! {
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                let mut published = Vec::new();
-                let mut ok = feed(&mut sink, item, &mut published).await;
-                while ok {
-                    match rx.try_recv() {
-                        Ok(item) => ok = feed(&mut sink, item, &mut published).await,
-                        Err(_) => break,
+impl Connection {
+    /// Runs commands (one at a time, in order), writes queued frames and heartbeats
+    /// until the client leaves, the connection is closed, the token expires or the
+    /// gateway restarts; returns the session for its clean-up.
+    async fn run(&mut self, session: Box<Session>) -> Box<Session> {
+        let state = self.state.clone();
+        let heartbeat = state.settings().heartbeat;
+        let mut last_seen_ms = state.uptime_ms();
+        let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        // Created once, not per wake-up: each creation registers with a timer or a token.
+        let restart = state.close_connections().cancelled();
+        let expiry = tokio::time::sleep_until(session.expires_at());
+        tokio::pin!(restart, expiry);
+        // Exactly one of these holds the session: it waits for a frame, or runs one.
+        let mut idle = Some(session);
+        let mut running: Option<Running> = None;
+        loop {
+            tokio::select! {
+                frame = self.socket.next(), if running.is_none() => {
+                    last_seen_ms = state.uptime_ms();
+                    let text = match frame {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Binary(_))) => {
+                            let error = protocol::error(
+                                None,
+                                &CommandError::bad_request("binary frames are not supported; send JSON text frames"),
+                            );
+                            if !self.reply(error).await {
+                                break;
+                            }
+                            continue;
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Err(err)) => {
+                            // Oversized messages end here: tungstenite refuses them before we see them.
+                            let err = err.to_string();
+                            let too_big = err.contains("too long") || err.contains("Space limit");
+                            self.outbox.close(if too_big { 1009 } else { CLOSE_ABNORMAL }, if too_big { "message too big" } else { "" });
+                            break;
+                        }
+                    };
+                    if let Some(mut session) = idle.take() {
+                        running = Some(Box::pin(async move {
+                            let reply = session.handle_text(&text).await;
+                            (session, reply)
+                        }));
                     }
                 }
-                if !ok || sink.flush().await.is_err() {
-                    outbox.close(CLOSE_ABNORMAL, "");
-                    return;
+                (session, reply) = async { running.as_mut().expect("guarded by the branch condition").await }, if running.is_some() => {
+                    running = None;
+                    if expiry.deadline() != session.expires_at() {
+                        // `refresh_token` moved the deadline.
+                        expiry.as_mut().reset(session.expires_at());
+                    }
+                    idle = Some(session);
+                    if !self.reply(reply).await {
+                        break;
+                    }
                 }
-                let now_us = chrono::Utc::now().timestamp_micros();
-                for at in published {
-                    state.metrics().fanout_latency.observe((now_us - at).max(0) as f64 / 1e6);
+                () = self.queue.ready() => {
+                    if self.queue.close_reason().is_some() {
+                        break;
+                    }
+                    if !self.flush_queue().await {
+                        self.outbox.close(CLOSE_ABNORMAL, "");
+                        break;
+                    }
                 }
-            }
-            _ = ping.tick() => {
-                let silent_ms = state.uptime_ms().saturating_sub(last_seen.load(Ordering::Relaxed));
-                if silent_ms > 2 * heartbeat.as_millis() as u64 {
-                    outbox.close(CLOSE_GOING_AWAY, "heartbeat timeout");
+                _ = ping.tick() => {
+                    let silent_ms = state.uptime_ms().saturating_sub(last_seen_ms);
+                    if silent_ms > 2 * heartbeat.as_millis() as u64 {
+                        self.outbox.close(CLOSE_GOING_AWAY, "heartbeat timeout");
+                        break;
+                    }
+                    if !self.write(Message::Ping(Default::default())).await {
+                        self.outbox.close(CLOSE_ABNORMAL, "");
+                        break;
+                    }
+                }
+                _ = &mut expiry => {
+                    self.outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
                     break;
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    outbox.close(CLOSE_ABNORMAL, "");
-                    return;
+                _ = &mut restart => {
+                    // Spread reconnects so a restarting gateway doesn't stampede the others.
+                    let after_ms = rand::rng().random_range(0..2_000u64);
+                    let frame = format!(r#"{{"type":"reconnect","after_ms":{after_ms}}}"#);
+                    self.outbox.push_event(Message::Text(frame.into()));
+                    self.outbox.close(CLOSE_RESTART, "server restart");
+                    break;
                 }
             }
-            _ = &mut closing => break,
+        }
+        match (idle, running) {
+            (Some(session), _) => session,
+            // A command still running (a send waiting for its ack) finishes: what it
+            // stored is delivered to everyone else, and the session is needed to leave
+            // its rooms. Its reply has no connection left to go to.
+            (None, Some(running)) => running.await.0,
+            (None, None) => unreachable!("the session is always idle or running"),
         }
     }
-    let reason = outbox.close_reason().unwrap_or(crate::outbox::CloseReason { code: 1000, reason: "" });
-    if reason.code == CLOSE_ABNORMAL {
-        return;
-    }
-    // Frames already queued (an error reply, a `reconnect` notice) go out before the
-    // close frame, except to a slow consumer, whose queue is what we are giving up on.
-    if reason.code != CLOSE_SLOW_CONSUMER {
-        while let Ok(item) = rx.try_recv() {
-            if !feed(&mut sink, item, &mut Vec::new()).await {
-                return;
-            }
-        }
-    }
-    let close = CloseFrame { code: reason.code, reason: reason.reason.into() };
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(close)))).await;
-}
 
-/// Writes a queue entry without flushing; false when the socket is gone. Publish times
-/// of timed entries are collected into `published`.
-async fn feed(sink: &mut SplitSink<WebSocket, Message>, item: Outgoing, published: &mut Vec<i64>) -> bool {
-    match item {
-        Outgoing::One(frame) => sink.feed(frame).await.is_ok(),
-        Outgoing::Timed(frame, at) => {
-            published.push(at);
-            sink.feed(frame).await.is_ok()
+    /// Leaves the session's rooms, closes the socket, and gives up the user's
+    /// registration and presence.
+    async fn finish(mut self, session: Box<Session>) {
+        let user = session.claims().sub.clone();
+        session.end().await;
+        self.close().await;
+        let state = self.state;
+        state.metrics().connections.dec();
+        state.fanout().remove_user_conn(&user, self.outbox.id()).await;
+        if state.presence().release(&user).await {
+            let presence = state.presence().clone();
+            tokio::spawn(async move { presence.announce(&user, false).await });
         }
-        Outgoing::Many(frames) => {
-            for frame in frames {
-                if sink.feed(frame).await.is_err() {
-                    return false;
+    }
+
+    /// Writes a command's reply after every frame queued before it; false when the
+    /// socket is gone.
+    async fn reply(&mut self, reply: String) -> bool {
+        self.flush_queue().await && self.write(Message::Text(reply.into())).await
+    }
+
+    /// Writes one frame and flushes; false when the socket is gone.
+    async fn write(&mut self, frame: Message) -> bool {
+        self.socket.send(frame).await.is_ok()
+    }
+
+    /// Writes every queued frame with one flush; false when the socket is gone.
+    async fn flush_queue(&mut self) -> bool {
+        self.queue.take(&mut self.pending);
+        if self.pending.is_empty() {
+            return true;
+        }
+        while let Some(item) = self.pending.pop_front() {
+            let ok = match item {
+                Outgoing::One(frame) => self.socket.feed(frame).await.is_ok(),
+                Outgoing::Timed(frame, at) => {
+                    self.published.push(at);
+                    self.socket.feed(frame).await.is_ok()
                 }
+                Outgoing::Many(frames) => {
+                    let mut ok = true;
+                    for frame in frames {
+                        if self.socket.feed(frame).await.is_err() {
+                            ok = false;
+                            break;
+                        }
+                    }
+                    ok
+                }
+            };
+            if !ok {
+                self.pending.clear();
+                self.published.clear();
+                return false;
             }
-            true
         }
+        if self.socket.flush().await.is_err() {
+            return false;
+        }
+        if !self.published.is_empty() {
+            let now_us = chrono::Utc::now().timestamp_micros();
+            for at in self.published.drain(..) {
+                self.state.metrics().fanout_latency.observe((now_us - at).max(0) as f64 / 1e6);
+            }
+        }
+        true
+    }
+
+    /// Ends the connection: frames already queued (an error reply, a `reconnect`
+    /// notice) go out before the close frame, except to a slow consumer, whose queue
+    /// is what we are giving up on.
+    async fn close(&mut self) {
+        let reason = self.outbox.close_reason().unwrap_or(CloseReason { code: 1000, reason: "" });
+        self.outbox.close(reason.code, reason.reason);
+        if reason.code == CLOSE_ABNORMAL {
+            return;
+        }
+        let close = CloseFrame { code: reason.code, reason: reason.reason.into() };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if reason.code == CLOSE_SLOW_CONSUMER || self.flush_queue().await {
+                let _ = self.socket.send(Message::Close(Some(close))).await;
+            }
+        })
+        .await;
     }
 }
 
