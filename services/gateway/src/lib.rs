@@ -138,12 +138,12 @@ impl Application {
         // Drain in order: readiness 503 and new upgrades refused at once (the shutdown
         // token), then after the drain delay every connection is told to reconnect and
         // closed with 1012 once its in-flight command has answered.
-        let (close, delay) = (state.close_connections().clone(), self.drain_delay);
+        let (closing, delay) = (state.clone(), self.drain_delay);
         let draining = shutdown.clone();
         tokio::spawn(async move {
             draining.cancelled().await;
             tokio::time::sleep(delay).await;
-            close.cancel();
+            closing.open_connections().close_all(ws::restart);
         });
 
         let app = http::router(state.clone());

@@ -171,6 +171,67 @@ impl Receiver {
     }
 }
 
+/// Every open connection's outbox, so the gateway can tell them all to go at once.
+///
+/// Not a shared cancellation token each connection waits on: a connection's task
+/// re-polls what it waits on at every wake-up (every delivery), and the waiters of one
+/// shared token sit behind one lock, which all connections would then contend on.
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    open: std::collections::HashMap<u64, Outbox>,
+    /// Set by `close_all`, which `on_close` then applies to latecomers too.
+    on_close: Option<fn(&Outbox)>,
+}
+
+impl Registry {
+    fn inner(&self) -> MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a connection; once `close_all` has run, it is closed the same way at once.
+    pub fn add(&self, outbox: &Outbox) {
+        let mut inner = self.inner();
+        match inner.on_close {
+            Some(close) => close(outbox),
+            None => {
+                inner.open.insert(outbox.id(), outbox.clone());
+            }
+        }
+    }
+
+    /// Removes a connection that has ended.
+    pub fn remove(&self, id: u64) {
+        self.inner().open.remove(&id);
+    }
+
+    /// Applies `close` to every open connection and to any added from now on.
+    pub fn close_all(&self, close: fn(&Outbox)) {
+        let open = {
+            let mut inner = self.inner();
+            inner.on_close = Some(close);
+            std::mem::take(&mut inner.open)
+        };
+        for outbox in open.values() {
+            close(outbox);
+        }
+    }
+
+    /// How many connections are registered.
+    pub fn len(&self) -> usize {
+        self.inner().open.len()
+    }
+
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +269,24 @@ mod tests {
         outbox.close(1012, "restart");
         assert_eq!(outbox.close_reason().unwrap().code, 4001);
         assert_eq!(rx.close_reason().unwrap().code, 4001);
+    }
+
+    #[test]
+    fn close_all_reaches_open_connections_and_latecomers_but_not_ended_ones() {
+        let registry = Registry::default();
+        let (a, _qa) = Outbox::new(1, 4, Default::default());
+        let (b, _qb) = Outbox::new(2, 4, Default::default());
+        registry.add(&a);
+        registry.add(&b);
+        registry.remove(2);
+        assert_eq!(registry.len(), 1);
+        registry.close_all(|o| o.close(1012, "server restart"));
+        assert_eq!(a.close_reason().map(|r| r.code), Some(1012));
+        assert_eq!(b.close_reason(), None, "an ended connection is not touched");
+        let (late, _ql) = Outbox::new(3, 4, Default::default());
+        registry.add(&late);
+        assert_eq!(late.close_reason().map(|r| r.code), Some(1012));
+        assert!(registry.is_empty());
     }
 
     #[tokio::test]

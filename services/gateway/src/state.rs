@@ -11,6 +11,7 @@ use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
+use crate::outbox::Registry;
 use crate::presence::Presence;
 use crate::ratelimit::Limits;
 
@@ -44,8 +45,8 @@ struct Shared {
     metrics: Metrics,
     settings: ConnSettings,
     shutdown: CancellationToken,
-    /// Cancelled after the drain delay: connections get `reconnect` and close 1012.
-    close_connections: CancellationToken,
+    /// Open connections, told to reconnect and closed with 1012 after the drain delay.
+    open: Registry,
     connections: TaskTracker,
     next_conn: AtomicU64,
     backend_serving: AtomicBool,
@@ -79,7 +80,7 @@ impl AppState {
                 metrics,
                 settings,
                 shutdown,
-                close_connections: CancellationToken::new(),
+                open: Registry::default(),
                 connections: TaskTracker::new(),
                 next_conn: AtomicU64::new(1),
                 backend_serving: AtomicBool::new(true),
@@ -123,9 +124,9 @@ impl AppState {
         &self.inner.shutdown
     }
 
-    /// Cancelled once open connections must be told to go (after the drain delay).
-    pub fn close_connections(&self) -> &CancellationToken {
-        &self.inner.close_connections
+    /// Every open connection's outbox (see `ws::restart` for how they are told to go).
+    pub fn open_connections(&self) -> &Registry {
+        &self.inner.open
     }
 
     /// Tracks every WebSocket connection task, so shutdown can wait for them.

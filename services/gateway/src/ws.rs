@@ -38,6 +38,8 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// When a client over the per-user connection cap may try again.
 const CONNECTION_CAP_RETRY_MS: u64 = 5_000;
+/// How long the last frames of a closing connection may take to write.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Not sent on the wire: the socket is already gone.
 const CLOSE_ABNORMAL: u16 = 1006;
 
@@ -144,11 +146,21 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
         tokio::spawn(async move { presence.announce(&user, true).await });
     }
     let session = Box::new(Session::new(state.clone(), claims, outbox.clone()));
+    state.open_connections().add(&outbox);
     let mut conn = Connection { socket, queue, outbox, pending: VecDeque::new(), published: Vec::new(), state };
     if !conn.write(Message::Text(welcome.into())).await {
         conn.outbox.close(CLOSE_ABNORMAL, "");
     }
     Some((conn, session))
+}
+
+/// Tells a connection the gateway is restarting: a `reconnect` event, then close 1012.
+pub fn restart(outbox: &Outbox) {
+    // Spread reconnects so a restarting gateway doesn't stampede the others.
+    let after_ms = rand::rng().random_range(0..2_000u64);
+    let frame = format!(r#"{{"type":"reconnect","after_ms":{after_ms}}}"#);
+    outbox.push_event(Message::Text(frame.into()));
+    outbox.close(CLOSE_RESTART, "server restart");
 }
 
 /// Sends an error frame and a close frame to a client that is not let in.
@@ -219,9 +231,8 @@ impl Connection {
         let mut last_seen_ms = state.uptime_ms();
         let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         // Created once, not per wake-up: each creation registers with a timer or a token.
-        let restart = state.close_connections().cancelled();
         let expiry = tokio::time::sleep_until(session.expires_at());
-        tokio::pin!(restart, expiry);
+        tokio::pin!(expiry);
         // Exactly one of these holds the session: it waits for a frame, or runs one.
         let mut idle = Some(session);
         let mut running: Option<Running> = None;
@@ -293,22 +304,22 @@ impl Connection {
                     self.outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
                     break;
                 }
-                _ = &mut restart => {
-                    // Spread reconnects so a restarting gateway doesn't stampede the others.
-                    let after_ms = rand::rng().random_range(0..2_000u64);
-                    let frame = format!(r#"{{"type":"reconnect","after_ms":{after_ms}}}"#);
-                    self.outbox.push_event(Message::Text(frame.into()));
-                    self.outbox.close(CLOSE_RESTART, "server restart");
-                    break;
-                }
             }
         }
         match (idle, running) {
             (Some(session), _) => session,
-            // A command still running (a send waiting for its ack) finishes: what it
-            // stored is delivered to everyone else, and the session is needed to leave
-            // its rooms. Its reply has no connection left to go to.
-            (None, Some(running)) => running.await.0,
+            // A command still running (a send waiting for its ack) finishes, and answers
+            // while the socket is still there: what it stored is delivered to everyone
+            // else, and the session is needed to leave its rooms.
+            (None, Some(running)) => {
+                let (session, reply) = running.await;
+                let reason = self.outbox.close_reason().map(|r| r.code);
+                if !matches!(reason, Some(CLOSE_ABNORMAL | CLOSE_SLOW_CONSUMER)) {
+                    // Bounded like the close frame: a client that stopped reading can't hold us.
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.reply(reply)).await;
+                }
+                session
+            }
             (None, None) => unreachable!("the session is always idle or running"),
         }
     }
@@ -321,6 +332,7 @@ impl Connection {
         self.close().await;
         let state = self.state;
         state.metrics().connections.dec();
+        state.open_connections().remove(self.outbox.id());
         state.fanout().remove_user_conn(&user, self.outbox.id()).await;
         if state.presence().release(&user).await {
             let presence = state.presence().clone();
@@ -391,7 +403,7 @@ impl Connection {
             return;
         }
         let close = CloseFrame { code: reason.code, reason: reason.reason.into() };
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             if reason.code == CLOSE_SLOW_CONSUMER || self.flush_queue().await {
                 let _ = self.socket.send(Message::Close(Some(close))).await;
             }
