@@ -293,6 +293,34 @@ async fn an_expired_token_closes_with_4001_unless_refreshed() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_client_silent_for_two_heartbeats_is_dropped_with_1001() -> Result<()> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let cluster = Cluster::start_with(1, &chat_tests::redis_url(), &[("HEARTBEAT_MS", "200")]).await?;
+    // A raw socket that reads nothing, so it answers none of the server's pings.
+    let url = format!("{}?token={}", cluster.ws_url(0), chat_tests::token("alice"));
+    let (mut silent, _) = tokio_tungstenite::connect_async(url).await?;
+    // A client that keeps talking stays.
+    let mut talking = cluster.client(0, "bob").await?;
+    for _ in 0..12 {
+        assert_eq!(talking.request(json!({"type": "ping"})).await?["type"], "pong");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = silent.next().await {
+            if let Message::Close(frame) = frame? {
+                return Ok::<_, anyhow::Error>(frame.map(|f| u16::from(f.code)));
+            }
+        }
+        Ok(None)
+    })
+    .await??;
+    assert_eq!(close, Some(1001));
+    Ok(())
+}
+
+#[tokio::test]
 async fn join_with_since_seq_replays_the_missed_messages_before_the_ack() -> Result<()> {
     let cluster = Cluster::start(2).await?;
     let mut alice = cluster.client(0, "alice").await?;

@@ -26,7 +26,6 @@ const CLOSE_POLICY: u16 = 1008;
 pub struct Session {
     state: AppState,
     claims: Claims,
-    caller: pb::Caller,
     listener: Listener,
     joined: HashSet<String>,
     expires_at: Instant,
@@ -42,11 +41,10 @@ pub fn token_deadline(exp: i64) -> Instant {
 impl Session {
     /// A session for an authenticated user whose frames go to `outbox`.
     pub fn new(state: AppState, claims: Claims, outbox: Outbox) -> Self {
-        let caller = caller(&claims);
         let listener = Listener { outbox, user_id: Arc::from(claims.sub.as_str()) };
         let expires_at = token_deadline(claims.exp);
         let limiter = state.limits().connect(&claims.sub);
-        Self { state, claims, caller, listener, joined: HashSet::new(), expires_at, limiter }
+        Self { state, claims, listener, joined: HashSet::new(), expires_at, limiter }
     }
 
     /// The verified claims.
@@ -113,7 +111,7 @@ impl Session {
     }
 
     fn who(&self) -> Option<pb::Caller> {
-        Some(self.caller.clone())
+        Some(caller(&self.claims))
     }
 
     async fn execute(&mut self, id: Option<&str>, command: Command) -> Result<String, CommandError> {
@@ -170,7 +168,7 @@ impl Session {
                 ok(Empty {})
             }
             Command::Rooms {} => {
-                let rooms = backend.list_rooms(self.caller.clone()).await?;
+                let rooms = backend.list_rooms(caller(&self.claims)).await?;
                 Ok(protocol::ack(id, RoomsBody::from(rooms.as_slice())))
             }
             Command::Edit { message_id, text } => {
@@ -193,7 +191,7 @@ impl Session {
             Command::Typing { room, active } => {
                 if !self.joined.contains(&room) {
                     // Typing needs membership, not a join: check it like a join would.
-                    backend.join_room(self.caller.clone(), room.clone()).await?;
+                    backend.join_room(caller(&self.claims), room.clone()).await?;
                 }
                 let event = pb::envelope::Event::Typing(pb::Typing {
                     room_id: room.clone(),
@@ -213,7 +211,7 @@ impl Session {
                 Ok(protocol::ack(id, Read { seq: read_seq }))
             }
             Command::Presence { room } => {
-                let info = backend.join_room(self.caller.clone(), room).await?;
+                let info = backend.join_room(caller(&self.claims), room).await?;
                 let online = self.state.presence().online(&info.members).await;
                 #[derive(Serialize)]
                 struct Online {
@@ -231,7 +229,6 @@ impl Session {
                     return Err(CommandError::new(ErrorCode::Forbidden, "the new token is for another user"));
                 }
                 self.expires_at = token_deadline(claims.exp);
-                self.caller = caller(&claims);
                 self.claims = claims;
                 #[derive(Serialize)]
                 struct Refreshed {
@@ -250,7 +247,7 @@ impl Session {
                 format!("a connection may join at most {max} rooms; leave one first"),
             ));
         }
-        let info = self.state.backend().join_room(self.caller.clone(), room.clone()).await?;
+        let info = self.state.backend().join_room(caller(&self.claims), room.clone()).await?;
         let joined = self.state.fanout().join(&room, self.listener.clone(), since_seq).await?;
         self.joined.insert(room.clone());
         let online = self.state.presence().online(&info.members).await;

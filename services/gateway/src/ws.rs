@@ -229,10 +229,13 @@ impl Connection {
         let state = self.state.clone();
         let heartbeat = state.settings().heartbeat;
         let mut last_seen_ms = state.uptime_ms();
-        let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-        // Created once, not per wake-up: each creation registers with a timer or a token.
-        let expiry = tokio::time::sleep_until(session.expires_at());
-        tokio::pin!(expiry);
+        // One timer for both the next heartbeat and the token's expiry, created once:
+        // each creation registers with the timer wheel, and every timer a connection
+        // holds is memory and a poll on each wake-up.
+        let mut next_ping = Instant::now() + heartbeat;
+        let mut expires_at = session.expires_at();
+        let timer = tokio::time::sleep_until(next_ping.min(expires_at));
+        tokio::pin!(timer);
         // Exactly one of these holds the session: it waits for a frame, or runs one.
         let mut idle = Some(session);
         let mut running: Option<Running> = None;
@@ -271,9 +274,10 @@ impl Connection {
                 }
                 (session, reply) = async { running.as_mut().expect("guarded by the branch condition").await }, if running.is_some() => {
                     running = None;
-                    if expiry.deadline() != session.expires_at() {
+                    if expires_at != session.expires_at() {
                         // `refresh_token` moved the deadline.
-                        expiry.as_mut().reset(session.expires_at());
+                        expires_at = session.expires_at();
+                        timer.as_mut().reset(next_ping.min(expires_at));
                     }
                     idle = Some(session);
                     if !self.reply(reply).await {
@@ -289,7 +293,14 @@ impl Connection {
                         break;
                     }
                 }
-                _ = ping.tick() => {
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= expires_at {
+                        self.outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
+                        break;
+                    }
+                    next_ping = now + heartbeat;
+                    timer.as_mut().reset(next_ping.min(expires_at));
                     let silent_ms = state.uptime_ms().saturating_sub(last_seen_ms);
                     if silent_ms > 2 * heartbeat.as_millis() as u64 {
                         self.outbox.close(CLOSE_GOING_AWAY, "heartbeat timeout");
@@ -299,10 +310,6 @@ impl Connection {
                         self.outbox.close(CLOSE_ABNORMAL, "");
                         break;
                     }
-                }
-                _ = &mut expiry => {
-                    self.outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
-                    break;
                 }
             }
         }
