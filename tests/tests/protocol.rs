@@ -293,6 +293,17 @@ async fn an_expired_token_closes_with_4001_unless_refreshed() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_frame_over_the_socket_limit_closes_with_1009() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    // Over the 1 MiB the socket layer reads at all (frames between 64 KiB and that get
+    // a `too_large` error instead).
+    alice.send_text("x".repeat(1024 * 1024 + 1)).await?;
+    assert_eq!(alice.closed().await?, Some(1009));
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_client_silent_for_two_heartbeats_is_dropped_with_1001() -> Result<()> {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;

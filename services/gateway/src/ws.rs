@@ -260,8 +260,12 @@ impl Connection {
                         Some(Err(err)) => {
                             // Oversized messages end here: tungstenite refuses them before we see them.
                             let err = err.to_string();
-                            let too_big = err.contains("too long") || err.contains("Space limit");
-                            self.outbox.close(if too_big { 1009 } else { CLOSE_ABNORMAL }, if too_big { "message too big" } else { "" });
+                            let (code, reason) = if err.contains("too long") || err.contains("Space limit") {
+                                (1009, "message too big")
+                            } else {
+                                (CLOSE_ABNORMAL, "")
+                            };
+                            self.outbox.close(code, reason);
                             break;
                         }
                     };
