@@ -12,6 +12,10 @@ export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 DEV_SECRET="dev-secret-change-me"
 export JWT_SECRET="${JWT_SECRET:-$DEV_SECRET}"
 export RUST_LOG="${RUST_LOG:-info}"
+# A local development cluster: the browser client at / may sign in by user name
+# (POST /v1/dev/token). Gateways refuse DEV_TOKENS when ENVIRONMENT=production.
+export ENVIRONMENT="${ENVIRONMENT:-development}"
+export DEV_TOKENS="${DEV_TOKENS:-true}"
 PROFILE="${PROFILE:-release}"
 GATEWAYS="${GATEWAYS:-2}"
 LB_ADDR="${LB_ADDR:-}"
@@ -82,7 +86,9 @@ ${lb_line}
     redis            $REDIS_URL
     JWT_SECRET       $JWT_SECRET$secret_hint
 
-  a dev token:  JWT_SECRET=$JWT_SECRET $BIN/chatctl token --sub alice
+  browser client:  http://${gateways[0]}/   (sign in with any user name: DEV_TOKENS=$DEV_TOKENS)
+  a dev token:     JWT_SECRET=$JWT_SECRET $BIN/chatctl token --sub alice
+  a session:       JWT_SECRET=$JWT_SECRET $BIN/chatctl connect --user alice
   Ctrl-C stops the cluster.
 
 INFO

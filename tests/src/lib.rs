@@ -158,6 +158,8 @@ pub struct Cluster {
     pub gateways: Vec<String>,
     /// Message services beyond the first (see `start_replicated`).
     pub replicas: Vec<Replica>,
+    /// What the gateways' `MESSAGE_SERVICE_URL` is, for restarts.
+    message_urls: String,
     // Fields drop in order: the processes die before their database is dropped.
     message: Child,
     gateway_procs: Vec<Child>,
@@ -171,6 +173,43 @@ async fn terminate(child: &mut Child) -> Result<Option<i32>> {
     anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
     Ok(status.code())
+}
+
+/// The gRPC health status of `service` (`""`: overall) at `addr`.
+async fn grpc_health(addr: &str, service: &str) -> Result<i32> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest { service: service.to_owned() };
+    Ok(client.check(request).await?.into_inner().status)
+}
+
+/// Waits (bounded) until the message service at `addr` reports SERVING.
+async fn wait_serving(addr: &str) -> Result<()> {
+    const SERVING: i32 = 1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !matches!(grpc_health(addr, "").await, Ok(SERVING)) {
+        if tokio::time::Instant::now() > deadline {
+            bail!("message service {addr} not serving within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn spawn_gateway(addr: &str, message_urls: &str, redis: &str, prefix: &str, env: &[(String, String)]) -> Result<Child> {
+    Command::new(bin("chat-gateway"))
+        .env("GATEWAY_ADDR", addr)
+        .env("MESSAGE_SERVICE_URL", message_urls)
+        .env("REDIS_URL", redis)
+        .env("REDIS_CHANNEL_PREFIX", prefix)
+        .env("JWT_SECRET", SECRET)
+        .env("HEARTBEAT_MS", "5000")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning chat-gateway")
 }
 
 fn spawn_message(
@@ -243,27 +282,16 @@ impl Cluster {
             .chain(extra.iter().map(|r| &r.grpc_addr))
             .map(|a| format!("http://{a}"))
             .collect();
+        let message_urls = message_urls.join(",");
         let mut gateway_procs = Vec::new();
         let mut urls = Vec::new();
         for _ in 0..gateways {
-            let port = free_port();
-            let child = Command::new(bin("chat-gateway"))
-                .env("GATEWAY_ADDR", format!("127.0.0.1:{port}"))
-                .env("MESSAGE_SERVICE_URL", message_urls.join(","))
-                .env("REDIS_URL", redis)
-                .env("REDIS_CHANNEL_PREFIX", &prefix)
-                .env("JWT_SECRET", SECRET)
-                .env("HEARTBEAT_MS", "5000")
-                .env("RUST_LOG", "warn")
-                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("spawning chat-gateway")?;
-            gateway_procs.push(child);
-            urls.push(format!("127.0.0.1:{port}"));
+            let addr = format!("127.0.0.1:{}", free_port());
+            gateway_procs.push(spawn_gateway(&addr, &message_urls, redis, &prefix, &env)?);
+            urls.push(addr);
         }
         let mut cluster = Self {
+            message_urls,
             db,
             redis: redis.to_owned(),
             prefix,
@@ -277,6 +305,11 @@ impl Cluster {
         };
         for gw in cluster.gateways.clone() {
             cluster.wait_ready(&gw).await?;
+        }
+        // A gateway is ready once one message service answers; a test about several
+        // needs every one of them up, or calls balanced to a late one fail `unavailable`.
+        for replica in &cluster.replicas {
+            wait_serving(&replica.grpc_addr).await?;
         }
         Ok(cluster)
     }
@@ -312,10 +345,7 @@ impl Cluster {
 
     /// The message service's gRPC health status for `service` (`""`: overall).
     pub async fn message_health(&self, service: &str) -> Result<i32> {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr))?.connect().await?;
-        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-        let request = tonic_health::pb::HealthCheckRequest { service: service.to_owned() };
-        Ok(client.check(request).await?.into_inner().status)
+        grpc_health(&self.grpc_addr, service).await
     }
 
     /// Process id of gateway `i`, while it runs.
@@ -332,6 +362,15 @@ impl Cluster {
     /// Sends SIGTERM to gateway `i` and waits (bounded) for it to exit; its exit code.
     pub async fn terminate_gateway(&mut self, i: usize) -> Result<Option<i32>> {
         terminate(&mut self.gateway_procs[i]).await
+    }
+
+    /// Stops gateway `i` with SIGTERM (its clients get `reconnect` and close 1012), starts
+    /// it again on the same address and waits until it is ready.
+    pub async fn restart_gateway(&mut self, i: usize) -> Result<()> {
+        terminate(&mut self.gateway_procs[i]).await?;
+        let addr = self.gateways[i].clone();
+        self.gateway_procs[i] = spawn_gateway(&addr, &self.message_urls, &self.redis, &self.prefix, &self.env)?;
+        self.wait_ready(&addr).await
     }
 
     /// Sends SIGTERM to the message service and waits (bounded) for it; its exit code.

@@ -82,3 +82,19 @@ async fn a_gateway_gives_up_on_an_unreachable_message_service() -> Result<()> {
     assert!(stderr(&out).contains("still unreachable after 2 attempts"), "{}", stderr(&out));
     Ok(())
 }
+
+#[tokio::test]
+async fn dev_tokens_are_refused_in_the_production_environment() -> Result<()> {
+    // Production is the default: turning dev tokens on without saying otherwise is refused.
+    for env in [None, Some("production")] {
+        let mut cmd = command("chat-gateway");
+        cmd.env("JWT_SECRET", "s3cret").env("DEV_TOKENS", "true");
+        if let Some(env) = env {
+            cmd.env("ENVIRONMENT", env);
+        }
+        let out = run(cmd).await?;
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("DEV_TOKENS is refused with ENVIRONMENT=production"), "{}", stderr(&out));
+    }
+    Ok(())
+}

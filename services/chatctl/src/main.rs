@@ -1,12 +1,31 @@
 //! `chatctl`: a command-line companion for the chat cluster.
 //!
-//! `chatctl token --sub alice` mints a development token signed with `JWT_SECRET`.
+//! - `chatctl token --sub alice` mints a development token signed with `JWT_SECRET`;
+//! - `chatctl connect --user alice` is an interactive protocol session (stdin/stdout);
+//! - `chatctl send --user alice --room 12 hello` sends one message;
+//! - `chatctl push|notify|disconnect --user ops --role admin …` call the admin API.
+//!
+//! Exit status: 0 done, 2 the server refused (error reply or HTTP error), 1 anything else
+//! (connection problems first of all). See `services/chatctl/README.md`.
 #![forbid(unsafe_code)]
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use jsonwebtoken::{encode, EncodingKey, Header};
-use serde::Serialize;
+mod admin;
+mod error;
+mod render;
+mod send;
+mod session;
+mod target;
+mod token;
+mod ws;
+
+use std::process::ExitCode;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::error::{Refused, EXIT_FAILED, EXIT_REFUSED};
+use crate::target::ConnOpts;
+use crate::token::MintOpts;
 
 #[derive(Parser)]
 #[command(name = "chatctl", version, about = "Chat cluster command-line tool")]
@@ -20,63 +39,146 @@ enum Cmd {
     /// Mint an HS256 token for development and tests.
     Token {
         /// User id (`sub`).
-        #[arg(long)]
+        #[arg(long, visible_alias = "user")]
         sub: String,
-        /// Display name (`name`).
-        #[arg(long)]
-        name: Option<String>,
-        /// Role; `admin` grants admin rights.
-        #[arg(long)]
-        role: Option<String>,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 24 * 3600)]
         ttl: i64,
-        /// Signing key; must match the gateways' JWT_SECRET.
-        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-        secret: String,
-        /// `iss` claim, if the gateways check one.
-        #[arg(long, env = "JWT_ISSUER")]
-        issuer: Option<String>,
-        /// `aud` claim, if the gateways check one.
-        #[arg(long, env = "JWT_AUDIENCE")]
-        audience: Option<String>,
+        #[command(flatten)]
+        mint: MintOpts,
+    },
+    /// Interactive session: commands on stdin (`/help`), events and replies on stdout.
+    #[command(after_help = session::HELP)]
+    Connect {
+        #[command(flatten)]
+        conn: ConnOpts,
+        /// Print every frame from the server verbatim, one per line, instead of readably.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one message and print the stored copy (JSON unless --readable).
+    Send {
+        #[command(flatten)]
+        conn: ConnOpts,
+        /// Room id.
+        #[arg(long, env = "CHAT_ROOM")]
+        room: String,
+        /// Idempotency key; retries (and reruns) with the same one store the message once.
+        #[arg(long)]
+        client_msg_id: Option<String>,
+        /// Retries after `unavailable`, `rate_limited`, a timeout or a dropped connection.
+        #[arg(long, default_value_t = 3)]
+        retries: u32,
+        /// Print `[room 12 #3] alice: hello` instead of the message JSON.
+        #[arg(long)]
+        readable: bool,
+        /// The text; several words are joined with spaces.
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// (admin) Push an event to users' live connections: POST /v1/push.
+    Push {
+        #[command(flatten)]
+        conn: ConnOpts,
+        /// A recipient; repeat for several.
+        #[arg(long = "user-id", value_name = "USER_ID", required_unless_present = "all", conflicts_with = "all")]
+        user_ids: Vec<String>,
+        /// Every connection in the cluster.
+        #[arg(long)]
+        all: bool,
+        /// Event name (1-64 characters).
+        #[arg(long)]
+        event: String,
+        /// Payload, any JSON value (default null).
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// (admin) Store a notification per user and deliver it live: POST /v1/notifications.
+    Notify {
+        #[command(flatten)]
+        conn: ConnOpts,
+        /// A recipient; repeat for several.
+        #[arg(long = "user-id", value_name = "USER_ID", required = true)]
+        user_ids: Vec<String>,
+        /// Title (1-200 characters).
+        #[arg(long)]
+        title: String,
+        /// Body text.
+        #[arg(long)]
+        body: Option<String>,
+        /// Extra data, any JSON value.
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// (admin) Close every socket of a user, on every gateway, with 1008:
+    /// DELETE /v1/users/{id}/connections.
+    Disconnect {
+        #[command(flatten)]
+        conn: ConnOpts,
+        /// The user whose connections to close.
+        user_id: String,
     },
 }
 
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    exp: i64,
-    iat: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    iss: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    aud: Option<&'a str>,
+fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `value_source` may only be asked of arguments the subcommand defines.
+    let token_on_command_line =
+        matches.subcommand().filter(|(name, _)| *name != "token").and_then(|(_, m)| m.value_source("token"))
+            == Some(ValueSource::CommandLine);
+
+    // One thread is plenty for one connection, and keeps a CLI's footprint small.
+    let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli.command, token_on_command_line)),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<Refused>() {
+            Some(refused) => {
+                eprintln!("error {refused}");
+                ExitCode::from(EXIT_REFUSED)
+            }
+            None => {
+                eprintln!("chatctl: {e:#}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+    }
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Cmd::Token { sub, name, role, ttl, secret, issuer, audience } => {
-            anyhow::ensure!(!sub.is_empty() && sub.chars().count() <= 128, "--sub must be 1 to 128 characters");
-            anyhow::ensure!(!secret.is_empty(), "JWT_SECRET (or --secret) must not be empty");
-            let now = chrono::Utc::now().timestamp();
-            let claims = Claims {
-                sub: &sub,
-                exp: now + ttl,
-                iat: now,
-                name: name.as_deref(),
-                role: role.as_deref(),
-                iss: issuer.as_deref(),
-                aud: audience.as_deref(),
-            };
-            let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()))
-                .context("signing the token")?;
-            println!("{token}");
+/// Runs one subcommand.
+async fn run(command: Cmd, token_on_command_line: bool) -> anyhow::Result<()> {
+    match command {
+        Cmd::Token { sub, ttl, mint } => render::out(token::mint(&sub, ttl, &mint)?),
+        Cmd::Connect { conn, json } => {
+            let (target, creds) = conn.resolve(token_on_command_line)?;
+            session::run(&target, &creds, session::Options { json, timeout: conn.timeout() }).await
+        }
+        Cmd::Send { conn, room, client_msg_id, retries, readable, text } => {
+            let (target, creds) = conn.resolve(token_on_command_line)?;
+            let request =
+                send::Request { room, text: text.join(" "), client_msg_id, retries, timeout: conn.timeout(), readable };
+            send::run(&target, &creds, &request).await
+        }
+        Cmd::Push { conn, user_ids, all, event, data } => {
+            let data = admin::parse_data(data.as_deref())?;
+            let (target, creds) = conn.resolve(token_on_command_line)?;
+            let audience = if all { admin::Audience::Everyone } else { admin::Audience::Users(user_ids) };
+            admin::push(&target, &creds, &audience, &event, data, conn.timeout()).await
+        }
+        Cmd::Notify { conn, user_ids, title, body, data } => {
+            let data = admin::parse_data(data.as_deref())?;
+            let (target, creds) = conn.resolve(token_on_command_line)?;
+            admin::notify(&target, &creds, &user_ids, &title, body.as_deref(), data, conn.timeout()).await
+        }
+        Cmd::Disconnect { conn, user_id } => {
+            let (target, creds) = conn.resolve(token_on_command_line)?;
+            admin::disconnect(&target, &creds, &user_id, conn.timeout()).await
         }
     }
-    Ok(())
 }

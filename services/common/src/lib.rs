@@ -1,5 +1,5 @@
 //! What the gateway and the message service truly share: Redis channel naming,
-//! telemetry initialisation and trace-context propagation, bounded start-up retries and the shutdown signal.
+//! telemetry initialisation and trace-context propagation, bounded start-up retries, the shutdown signal, and minting dev tokens.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -9,3 +9,4 @@ pub mod redis;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;
+pub mod token;

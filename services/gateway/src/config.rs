@@ -130,6 +130,16 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
 
+    /// `production` refuses development conveniences (`DEV_TOKENS`); `make run` sets
+    /// `development`.
+    #[arg(long, env = "ENVIRONMENT", default_value = "production", value_parser = ["development", "production"])]
+    pub environment: String,
+
+    /// Serve `POST /v1/dev/token`, which signs a token for any user name it is given, so
+    /// the browser client can sign in by name. Development only: refused in production.
+    #[arg(long, env = "DEV_TOKENS")]
+    pub dev_tokens: bool,
+
     /// Log format and trace export.
     #[command(flatten)]
     pub telemetry: chat_common::telemetry::TelemetryConfig,
@@ -163,6 +173,16 @@ impl Config {
                 return Err(format!("JWT_PUBLIC_KEY_FILE must be set for {} tokens", self.jwt_algorithm));
             }
             _ => {}
+        }
+        if self.dev_tokens {
+            if self.environment == "production" {
+                return Err("DEV_TOKENS is refused with ENVIRONMENT=production (the default): anyone could sign in \
+                            as anyone. Set ENVIRONMENT=development for a local cluster"
+                    .into());
+            }
+            if self.jwt_algorithm != "HS256" {
+                return Err("DEV_TOKENS needs JWT_ALGORITHM=HS256: the gateway signs dev tokens with JWT_SECRET".into());
+            }
         }
         self.message_targets().map_err(|e| format!("MESSAGE_SERVICE_URL: {e}"))?;
         if self.message_service_dns_refresh_ms < 100 {

@@ -13,22 +13,26 @@ use utoipa_axum::routes;
 
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::state::AppState;
-use crate::{api, attachments, ws};
+use crate::{api, attachments, devtoken, web, ws};
 
 /// Every route the gateway serves. Each is registered with its OpenAPI description,
 /// so `/openapi.json` cannot miss one.
 pub fn router(state: AppState) -> Router {
-    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let mut routes = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ws_upgrade))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
         .routes(routes!(metrics))
         .merge(api::router())
-        .merge(attachments::router())
-        .split_for_parts();
+        .merge(attachments::router());
+    if state.dev_tokens().is_some() {
+        routes = routes.merge(devtoken::router());
+    }
+    let (router, openapi) = routes.split_for_parts();
     let openapi = Arc::new(openapi);
     router
+        .merge(web::router())
         .fallback(api::not_found)
         .layer(Extension(openapi))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_headers))

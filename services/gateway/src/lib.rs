@@ -9,6 +9,7 @@ pub mod attachments;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod devtoken;
 pub mod discovery;
 pub mod error;
 pub mod fanout;
@@ -22,6 +23,7 @@ pub mod ratelimit;
 pub mod room;
 pub mod session;
 pub mod state;
+pub mod web;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -34,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::devtoken::DevTokens;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
@@ -110,7 +113,21 @@ impl Application {
             user_per_sec: config.rate_user_per_sec,
             user_burst: config.rate_user_burst,
         });
-        let state = AppState::new(Parts { verifier, backend, fanout, presence, limits, metrics, settings, shutdown });
+        let dev_tokens = config.dev_tokens.then(|| {
+            let secret = config.jwt_secret.as_deref().unwrap_or_default().as_bytes();
+            DevTokens::new(secret, config.jwt_issuer.clone(), config.jwt_audience.clone())
+        });
+        let state = AppState::new(Parts {
+            verifier,
+            backend,
+            fanout,
+            presence,
+            limits,
+            metrics,
+            settings,
+            dev_tokens,
+            shutdown,
+        });
         Ok(Self {
             listener,
             state,

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::backend::Backend;
+use crate::devtoken::DevTokens;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::outbox::Registry;
@@ -44,6 +45,7 @@ struct Shared {
     limits: Limits,
     metrics: Metrics,
     settings: ConnSettings,
+    dev_tokens: Option<DevTokens>,
     shutdown: CancellationToken,
     /// Open connections, told to reconnect and closed with 1012 after the drain delay.
     open: Registry,
@@ -62,6 +64,8 @@ pub struct Parts {
     pub limits: Limits,
     pub metrics: Metrics,
     pub settings: ConnSettings,
+    /// The dev-token signer, when `DEV_TOKENS` is on.
+    pub dev_tokens: Option<DevTokens>,
     /// Cancelled when the gateway starts shutting down.
     pub shutdown: CancellationToken,
 }
@@ -69,7 +73,7 @@ pub struct Parts {
 impl AppState {
     /// Shared state over connected backends.
     pub fn new(parts: Parts) -> Self {
-        let Parts { verifier, backend, fanout, presence, limits, metrics, settings, shutdown } = parts;
+        let Parts { verifier, backend, fanout, presence, limits, metrics, settings, dev_tokens, shutdown } = parts;
         Self {
             inner: Arc::new(Shared {
                 verifier,
@@ -79,6 +83,7 @@ impl AppState {
                 limits,
                 metrics,
                 settings,
+                dev_tokens,
                 shutdown,
                 open: Registry::default(),
                 connections: TaskTracker::new(),
@@ -117,6 +122,11 @@ impl AppState {
 
     pub fn settings(&self) -> &ConnSettings {
         &self.inner.settings
+    }
+
+    /// The dev-token signer; `None` unless `DEV_TOKENS` is on.
+    pub fn dev_tokens(&self) -> Option<&DevTokens> {
+        self.inner.dev_tokens.as_ref()
     }
 
     /// Cancelled when the gateway starts shutting down.

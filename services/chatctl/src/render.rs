@@ -1,0 +1,287 @@
+//! Readable, one-line-per-thing rendering of server frames.
+//!
+//! Every function takes the frame as JSON and never fails: a field that is missing or of
+//! an unexpected type shows as `?`, so a newer server still prints something useful.
+
+use std::io::Write;
+
+use anyhow::Context;
+use serde_json::Value;
+
+/// Writes one line to stdout. Unlike `println!`, a closed stdout (`chatctl … | head -1`)
+/// is an error to return rather than a panic.
+pub fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").and_then(|()| stdout.flush()).context("writing to stdout")
+}
+
+/// What a command asked, so its `ack` can be shown in context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asked {
+    /// `join`.
+    Join { room: String },
+    /// `leave`.
+    Leave { room: String },
+    /// `send`.
+    Send,
+    /// `history`.
+    History { room: String },
+    /// `rooms`.
+    Rooms,
+    /// `create_room`.
+    Create,
+    /// `typing`.
+    Typing,
+    /// `refresh_token`, sent by chatctl itself.
+    Refresh,
+    /// A frame typed with `/raw`.
+    Raw,
+}
+
+/// A scalar as text: ids may be strings or numbers; anything absent is `?`.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "?".into(),
+        other => other.to_string(),
+    }
+}
+
+fn names(list: &Value) -> String {
+    match list.as_array() {
+        Some(items) if !items.is_empty() => items.iter().map(text).collect::<Vec<_>>().join(", "),
+        Some(_) => "nobody".into(),
+        None => "?".into(),
+    }
+}
+
+/// `connected as alice (session 9f0c…, heartbeat 25000 ms, server time …)`.
+pub fn welcome(frame: &Value) -> String {
+    format!(
+        "connected as {} (session {}, heartbeat {} ms, server time {})",
+        text(&frame["user_id"]),
+        text(&frame["session_id"]),
+        text(&frame["heartbeat_ms"]),
+        text(&frame["server_time"]),
+    )
+}
+
+/// `[room 12 #3] alice: hello`, with markers for what the text alone does not show.
+pub fn message(m: &Value) -> String {
+    let mut sender = text(&m["sender_id"]);
+    if let Some(name) = m["sender_name"].as_str().filter(|n| !n.is_empty() && *n != sender) {
+        sender.push_str(&format!(" ({name})"));
+    }
+    let body = if m["deleted"] == true { "(deleted)".to_owned() } else { m["text"].as_str().unwrap_or("").to_owned() };
+    let mut line = format!("[room {} #{}] {sender}: {body}", text(&m["room"]), text(&m["seq"]));
+    if let Some(kind) = m["kind"].as_str().filter(|k| *k != "text") {
+        line.push_str(&format!(" [{kind}]"));
+    }
+    if let Some(n) = m["attachments"].as_array().map(Vec::len).filter(|n| *n > 0) {
+        line.push_str(&format!(" [+{n} attachment{}]", if n == 1 { "" } else { "s" }));
+    }
+    if !m["reply_to"].is_null() {
+        line.push_str(&format!(" (reply to {})", text(&m["reply_to"])));
+    }
+    if !m["edited_at"].is_null() {
+        line.push_str(" (edited)");
+    }
+    if let Some(reactions) = m["reactions"].as_object().filter(|r| !r.is_empty()) {
+        let shown: Vec<String> =
+            reactions.iter().map(|(emoji, users)| format!("{emoji}{}", users.as_array().map_or(0, Vec::len))).collect();
+        line.push_str(&format!(" {{{}}}", shown.join(" ")));
+    }
+    line
+}
+
+/// One line for a server event (a frame without an `id`).
+pub fn event(frame: &Value) -> String {
+    let room = text(&frame["room"]);
+    let user = text(&frame["user_id"]);
+    match frame["type"].as_str().unwrap_or("") {
+        "message" => message(&frame["message"]),
+        "message_edited" => format!("{} (edit of {})", message(&frame["message"]), text(&frame["message"]["id"])),
+        "message_deleted" => {
+            format!("* message {} (#{}) deleted in {room}", text(&frame["message_id"]), text(&frame["seq"]))
+        }
+        "reaction" => {
+            let verb = if frame["added"] == false { "removed" } else { "reacted" };
+            format!("* {user} {verb} {} on message {} in {room}", text(&frame["emoji"]), text(&frame["message_id"]))
+        }
+        "typing" if frame["active"] == false => format!("* {user} stopped typing in {room}"),
+        "typing" => format!("* {user} is typing in {room}"),
+        "read" => format!("* {user} read {room} up to #{}", text(&frame["seq"])),
+        "presence" => format!("* {user} {} in {room}", text(&frame["status"])),
+        "room_added" => format!("* added to {}", room_summary(&frame["room"])),
+        "room_removed" => format!("* removed from room {room}"),
+        "notification" => {
+            let n = &frame["notification"];
+            let mut line = format!("* notification {}: {}", text(&n["id"]), text(&n["title"]));
+            if let Some(body) = n["body"].as_str().filter(|b| !b.is_empty()) {
+                line.push_str(&format!(" — {body}"));
+            }
+            if !n["data"].is_null() {
+                line.push_str(&format!(" {}", n["data"]));
+            }
+            line
+        }
+        "push" => format!("* push {}: {}", text(&frame["event"]), frame["data"]),
+        "reconnect" => format!("* the gateway is shutting down: reconnect after {} ms", text(&frame["after_ms"])),
+        "welcome" => welcome(frame),
+        _ => format!("? {frame}"),
+    }
+}
+
+/// `room 12 "general" (group): alice (owner), bob`.
+fn room_summary(room: &Value) -> String {
+    let mut line = format!("room {}", text(&room["id"]));
+    if let Some(name) = room["name"].as_str().filter(|n| !n.is_empty()) {
+        line.push_str(&format!(" {name:?}"));
+    }
+    line.push_str(&format!(" ({})", text(&room["kind"])));
+    if let Some(members) = room["members"].as_array() {
+        let shown: Vec<String> = members
+            .iter()
+            .map(|m| match m["role"].as_str() {
+                Some(role) if role != "member" => format!("{} ({role})", text(&m["user_id"])),
+                _ => text(&m["user_id"]),
+            })
+            .collect();
+        line.push_str(&format!(": {}", shown.join(", ")));
+    }
+    line
+}
+
+/// The lines for a reply (`ack`, `error`, `pong`) to a command; `asked` is what that
+/// command was, when chatctl sent it.
+pub fn reply(asked: Option<&Asked>, frame: &Value) -> Vec<String> {
+    let id = frame["id"].as_str().map(|id| format!(" {id}")).unwrap_or_default();
+    match frame["type"].as_str().unwrap_or("") {
+        "error" => {
+            let mut line = format!("error{id} {}: {}", text(&frame["code"]), text(&frame["message"]));
+            if let Some(ms) = frame["retry_after_ms"].as_u64() {
+                line.push_str(&format!(" (retry after {ms} ms)"));
+            }
+            vec![line]
+        }
+        "pong" => vec![format!("pong{id}")],
+        "ack" => ack(&id, asked, frame),
+        _ => vec![format!("?{id} {frame}")],
+    }
+}
+
+fn ack(id: &str, asked: Option<&Asked>, frame: &Value) -> Vec<String> {
+    match asked {
+        Some(Asked::Join { room }) => {
+            let mut line = format!(
+                "ack{id} joined {room} (last seq {}; online: {})",
+                text(&frame["last_seq"]),
+                names(&frame["online"])
+            );
+            if frame["truncated"] == true {
+                line.push_str("; older missed messages were left out: page them with /history");
+            }
+            vec![line]
+        }
+        Some(Asked::Leave { room }) => vec![format!("ack{id} left {room}")],
+        Some(Asked::Send) => {
+            let m = &frame["message"];
+            vec![format!("ack{id} sent message {} (room {} #{})", text(&m["id"]), text(&m["room"]), text(&m["seq"]))]
+        }
+        Some(Asked::History { room }) => {
+            let messages = frame["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let more = if frame["has_more"] == true { ", more before them" } else { "" };
+            let mut lines = vec![format!("ack{id} history of {room}: {} message(s){more}", messages.len())];
+            lines.extend(messages.iter().map(|m| format!("  {}", message(m))));
+            lines
+        }
+        Some(Asked::Rooms) => {
+            let rooms = frame["rooms"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let mut lines = vec![format!("ack{id} {} room(s)", rooms.len())];
+            lines.extend(rooms.iter().map(|r| {
+                let mut line = format!("  {}", text(&r["id"]));
+                if let Some(name) = r["name"].as_str().filter(|n| !n.is_empty()) {
+                    line.push_str(&format!(" {name:?}"));
+                }
+                line.push_str(&format!(
+                    " ({}) last #{}, {} unread",
+                    text(&r["kind"]),
+                    text(&r["last_seq"]),
+                    text(&r["unread"])
+                ));
+                if r["last_message"].is_object() {
+                    line.push_str(&format!(" — {}", message(&r["last_message"])));
+                }
+                line
+            }));
+            lines
+        }
+        Some(Asked::Create) => vec![format!("ack{id} created {}", room_summary(&frame["room"]))],
+        Some(Asked::Typing) => vec![format!("ack{id} typing")],
+        Some(Asked::Refresh) => vec![format!("ack{id} token refreshed, expires {}", text(&frame["expires_at"]))],
+        Some(Asked::Raw) | None => {
+            // Show whatever result fields came back, without the envelope.
+            let mut rest = frame.clone();
+            if let Some(obj) = rest.as_object_mut() {
+                obj.remove("type");
+                obj.remove("id");
+            }
+            let rest = if rest.as_object().is_some_and(|o| o.is_empty()) { String::new() } else { format!(" {rest}") };
+            vec![format!("ack{id}{rest}")]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msg(seq: i64, text: &str) -> Value {
+        json!({"id":"41","room":"12","seq":seq,"sender_id":"alice","kind":"text","text":text,
+               "attachments":[],"reply_to":null,"edited_at":null,"deleted":false,"reactions":{}})
+    }
+
+    #[test]
+    fn events_render_as_in_the_readme() {
+        assert_eq!(event(&json!({"type":"message","room":"12","message":msg(3,"hello")})), "[room 12 #3] alice: hello");
+        assert_eq!(event(&json!({"type":"typing","room":"12","user_id":"bob","active":true})), "* bob is typing in 12");
+        assert_eq!(
+            event(&json!({"type":"presence","room":"12","user_id":"bob","status":"online"})),
+            "* bob online in 12"
+        );
+        assert_eq!(event(&json!({"type":"push","event":"deploy","data":{"v":2}})), r#"* push deploy: {"v":2}"#);
+        assert!(event(&json!({"type":"brand_new"})).starts_with("? "));
+    }
+
+    #[test]
+    fn messages_show_names_deletions_and_extras() {
+        let mut m = msg(4, "hi");
+        m["sender_name"] = json!("Alice");
+        m["attachments"] = json!([{"id":"1"}]);
+        m["reply_to"] = json!("40");
+        assert_eq!(message(&m), "[room 12 #4] alice (Alice): hi [+1 attachment] (reply to 40)");
+        let mut d = msg(5, "");
+        d["deleted"] = json!(true);
+        d["text"] = Value::Null;
+        assert_eq!(message(&d), "[room 12 #5] alice: (deleted)");
+    }
+
+    #[test]
+    fn replies_render_in_context() {
+        let err = json!({"type":"error","id":"r4","code":"forbidden","message":"not a member of this room"});
+        assert_eq!(reply(None, &err), vec!["error r4 forbidden: not a member of this room"]);
+        let join = json!({"type":"ack","id":"r1","room":"12","last_seq":3,"online":["alice","bob"]});
+        assert_eq!(
+            reply(Some(&Asked::Join { room: "12".into() }), &join),
+            vec!["ack r1 joined 12 (last seq 3; online: alice, bob)"]
+        );
+        let history = json!({"type":"ack","id":"r2","messages":[msg(1,"a"), msg(2,"b")],"has_more":false});
+        assert_eq!(
+            reply(Some(&Asked::History { room: "12".into() }), &history),
+            vec!["ack r2 history of 12: 2 message(s)", "  [room 12 #1] alice: a", "  [room 12 #2] alice: b"]
+        );
+        assert_eq!(reply(Some(&Asked::Raw), &json!({"type":"ack","id":"x"})), vec!["ack x"]);
+        assert_eq!(reply(None, &json!({"type":"pong","id":"r9"})), vec!["pong r9"]);
+    }
+}

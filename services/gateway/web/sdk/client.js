@@ -1,0 +1,649 @@
+import { ChatError } from './errors.js';
+import { fetchAttachment, toHttpBaseUrl, toWebSocketUrl, uploadAttachment } from './http.js';
+const DEFAULT_BACKOFF = { initialDelayMs: 500, maxDelayMs: 15000, factor: 2, jitter: 0.5 };
+const DEFAULT_TIMEOUT_MS = 15000;
+/** Auth refused, admin disconnect, connection cap: the server does not want this session back. */
+const CLOSE_POLICY = 1008;
+/** The token expired: reconnect at once with a fresh one. */
+const CLOSE_TOKEN_EXPIRED = 4001;
+/** Longest pause before reconnecting after 4001 (spreads many clients a little). */
+const TOKEN_EXPIRED_JITTER_MS = 250;
+/**
+ * Commands repeated after a reconnect when the connection dropped before their reply:
+ * reads, `join` (harmless twice) and `send` (always carries a `client_msg_id`, so the
+ * server returns the stored message instead of storing a second one).
+ */
+const REPEATABLE = new Set(['send', 'rooms', 'history', 'presence', 'join', 'ping']);
+/** Event names the SDK emits itself; frames of these types from the server are not forwarded. */
+const SDK_EVENTS = new Set(['state', 'welcome', 'recovered', 'error']);
+/** 128 random bits as hex, for `client_msg_id`s. */
+function randomId() {
+    const bytes = new Uint8Array(16);
+    if (typeof crypto !== 'undefined' && typeof crypto.getRandomValues === 'function') {
+        crypto.getRandomValues(bytes);
+    }
+    else {
+        for (let i = 0; i < bytes.length; i++)
+            bytes[i] = Math.floor(Math.random() * 256);
+    }
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+/** Makes a socket inert: its later events (including a late `error`) go nowhere. */
+function detach(socket) {
+    socket.onopen = null;
+    socket.onmessage = null;
+    socket.onclose = null;
+    // Kept as a no-op rather than null: `ws` throws on an `error` event nobody listens to.
+    socket.onerror = () => { };
+}
+/**
+ * A chat connection: commands as promises, server events as callbacks, and automatic
+ * reconnection that re-joins rooms and delivers the messages missed meanwhile.
+ *
+ * ```ts
+ * const client = new ChatClient({ url: 'wss://chat.example.com', token: getToken });
+ * client.on('message', (ev) => render(ev.message));
+ * await client.connect();
+ * await client.join(roomId);
+ * await client.send(roomId, 'hello');
+ * ```
+ */
+export class ChatClient {
+    constructor(options) {
+        this.current = 'idle';
+        this.socket = null;
+        /** The current socket got its `welcome`. */
+        this.welcomed = false;
+        /** An `error` frame the current socket got instead of `welcome`. */
+        this.refusal = null;
+        /** Bumped by every connection attempt and by `close()`: stale async steps see it and stop. */
+        this.generation = 0;
+        /** Failed attempts since the last open connection, for the backoff. */
+        this.attempt = 0;
+        /** From a `reconnect` event: wait at least this long before reconnecting. */
+        this.minDelayMs = 0;
+        this.everOpen = false;
+        this.closedByUser = false;
+        this.connecting = null;
+        this.nextId = 0;
+        /** Commands awaiting their reply, in the order they were issued (a Map keeps insertion order). */
+        this.pending = new Map();
+        /** Joined rooms → the highest message seq delivered in each. */
+        this.joined = new Map();
+        this.handlers = new Map();
+        this.wsUrl = toWebSocketUrl(options.url);
+        this.httpBase = toHttpBaseUrl(this.wsUrl);
+        this.tokenSource = options.token;
+        const Socket = options.WebSocket ?? globalThis.WebSocket;
+        if (typeof Socket !== 'function') {
+            throw new TypeError('no WebSocket implementation: pass options.WebSocket (in node, the `ws` package)');
+        }
+        this.Socket = Socket;
+        const reconnect = options.reconnect ?? true;
+        this.backoff = reconnect === false ? null : { ...DEFAULT_BACKOFF, ...(reconnect === true ? {} : reconnect) };
+        this.timeoutMs = options.requestTimeoutMs ?? DEFAULT_TIMEOUT_MS;
+    }
+    /** The connection state. */
+    get state() {
+        return this.current;
+    }
+    /** The authenticated user's id, from the latest `welcome`. */
+    get userId() {
+        return this.lastWelcome?.user_id;
+    }
+    // -------------------------------------------------------------------------------
+    // Connection
+    /**
+     * Connects and authenticates. Resolves with the first `welcome`, once the connection
+     * is open. If the server can't be reached it keeps retrying (unless `reconnect` is
+     * false). Rejects with {@link ChatError} `unauthorized` when the token is refused (no
+     * retry then), `rate_limited` at the per-user connection cap, `closed` after
+     * {@link close}. After the server ended the session (state `closed`), calling it
+     * again starts over.
+     */
+    connect() {
+        if (this.closedByUser)
+            return Promise.reject(new ChatError('closed', 'the client was closed'));
+        if (this.current === 'open' && this.lastWelcome)
+            return Promise.resolve(this.lastWelcome);
+        if (!this.connecting) {
+            let resolve;
+            let reject;
+            const promise = new Promise((res, rej) => {
+                resolve = res;
+                reject = rej;
+            });
+            this.connecting = { promise, resolve, reject };
+            if (this.current === 'idle' || this.current === 'closed') {
+                this.attempt = 0;
+                this.setState('connecting');
+                void this.openSocket();
+            }
+        }
+        return this.connecting.promise;
+    }
+    /**
+     * Closes the connection for good: no reconnect; pending commands and a pending
+     * `connect()` reject with {@link ChatError} `closed`, as does every later command.
+     */
+    close() {
+        if (this.closedByUser)
+            return;
+        this.closedByUser = true;
+        this.generation++;
+        clearTimeout(this.reconnectTimer);
+        clearTimeout(this.handshakeTimer);
+        const socket = this.socket;
+        this.socket = null;
+        this.welcomed = false;
+        if (socket) {
+            detach(socket);
+            try {
+                socket.close(1000, 'client closed');
+            }
+            catch {
+                // Already closing: nothing more to do.
+            }
+        }
+        const err = new ChatError('closed', 'the client was closed');
+        this.failAll(err);
+        this.connecting?.reject(err);
+        this.connecting = null;
+        this.setState('closed');
+    }
+    /** Listens to an event; returns a function that stops listening. */
+    on(type, handler) {
+        let set = this.handlers.get(type);
+        if (!set) {
+            set = new Set();
+            this.handlers.set(type, set);
+        }
+        const listeners = set;
+        listeners.add(handler);
+        return () => {
+            listeners.delete(handler);
+        };
+    }
+    // -------------------------------------------------------------------------------
+    // Commands
+    /**
+     * Sends a raw command. Resolves with its ack (without `type` and `id`); rejects with
+     * a {@link ChatError}: the server's code, or `timeout`, `closed`, `disconnected`.
+     * While the client is not open the command waits (within the timeout) and goes out
+     * once the connection is open and joined rooms are re-joined.
+     */
+    request(type, fields = {}) {
+        return this.issue(type, fields, false);
+    }
+    /** Creates a room; the caller becomes its owner. A `direct` room asked for again is the same room. */
+    async createRoom(p) {
+        const ack = await this.request('create_room', { kind: p.kind, name: p.name, members: p.members });
+        return ack.room;
+    }
+    /** Adds members (room owner or admin); `added` lists who was not a member before. */
+    addMembers(room, members) {
+        return this.request('add_members', { room, members });
+    }
+    /** Removes a member (owner/admin, or yourself to leave the room for good). */
+    async removeMember(room, userId) {
+        await this.request('remove_member', { room, user_id: userId });
+    }
+    /** The caller's rooms, most recent activity first. */
+    async rooms() {
+        return (await this.request('rooms')).rooms;
+    }
+    /**
+     * Joins a room: its events start flowing to this client. The client remembers the
+     * room and the newest seq it delivered there, and re-joins with `since_seq` after a
+     * reconnect. With `sinceSeq`, every message above it is delivered as a `message`
+     * event before this resolves.
+     */
+    async join(room, opts = {}) {
+        const since = opts.sinceSeq;
+        const before = this.joined.get(room);
+        // Lower the mark first, or the replay the caller asked for would be dropped as duplicates.
+        if (since !== undefined)
+            this.joined.set(room, since);
+        try {
+            const ack = await this.request('join', since === undefined ? { room } : { room, since_seq: since });
+            this.joined.set(room, Math.max(this.joined.get(room) ?? ack.last_seq, ack.last_seq));
+            return ack;
+        }
+        catch (err) {
+            if (since !== undefined) {
+                if (before === undefined)
+                    this.joined.delete(room);
+                else
+                    this.joined.set(room, Math.max(before, this.joined.get(room) ?? before));
+            }
+            throw err;
+        }
+    }
+    /** Leaves a room: no more of its events, and it is not re-joined after a reconnect. */
+    async leave(room) {
+        this.joined.delete(room);
+        await this.request('leave', { room });
+    }
+    /**
+     * Sends a message. A `clientMsgId` is generated when absent, which makes the send safe
+     * to repeat: the SDK re-sends it after a reconnect if the reply was lost.
+     */
+    async send(room, text, opts = {}) {
+        const ack = await this.request('send', {
+            room,
+            text,
+            kind: opts.kind,
+            attachments: opts.attachments,
+            reply_to: opts.replyTo,
+            client_msg_id: opts.clientMsgId ?? randomId(),
+        });
+        return ack.message;
+    }
+    /** Edits a message (its sender only). */
+    async edit(messageId, text) {
+        return (await this.request('edit', { message_id: messageId, text })).message;
+    }
+    /** Deletes a message (its sender, the room owner or an admin). */
+    async deleteMessage(messageId) {
+        await this.request('delete', { message_id: messageId });
+    }
+    /** Adds a reaction. */
+    async react(messageId, emoji) {
+        await this.request('react', { message_id: messageId, emoji });
+    }
+    /** Removes a reaction. */
+    async unreact(messageId, emoji) {
+        await this.request('unreact', { message_id: messageId, emoji });
+    }
+    /** Tells the room's other connections that this user is (not) typing; `true` lapses after 6 s. */
+    async typing(room, active) {
+        await this.request('typing', { room, active });
+    }
+    /** Moves the read position; resolves with the position after the call (clamped, never backwards). */
+    async read(room, seq) {
+        return (await this.request('read', { room, seq })).seq;
+    }
+    /** A page of a room's messages, in ascending seq order. No cursor: the newest `limit` (default 50). */
+    async history(room, opts = {}) {
+        const ack = await this.request('history', {
+            room,
+            before_seq: opts.beforeSeq,
+            after_seq: opts.afterSeq,
+            limit: opts.limit,
+        });
+        return { messages: ack.messages, hasMore: ack.has_more };
+    }
+    /** Members of the room with a live connection anywhere in the cluster. */
+    async presence(room) {
+        return (await this.request('presence', { room })).online;
+    }
+    /** A round trip to the server (not needed to stay connected: the server's pings do that). */
+    async ping() {
+        await this.request('ping');
+    }
+    /**
+     * Extends the connection's expiry with a new token for the same user (default: one
+     * from `options.token`); resolves with the new `expires_at`. A token given here also
+     * replaces a fixed-string `options.token` for later reconnects and HTTP calls.
+     */
+    async refreshToken(token) {
+        const fresh = token ?? (await this.token());
+        const ack = await this.request('refresh_token', { token: fresh });
+        if (token !== undefined && typeof this.tokenSource === 'string')
+            this.tokenSource = token;
+        return ack.expires_at;
+    }
+    // -------------------------------------------------------------------------------
+    // HTTP
+    /** Uploads a file (at most 10 MiB) over HTTP; its id can then go into `send`'s `attachments`. */
+    async uploadAttachment(body, opts) {
+        return uploadAttachment(this.httpBase, await this.token(), body, opts);
+    }
+    /** Downloads an attachment's bytes over HTTP. */
+    async fetchAttachment(idOrAttachment) {
+        return fetchAttachment(this.httpBase, await this.token(), idOrAttachment);
+    }
+    // -------------------------------------------------------------------------------
+    // Internals: the socket's life
+    async token() {
+        const source = this.tokenSource;
+        return typeof source === 'function' ? await source() : source;
+    }
+    /** One connection attempt: token, socket, `auth` frame; the socket's events take it from there. */
+    async openSocket() {
+        const generation = ++this.generation;
+        let token;
+        try {
+            token = await this.token();
+        }
+        catch (err) {
+            if (generation !== this.generation)
+                return;
+            this.emit('error', new ChatError('unavailable', `the token provider failed: ${describe(err)}`));
+            this.socketGone(undefined, 'no token');
+            return;
+        }
+        if (generation !== this.generation)
+            return;
+        let socket;
+        try {
+            socket = new this.Socket(this.wsUrl);
+        }
+        catch (err) {
+            this.emit('error', new ChatError('unavailable', `cannot open ${this.wsUrl}: ${describe(err)}`));
+            this.socketGone(undefined, 'cannot open a socket');
+            return;
+        }
+        this.socket = socket;
+        this.welcomed = false;
+        this.refusal = null;
+        // The token goes in the first frame, not the URL, so it stays out of logs.
+        const auth = JSON.stringify({ type: 'auth', id: this.newId(), token });
+        socket.onopen = () => socket.send(auth);
+        socket.onmessage = (ev) => {
+            if (socket === this.socket && typeof ev.data === 'string')
+                this.onFrame(ev.data);
+        };
+        socket.onclose = (ev) => {
+            if (socket === this.socket)
+                this.socketGone(ev.code, ev.reason);
+        };
+        // A `close` event follows every `error` and says what there is to say.
+        socket.onerror = () => { };
+        this.handshakeTimer = setTimeout(() => {
+            if (socket === this.socket && !this.welcomed)
+                this.dropSocket('no welcome in time');
+        }, this.timeoutMs);
+    }
+    /** Abandons the current socket without waiting for its close handshake. */
+    dropSocket(reason) {
+        const socket = this.socket;
+        if (!socket)
+            return;
+        detach(socket);
+        try {
+            socket.close(1000, reason);
+        }
+        catch {
+            // Already closing.
+        }
+        this.socketGone(undefined, reason);
+    }
+    /**
+     * The current socket is gone (or never came): settles what was in flight on it, then
+     * either ends the session or schedules the next attempt.
+     */
+    socketGone(code, reason) {
+        if (this.socket)
+            detach(this.socket);
+        this.socket = null;
+        this.welcomed = false;
+        clearTimeout(this.handshakeTimer);
+        const refusal = this.refusal;
+        this.refusal = null;
+        for (const [id, p] of this.pending) {
+            if (!p.sent)
+                continue;
+            if (p.repeatable && !p.internal) {
+                p.sent = false; // goes out again on the next connection
+            }
+            else {
+                const message = `the connection dropped before the reply to ${p.type}; it may or may not have taken effect`;
+                this.settle(id)?.reject(new ChatError('disconnected', message));
+            }
+        }
+        if (this.closedByUser)
+            return;
+        if (refusal || code === CLOSE_POLICY || this.backoff === null) {
+            const detail = reason ? `: ${reason}` : '';
+            const err = refusal ?? new ChatError('disconnected', `the connection ended (${code ?? 'no code'})${detail}`);
+            this.end(err, code, reason);
+            return;
+        }
+        this.setState(this.everOpen ? 'reconnecting' : 'connecting', code, reason);
+        let delay;
+        if (code === CLOSE_TOKEN_EXPIRED) {
+            delay = Math.random() * TOKEN_EXPIRED_JITTER_MS;
+        }
+        else {
+            delay = this.minDelayMs + this.nextBackoff();
+        }
+        this.minDelayMs = 0;
+        clearTimeout(this.reconnectTimer);
+        this.reconnectTimer = setTimeout(() => {
+            this.reconnectTimer = undefined;
+            void this.openSocket();
+        }, delay);
+    }
+    /** The session is over (the server refused or ended it, or reconnecting is off). */
+    end(err, code, reason) {
+        clearTimeout(this.reconnectTimer);
+        this.failAll(err);
+        this.connecting?.reject(err);
+        this.connecting = null;
+        this.setState('closed', code, reason);
+        this.emit('error', err);
+    }
+    nextBackoff() {
+        const b = this.backoff ?? DEFAULT_BACKOFF;
+        const base = Math.min(b.maxDelayMs, b.initialDelayMs * Math.pow(b.factor, this.attempt++));
+        const jittered = base * (1 + b.jitter * (2 * Math.random() - 1));
+        return Math.max(0, Math.min(b.maxDelayMs, jittered));
+    }
+    onFrame(text) {
+        let frame;
+        try {
+            frame = JSON.parse(text);
+        }
+        catch {
+            return; // the server only sends JSON objects; nothing to do with anything else
+        }
+        if (!frame || typeof frame !== 'object' || typeof frame.type !== 'string')
+            return;
+        if (!this.welcomed) {
+            if (frame.type === 'welcome')
+                this.onWelcome(frame);
+            // An error instead of welcome: auth refused or the connection cap. Close 1008
+            // follows; the session ends then.
+            else if (frame.type === 'error')
+                this.refusal = ChatError.fromFrame(frame);
+            return;
+        }
+        switch (frame.type) {
+            case 'ack':
+            case 'pong':
+            case 'error':
+                if (typeof frame.id === 'string')
+                    this.onReply(frame);
+                else if (frame.type === 'error')
+                    this.emit('error', ChatError.fromFrame(frame));
+                return;
+            case 'message':
+                if (!this.isNew(frame))
+                    return;
+                break;
+            case 'room_removed':
+                this.joined.delete(String(frame.room));
+                break;
+            case 'reconnect':
+                this.minDelayMs = Math.max(0, Number(frame.after_ms) || 0);
+                break;
+        }
+        if (!SDK_EVENTS.has(frame.type))
+            this.emit(frame.type, frame);
+    }
+    /** Whether a `message` event is news, tracking the room's newest seq; replays of what was delivered are not. */
+    isNew(frame) {
+        const room = String(frame.room);
+        const seq = frame.message?.seq;
+        const last = this.joined.get(room);
+        if (last === undefined || typeof seq !== 'number')
+            return true;
+        if (seq <= last)
+            return false;
+        this.joined.set(room, seq);
+        return true;
+    }
+    onReply(frame) {
+        const p = this.settle(frame.id);
+        if (!p)
+            return; // timed out already
+        if (frame.type === 'error') {
+            p.reject(ChatError.fromFrame(frame));
+        }
+        else {
+            const { type: _type, id: _id, ...body } = frame;
+            p.resolve(body);
+        }
+    }
+    /** Authenticated: re-join the remembered rooms (replaying what was missed), then open. */
+    onWelcome(welcome) {
+        this.welcomed = true;
+        clearTimeout(this.handshakeTimer);
+        this.lastWelcome = welcome;
+        this.emit('welcome', welcome);
+        const socket = this.socket;
+        const rooms = [...this.joined];
+        if (rooms.length === 0) {
+            this.open();
+            return;
+        }
+        // Commands of one connection run in order, so all re-joins can go at once.
+        void Promise.all(rooms.map(([room, since]) => this.rejoin(room, since))).then((outcomes) => {
+            if (socket !== this.socket)
+                return; // dropped meanwhile: the next connection re-joins
+            if (outcomes.includes('retry'))
+                this.dropSocket('could not re-join every room');
+            else
+                this.open();
+        });
+    }
+    async rejoin(room, since) {
+        try {
+            const ack = await this.issue('join', { room, since_seq: since }, true);
+            const last = this.joined.get(room);
+            if (last === undefined)
+                return 'ok'; // left meanwhile
+            this.joined.set(room, Math.max(last, ack.last_seq));
+            this.emit('recovered', { room, truncated: ack.truncated === true, lastSeq: Math.max(last, ack.last_seq) });
+            return 'ok';
+        }
+        catch (err) {
+            const e = err instanceof ChatError ? err : new ChatError('internal', describe(err));
+            if (e.code === 'forbidden' || e.code === 'not_found') {
+                // Removed from the room (or it is gone) while disconnected: stop following it.
+                this.joined.delete(room);
+                this.emit('error', new ChatError(e.code, `room ${room} could not be re-joined: ${e.message}`));
+                return 'gone';
+            }
+            return 'retry';
+        }
+    }
+    /** The connection is ready: send what waited, oldest first, then tell the listeners. */
+    open() {
+        const previous = this.current;
+        this.current = 'open';
+        this.attempt = 0;
+        this.minDelayMs = 0;
+        this.everOpen = true;
+        for (const p of this.pending.values())
+            if (!p.sent)
+                this.transmit(p);
+        const connecting = this.connecting;
+        this.connecting = null;
+        if (this.lastWelcome)
+            connecting?.resolve(this.lastWelcome);
+        this.emitState(previous);
+    }
+    // -------------------------------------------------------------------------------
+    // Internals: commands
+    newId() {
+        return `c${++this.nextId}`;
+    }
+    issue(type, fields, internal) {
+        if (this.closedByUser || this.current === 'closed') {
+            return Promise.reject(new ChatError('closed', 'the client is closed'));
+        }
+        const id = this.newId();
+        let text;
+        try {
+            text = JSON.stringify({ ...fields, type, id });
+        }
+        catch (err) {
+            return Promise.reject(new ChatError('bad_request', `cannot encode ${type}: ${describe(err)}`));
+        }
+        return new Promise((resolve, reject) => {
+            const timer = setTimeout(() => {
+                this.settle(id);
+                reject(new ChatError('timeout', `no reply to ${type} within ${this.timeoutMs} ms`));
+            }, this.timeoutMs);
+            const repeatable = REPEATABLE.has(type);
+            const p = { type, text, repeatable, internal, sent: false, timer, resolve, reject };
+            this.pending.set(id, p);
+            // Re-joins go out on the fresh connection before it opens; everything else waits for open.
+            if (internal ? this.welcomed : this.current === 'open')
+                this.transmit(p);
+        });
+    }
+    transmit(p) {
+        const socket = this.socket;
+        if (!socket)
+            return;
+        p.sent = true;
+        try {
+            socket.send(p.text);
+        }
+        catch {
+            // The socket is closing: its close event re-sends or fails this command.
+        }
+    }
+    /** Removes a pending command and stops its timer; the command, if it was still pending. */
+    settle(id) {
+        const p = this.pending.get(id);
+        if (!p)
+            return undefined;
+        this.pending.delete(id);
+        clearTimeout(p.timer);
+        return p;
+    }
+    failAll(err) {
+        for (const id of [...this.pending.keys()])
+            this.settle(id)?.reject(err);
+    }
+    // -------------------------------------------------------------------------------
+    // Internals: events
+    setState(state, closeCode, reason) {
+        const previous = this.current;
+        if (previous === state)
+            return;
+        this.current = state;
+        this.emitState(previous, closeCode, reason);
+    }
+    emitState(previous, closeCode, reason) {
+        const ev = { state: this.current, previous };
+        if (closeCode !== undefined)
+            ev.closeCode = closeCode;
+        if (reason)
+            ev.reason = reason;
+        this.emit('state', ev);
+    }
+    emit(type, ev) {
+        const set = this.handlers.get(type);
+        if (!set)
+            return;
+        for (const handler of [...set]) {
+            try {
+                handler(ev);
+            }
+            catch (err) {
+                // A listener's bug must not break the client's bookkeeping: rethrow it outside.
+                setTimeout(() => {
+                    throw err;
+                }, 0);
+            }
+        }
+    }
+}
+function describe(err) {
+    return err instanceof Error ? err.message : String(err);
+}
