@@ -6,10 +6,12 @@
 # Environment: BENCH_QUICK=1 runs a smaller suite (for trying the tool, not for figures);
 # BENCH_ONLY="persist reconnect" runs only those scenarios (idle, light, ramp, fanout,
 # persist, reconnect). Either writes its report under target/bench/ instead of docs/.
+# BENCH_BIN=dir takes every binary (chat-message, chat-gateway, chat-bench) from dir
+# instead of building them: A/B runs of two builds, with BENCH_ONLY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN=target/release
+BIN=${BENCH_BIN:-target/release}
 OUT=target/bench
 RESULTS=$OUT/results.jsonl
 SECRET=bench-secret
@@ -20,7 +22,11 @@ GW_A=127.0.0.1:18080
 GW_B=127.0.0.1:18081
 MSG=127.0.0.1:50151
 
-cargo build --release --workspace --bins
+if [ -n "${BENCH_BIN:-}" ] && [ -z "${BENCH_ONLY:-}" ]; then
+  echo "BENCH_BIN is for A/B runs: give BENCH_ONLY too (the report in docs/ is of this tree's build)" >&2
+  exit 2
+fi
+[ -n "${BENCH_BIN:-}" ] || cargo build --release --workspace --bins
 mkdir -p "$OUT"
 : >"$RESULTS"
 # The gateways and chat-bench hold thousands of sockets each.

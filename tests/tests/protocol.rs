@@ -351,6 +351,58 @@ async fn join_with_since_seq_replays_the_missed_messages_before_the_ack() -> Res
 }
 
 #[tokio::test]
+async fn replays_after_an_edit_a_reaction_or_a_delete_show_each_message_as_it_is_now() -> Result<()> {
+    // The gateway keeps a room's newest frames for `since_seq` joins; none may go stale.
+    let cluster = Cluster::start(1).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = create(&mut alice, "group", &["bob"]).await?;
+    // Alice stays joined, so the room's task (and what it keeps) lives throughout, and
+    // her copy of each event shows the task has handled it.
+    alice.ack(json!({"type": "join", "room": room})).await?;
+    let mut ids = Vec::new();
+    for i in 1..=4 {
+        let ack = alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
+        ids.push(ack["message"]["id"].clone());
+    }
+    let replay = |since: i64| {
+        let (cluster, room) = (&cluster, room.clone());
+        async move {
+            let mut bob = cluster.client(0, "bob").await?;
+            bob.ack(json!({"type": "join", "room": room, "since_seq": since})).await?;
+            let messages: Vec<Value> = bob.take_buffered("message").into_iter().map(|e| e["message"].clone()).collect();
+            bob.close().await?;
+            anyhow::Ok(messages)
+        }
+    };
+    let texts = |messages: &[Value]| messages.iter().map(|m| m["text"].clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&replay(0).await?), [json!("m1"), json!("m2"), json!("m3"), json!("m4")]);
+    assert_eq!(texts(&replay(1).await?), [json!("m2"), json!("m3"), json!("m4")]);
+
+    alice.ack(json!({"type": "edit", "message_id": ids[1], "text": "m2 edited"})).await?;
+    alice.event("message_edited").await?;
+    assert_eq!(texts(&replay(1).await?), [json!("m2 edited"), json!("m3"), json!("m4")]);
+
+    alice.ack(json!({"type": "react", "message_id": ids[2], "emoji": "👍"})).await?;
+    alice.event("reaction").await?;
+    let replayed = replay(2).await?;
+    assert_eq!(replayed[0]["reactions"], json!({"👍": ["alice"]}), "{replayed:?}");
+
+    alice.ack(json!({"type": "delete", "message_id": ids[3]})).await?;
+    alice.event("message_deleted").await?;
+    let replayed = replay(3).await?;
+    assert_eq!((replayed[0]["deleted"].clone(), replayed[0]["text"].clone()), (json!(true), Value::Null));
+
+    // A message sent after all that is replayed with the rest.
+    alice.ack(json!({"type": "send", "room": room, "text": "m5"})).await?;
+    let mut seen = alice.take_buffered("message").iter().any(|e| e["message"]["seq"] == 5);
+    while !seen {
+        seen = alice.event("message").await?["message"]["seq"] == 5;
+    }
+    assert_eq!(texts(&replay(0).await?).len(), 5);
+    Ok(())
+}
+
+#[tokio::test]
 async fn rejoining_with_since_seq_under_concurrent_sends_has_no_gap_and_no_duplicate() -> Result<()> {
     let cluster = Cluster::start(2).await?;
     let mut alice = cluster.client(0, "alice").await?;

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol;
 use crate::room::{delivery_span, Joined, Listener, RoomHandle};
+use crate::stripes::Stripes;
 
 /// Events buffered between Redis and the dispatcher before the oldest are dropped
 /// (and message events later repaired from Postgres).
@@ -30,6 +31,9 @@ const REDIS_BUFFER: usize = 16 * 1024;
 
 /// Close code for connections an admin disconnects.
 const CLOSE_POLICY: u16 = 1008;
+
+/// Lock stripes for (un)subscribing channels.
+const TRANSITION_STRIPES: usize = 256;
 
 /// Delay of the second resync after a Redis reconnect.
 const RESYNC_AGAIN_AFTER: Duration = Duration::from_secs(2);
@@ -49,9 +53,11 @@ struct Inner {
     rooms: RwLock<HashMap<String, RoomHandle>>,
     /// User id → that user's local connections, for per-user events.
     users: RwLock<HashMap<String, HashMap<u64, Outbox>>>,
-    /// Serialises subscribe/unsubscribe, so a join never returns before its room's
-    /// subscription is live and a leave never unsubscribes under a concurrent join.
-    transitions: tokio::sync::Mutex<()>,
+    /// Serialises subscribe/unsubscribe per channel (striped), so a join never returns
+    /// before its room's subscription is live and a leave never unsubscribes under a
+    /// concurrent join, while different channels' (un)subscribes go out together: when a
+    /// gateway dies, thousands of users arrive at once, each needing its user channel.
+    transitions: Stripes,
 }
 
 impl Fanout {
@@ -89,7 +95,7 @@ impl Fanout {
                 metrics,
                 rooms: RwLock::new(HashMap::new()),
                 users: RwLock::new(HashMap::new()),
-                transitions: tokio::sync::Mutex::new(()),
+                transitions: Stripes::new(TRANSITION_STRIPES),
             }),
         })
     }
@@ -116,11 +122,11 @@ impl Fanout {
         if let Some(hub) = read(&self.inner.rooms).get(room) {
             return Ok(hub.clone());
         }
-        let _guard = self.inner.transitions.lock().await;
+        let channel = self.inner.channels.room(room);
+        let _guard = self.inner.transitions.lock(&channel).await;
         if let Some(hub) = read(&self.inner.rooms).get(room) {
             return Ok(hub.clone());
         }
-        let channel = self.inner.channels.room(room);
         self.inner.subscriber.subscribe(&channel).await.map_err(|e| self.unavailable(e))?;
         // Read the room's position only once the subscription is live: every later
         // message then arrives on the channel, every earlier one is in Postgres.
@@ -143,12 +149,13 @@ impl Fanout {
         if hub.leave(conn).await > 0 {
             return;
         }
-        let _guard = self.inner.transitions.lock().await;
+        let channel = self.inner.channels.room(room);
+        let _guard = self.inner.transitions.lock(&channel).await;
         let current = read(&self.inner.rooms).get(room).cloned();
         if let Some(current) = current.filter(|c| c.same(&hub)) {
             if current.stop_if_empty().await {
                 write(&self.inner.rooms).remove(room);
-                if let Err(err) = self.inner.subscriber.unsubscribe(&self.inner.channels.room(room)).await {
+                if let Err(err) = self.inner.subscriber.unsubscribe(&channel).await {
                     // Harmless: events for a room without a task are dropped on arrival.
                     tracing::warn!(%err, room, "redis unsubscribe failed");
                 }
@@ -159,9 +166,10 @@ impl Fanout {
     /// Registers a connection of `user` for per-user events (subscribing the user's
     /// channel for their first local connection).
     pub async fn add_user_conn(&self, user: &str, outbox: &Outbox) -> Result<(), CommandError> {
-        let _guard = self.inner.transitions.lock().await;
+        let channel = self.inner.channels.user(user);
+        let _guard = self.inner.transitions.lock(&channel).await;
         if !read(&self.inner.users).contains_key(user) {
-            self.inner.subscriber.subscribe(&self.inner.channels.user(user)).await.map_err(|e| self.unavailable(e))?;
+            self.inner.subscriber.subscribe(&channel).await.map_err(|e| self.unavailable(e))?;
         }
         write(&self.inner.users).entry(user.to_owned()).or_default().insert(outbox.id(), outbox.clone());
         Ok(())
@@ -169,7 +177,8 @@ impl Fanout {
 
     /// Unregisters a connection of `user`; the last one unsubscribes the user's channel.
     pub async fn remove_user_conn(&self, user: &str, conn: u64) {
-        let _guard = self.inner.transitions.lock().await;
+        let channel = self.inner.channels.user(user);
+        let _guard = self.inner.transitions.lock(&channel).await;
         let now_empty = {
             let mut users = write(&self.inner.users);
             let empty = users.get_mut(user).map(|conns| {
@@ -182,7 +191,7 @@ impl Fanout {
             empty == Some(true)
         };
         if now_empty {
-            if let Err(err) = self.inner.subscriber.unsubscribe(&self.inner.channels.user(user)).await {
+            if let Err(err) = self.inner.subscriber.unsubscribe(&channel).await {
                 tracing::warn!(%err, user, "redis unsubscribe failed");
             }
         }

@@ -23,6 +23,7 @@ pub mod ratelimit;
 pub mod room;
 pub mod session;
 pub mod state;
+pub mod stripes;
 pub mod web;
 pub mod ws;
 

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::publisher::Publisher;
+use crate::stripes::Stripes;
 
 /// Lock stripes serialising presence updates per user within one gateway.
 const STRIPES: usize = 64;
@@ -66,7 +67,7 @@ pub struct Presence {
     cluster: bool,
     /// Serialises this gateway's count and user-set updates per user (striped), so the
     /// set of users it counted never disagrees with its counts.
-    stripes: Arc<[tokio::sync::Mutex<()>]>,
+    stripes: Arc<Stripes>,
     publisher: Publisher,
     prefix: String,
     gateway_id: String,
@@ -95,19 +96,13 @@ impl Presence {
             publisher: Publisher::new(redis.publisher(client.clone()), Channels::new(prefix), redis_errors),
             client,
             cluster: redis.cluster,
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stripes: Arc::new(Stripes::new(STRIPES)),
             prefix: prefix.to_owned(),
             gateway_id,
             backend,
             cap,
             stale_after,
         })
-    }
-
-    fn stripe(&self, user: &str) -> &tokio::sync::Mutex<()> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(user, &mut hasher);
-        &self.stripes[(std::hash::Hasher::finish(&hasher) % self.stripes.len() as u64) as usize]
     }
 
     fn user_key(&self, user: &str) -> String {
@@ -125,7 +120,7 @@ impl Presence {
     /// Counts a new connection of `user`, unless that exceeds the cap. When Redis is
     /// unreachable the connection is admitted (presence is best effort; chat is not).
     pub async fn admit(&self, user: &str) -> Admission {
-        let _serial = self.stripe(user).lock().await;
+        let _serial = self.stripes.lock(user).await;
         let args = vec![self.gateway_id.clone(), self.cap.to_string()];
         match self.client.eval::<i64, _, _, _>(CONNECT, vec![self.user_key(user)], args).await {
             Ok(-1) => Admission::OverCap,
@@ -146,7 +141,7 @@ impl Presence {
 
     /// Uncounts a connection; true when it was the user's last one in the cluster.
     pub async fn release(&self, user: &str) -> bool {
-        let _serial = self.stripe(user).lock().await;
+        let _serial = self.stripes.lock(user).await;
         let args = vec![self.gateway_id.clone()];
         match self.client.eval::<(i64, i64), _, _, _>(DISCONNECT, vec![self.user_key(user)], args).await {
             Ok((mine, total)) => {

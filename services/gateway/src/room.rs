@@ -29,6 +29,10 @@ pub const TYPING_TTL: Duration = Duration::from_secs(6);
 pub const MAX_BACKLOG: i64 = 1000;
 /// Commands queued for one room before events are dropped (and later repaired).
 const ROOM_QUEUE: usize = 4096;
+/// Most message frames a room keeps for `since_seq` joins (see `Recent`).
+const RECENT_FRAMES: usize = 256;
+/// A room drops those frames once no join has used them for this long.
+const RECENT_TTL: Duration = Duration::from_secs(30);
 
 /// The span of one gateway's delivery of a fan-out event, a child of the publisher's span
 /// (through the envelope's trace context); `Span::none()` for an untraced envelope.
@@ -90,8 +94,15 @@ impl RoomHandle {
     /// Starts the task for `room_id`, whose messages up to `last_seq` count as delivered.
     pub fn spawn(room_id: String, last_seq: i64, backend: Backend, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::channel(ROOM_QUEUE);
-        let task =
-            RoomTask { room_id, backend, metrics, seq: last_seq, listeners: HashMap::new(), typing: HashMap::new() };
+        let task = RoomTask {
+            room_id,
+            backend,
+            metrics,
+            seq: last_seq,
+            listeners: HashMap::new(),
+            typing: HashMap::new(),
+            recent: None,
+        };
         tokio::spawn(task.run(rx));
         Self { tx }
     }
@@ -149,6 +160,66 @@ struct RoomTask {
     listeners: HashMap<u64, Listener>,
     /// Who is typing, until when.
     typing: HashMap<Arc<str>, Instant>,
+    /// The newest messages, kept after a `since_seq` join fetched them.
+    recent: Option<Recent>,
+}
+
+/// The frames of the room's newest messages, `first..=self.seq` without a gap.
+///
+/// When a gateway dies, its clients come back to the others all at once, each joining
+/// with the `since_seq` it had, and in one room those are mostly the same. The first
+/// join fetches the missed messages from the message service; the rest of the storm is
+/// served from these frames instead of one Postgres query per client. Live messages
+/// extend them, so they stay current. An edit, delete or reaction would make a frame
+/// stale, so any of those drops them; so does a gap, or disuse for `RECENT_TTL`.
+struct Recent {
+    /// Seq of `frames[0]`.
+    first: i64,
+    frames: std::collections::VecDeque<Utf8Bytes>,
+    used: Instant,
+}
+
+impl Recent {
+    /// Frames of consecutive messages ending at the room's watermark; `None` when they
+    /// are not (a deleted message keeps its seq, so history has no holes).
+    fn from_backlog(backlog: &[pb::Message], watermark: i64) -> Option<Self> {
+        let first = backlog.first()?.seq;
+        let consecutive = backlog.iter().zip(first..).all(|(m, seq)| m.seq == seq);
+        if !consecutive || backlog.last()?.seq != watermark {
+            return None;
+        }
+        let start = backlog.len().saturating_sub(RECENT_FRAMES);
+        let frames = backlog[start..].iter().map(|m| Utf8Bytes::from(protocol::message_event(m))).collect();
+        Some(Self { first: backlog[start].seq, frames, used: Instant::now() })
+    }
+
+    /// The frames of every message after `since` up to `watermark`, if these reach back
+    /// that far and end there.
+    fn after(&mut self, since: i64, watermark: i64) -> Option<Vec<WsMessage>> {
+        if since + 1 < self.first || self.first + self.frames.len() as i64 - 1 != watermark {
+            return None;
+        }
+        self.used = Instant::now();
+        let skip = usize::try_from(since + 1 - self.first).ok()?;
+        Some(self.frames.iter().skip(skip).map(|f| WsMessage::Text(f.clone())).collect())
+    }
+
+    /// Appends the next message; false when `seq` does not follow (the caller drops these).
+    fn push(&mut self, seq: i64, frame: &Utf8Bytes) -> bool {
+        if seq != self.first + self.frames.len() as i64 {
+            return false;
+        }
+        self.frames.push_back(frame.clone());
+        if self.frames.len() > RECENT_FRAMES {
+            self.frames.pop_front();
+            self.first += 1;
+        }
+        true
+    }
+
+    fn expired(&self) -> bool {
+        self.used.elapsed() > RECENT_TTL
+    }
 }
 
 impl RoomTask {
@@ -207,6 +278,9 @@ impl RoomTask {
                 self.deliver_except(&user, protocol::typing_event(&self.room_id, &user, typing.active));
             }
             other => {
+                if matches!(other, Event::MessageEdited(_) | Event::MessageDeleted(_) | Event::Reaction(_)) {
+                    self.recent = None;
+                }
                 if let Some(frame) = protocol::event_frame(&other) {
                     self.deliver(frame);
                 }
@@ -225,6 +299,9 @@ impl RoomTask {
         }
         self.seq = message.seq;
         let frame = Utf8Bytes::from(protocol::message_event(&message));
+        if self.recent.as_mut().is_some_and(|r| r.expired() || !r.push(message.seq, &frame)) {
+            self.recent = None;
+        }
         for l in self.listeners.values() {
             l.outbox.push_timed(WsMessage::Text(frame.clone()), published_us);
         }
@@ -233,6 +310,7 @@ impl RoomTask {
     /// Delivers every stored message between the watermark and `upto` (exclusive).
     async fn repair(&mut self, upto: i64) {
         tracing::info!(room = %self.room_id, from = self.seq + 1, upto, "repairing a gap in the room's messages");
+        self.recent = None;
         while self.seq + 1 < upto {
             let fetched = self.fetch(self.seq, upto).await;
             match fetched {
@@ -285,8 +363,14 @@ impl RoomTask {
             if since < self.seq {
                 truncated = self.seq - since > MAX_BACKLOG;
                 let after = since.max(self.seq - MAX_BACKLOG);
-                let backlog = self.fetch(after, self.seq + 1).await?;
-                let frames = backlog.iter().map(|m| text(protocol::message_event(m))).collect();
+                let frames = match self.recent.as_mut().and_then(|r| r.after(after, self.seq)) {
+                    Some(frames) => frames,
+                    None => {
+                        let backlog = self.fetch(after, self.seq + 1).await?;
+                        self.recent = Recent::from_backlog(&backlog, self.seq);
+                        backlog.iter().map(|m| text(protocol::message_event(m))).collect()
+                    }
+                };
                 listener.outbox.push_batch(frames);
             }
         }
@@ -328,5 +412,59 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(seqs: impl IntoIterator<Item = i64>) -> Vec<pb::Message> {
+        seqs.into_iter().map(|seq| pb::Message { seq, text: Some(format!("m{seq}")), ..Default::default() }).collect()
+    }
+
+    fn seqs(frames: &[WsMessage]) -> Vec<i64> {
+        frames
+            .iter()
+            .map(|f| match f {
+                WsMessage::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                    v["message"]["seq"].as_i64().expect("seq")
+                }
+                other => panic!("not text: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn recent_frames_serve_every_since_they_reach_and_follow_live_messages() {
+        let mut recent = Recent::from_backlog(&messages(5..=8), 8).expect("consecutive, up to the watermark");
+        assert_eq!(seqs(&recent.after(4, 8).expect("covered")), [5, 6, 7, 8]);
+        assert_eq!(seqs(&recent.after(6, 8).expect("covered")), [7, 8]);
+        assert!(recent.after(3, 8).is_none(), "seq 4 was never fetched");
+        assert!(recent.after(6, 9).is_none(), "seq 9 is not in the frames");
+        let next = Utf8Bytes::from(protocol::message_event(&messages([9])[0]));
+        assert!(recent.push(9, &next));
+        assert_eq!(seqs(&recent.after(7, 9).expect("covered")), [8, 9]);
+        assert!(!recent.push(11, &next), "a gap is refused");
+    }
+
+    #[test]
+    fn only_gapless_backlogs_ending_at_the_watermark_are_kept() {
+        assert!(Recent::from_backlog(&messages([5, 6, 8]), 8).is_none());
+        assert!(Recent::from_backlog(&messages(5..=7), 8).is_none());
+        assert!(Recent::from_backlog(&[], 8).is_none());
+    }
+
+    #[test]
+    fn recent_frames_keep_only_the_newest() {
+        let n = RECENT_FRAMES as i64;
+        let mut recent = Recent::from_backlog(&messages(1..=n + 10), n + 10).expect("kept");
+        assert_eq!(recent.first, 11);
+        assert!(recent.after(5, n + 10).is_none());
+        let next = Utf8Bytes::from(protocol::message_event(&messages([n + 11])[0]));
+        assert!(recent.push(n + 11, &next));
+        assert_eq!(recent.first, 12);
+        assert_eq!(recent.frames.len(), RECENT_FRAMES);
     }
 }
