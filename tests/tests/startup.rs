@@ -98,3 +98,15 @@ async fn dev_tokens_are_refused_in_the_production_environment() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn commit_workers_beyond_the_pool_are_refused() -> Result<()> {
+    for workers in ["0", "6"] {
+        let mut cmd = command("chat-message");
+        cmd.env("DB_MAX_CONNECTIONS", "5").env("COMMIT_WORKERS", workers);
+        let out = run(cmd).await?;
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("COMMIT_WORKERS must be between 1 and DB_MAX_CONNECTIONS"), "{}", stderr(&out));
+    }
+    Ok(())
+}

@@ -31,6 +31,13 @@ pub struct Config {
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
 
+    /// Group-commit workers. Each stores everything queued for its rooms in one
+    /// transaction at a time, so fewer workers make bigger batches and less Postgres work
+    /// per message; more overlap more commits (worth it when fsync, not CPU, is the
+    /// limit). Two doubled sends/s over ten on 2 cores (docs/benchmarks.md).
+    #[arg(long, env = "COMMIT_WORKERS", default_value_t = 2)]
+    pub commit_workers: u32,
+
     /// Longest message text, in characters.
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = crate::validate::MAX_TEXT_CHARS)]
     pub max_text_chars: usize,
@@ -73,6 +80,9 @@ impl Config {
         }
         if self.db_max_connections == 0 {
             return Err("DB_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if self.commit_workers == 0 || self.commit_workers > self.db_max_connections {
+            return Err("COMMIT_WORKERS must be between 1 and DB_MAX_CONNECTIONS (each holds a connection)".into());
         }
         if self.redis_channel_prefix.is_empty() || self.redis_channel_prefix.contains(['{', '}']) {
             return Err("REDIS_CHANNEL_PREFIX must be non-empty and contain no braces".into());

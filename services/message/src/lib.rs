@@ -44,7 +44,7 @@ pub struct Application {
     metrics_listener: TcpListener,
     metrics: Metrics,
     max_text_chars: usize,
-    db_max_connections: u32,
+    commit_workers: u32,
     store: Store,
     publisher: Publisher,
     grace: Duration,
@@ -69,7 +69,7 @@ impl Application {
             metrics_listener,
             metrics,
             max_text_chars: config.max_text_chars,
-            db_max_connections: config.db_max_connections,
+            commit_workers: config.commit_workers,
             store,
             publisher,
             grace: config.shutdown_grace(),
@@ -90,8 +90,8 @@ impl Application {
     /// grace period.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        // Half the pool commits batches; the rest serves reads and other writes.
-        let committer = Committer::start(self.store.clone(), (self.db_max_connections as usize / 2).max(1));
+        // The workers hold `commit_workers` pooled connections; the rest serve reads and other writes.
+        let committer = Committer::start(self.store.clone(), self.commit_workers as usize);
         let api = ChatApi::new(
             self.store.clone(),
             committer,
