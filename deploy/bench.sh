@@ -92,11 +92,22 @@ settle() {
   done
 }
 
+# Vacuums and analyses the bench database, as autovacuum would in production. The
+# machine's shared Postgres may run with autovacuum off (this one does, a CI setting):
+# then every scenario's dead row versions (each batch rewrites its rooms' `last_seq`)
+# and stale statistics pile up for the next, and persist after light, ramp and fanout
+# measured 3,900 sends/s against 11,800 on a stock Postgres (docs/benchmarks.md).
+vacuum() {
+  psql -q -X "$PG_BASE/$DB?sslmode=disable" -c "VACUUM (ANALYZE)" >/dev/null 2>&1 ||
+    echo "bench: VACUUM of $DB failed; figures may suffer" >&2
+}
+
 # Runs a scenario (named by $1 for BENCH_ONLY) unless BENCH_ONLY leaves it out.
 run() {
   local name=$1
   shift
   case " ${BENCH_ONLY:-$name} " in *" $name "*) ;; *) return 0 ;; esac
+  vacuum
   settle
   "$BIN/chat-bench" "$@" --gateways "$GW_A,$GW_B" --secret "$SECRET" --out "$RESULTS"
 }
