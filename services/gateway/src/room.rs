@@ -180,17 +180,21 @@ struct Recent {
 }
 
 impl Recent {
-    /// Frames of consecutive messages ending at the room's watermark; `None` when they
-    /// are not (a deleted message keeps its seq, so history has no holes).
-    fn from_backlog(backlog: &[pb::Message], watermark: i64) -> Option<Self> {
+    /// The fetched `backlog` (and its `frames`, one per message) when its messages are
+    /// consecutive and end at the room's watermark; `None` otherwise (a deleted message
+    /// keeps its seq, so history has no holes).
+    fn from_backlog(backlog: &[pb::Message], frames: &[Utf8Bytes], watermark: i64) -> Option<Self> {
         let first = backlog.first()?.seq;
         let consecutive = backlog.iter().zip(first..).all(|(m, seq)| m.seq == seq);
-        if !consecutive || backlog.last()?.seq != watermark {
+        if !consecutive || backlog.last()?.seq != watermark || frames.len() != backlog.len() {
             return None;
         }
         let start = backlog.len().saturating_sub(RECENT_FRAMES);
-        let frames = backlog[start..].iter().map(|m| Utf8Bytes::from(protocol::message_event(m))).collect();
-        Some(Self { first: backlog[start].seq, frames, used: Instant::now() })
+        Some(Self {
+            first: backlog[start].seq,
+            frames: frames[start..].iter().cloned().collect(),
+            used: Instant::now(),
+        })
     }
 
     /// The frames of every message after `since` up to `watermark`, if these reach back
@@ -367,8 +371,10 @@ impl RoomTask {
                     Some(frames) => frames,
                     None => {
                         let backlog = self.fetch(after, self.seq + 1).await?;
-                        self.recent = Recent::from_backlog(&backlog, self.seq);
-                        backlog.iter().map(|m| text(protocol::message_event(m))).collect()
+                        let frames: Vec<Utf8Bytes> =
+                            backlog.iter().map(|m| Utf8Bytes::from(protocol::message_event(m))).collect();
+                        self.recent = Recent::from_backlog(&backlog, &frames, self.seq);
+                        frames.into_iter().map(WsMessage::Text).collect()
                     }
                 };
                 listener.outbox.push_batch(frames);
@@ -404,10 +410,6 @@ impl RoomTask {
     }
 }
 
-fn text(frame: String) -> WsMessage {
-    WsMessage::Text(frame.into())
-}
-
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -421,6 +423,12 @@ mod tests {
 
     fn messages(seqs: impl IntoIterator<Item = i64>) -> Vec<pb::Message> {
         seqs.into_iter().map(|seq| pb::Message { seq, text: Some(format!("m{seq}")), ..Default::default() }).collect()
+    }
+
+    fn recent(seqs: impl IntoIterator<Item = i64>, watermark: i64) -> Option<Recent> {
+        let backlog = messages(seqs);
+        let frames: Vec<Utf8Bytes> = backlog.iter().map(|m| Utf8Bytes::from(protocol::message_event(m))).collect();
+        Recent::from_backlog(&backlog, &frames, watermark)
     }
 
     fn seqs(frames: &[WsMessage]) -> Vec<i64> {
@@ -438,7 +446,7 @@ mod tests {
 
     #[test]
     fn recent_frames_serve_every_since_they_reach_and_follow_live_messages() {
-        let mut recent = Recent::from_backlog(&messages(5..=8), 8).expect("consecutive, up to the watermark");
+        let mut recent = recent(5..=8, 8).expect("consecutive, up to the watermark");
         assert_eq!(seqs(&recent.after(4, 8).expect("covered")), [5, 6, 7, 8]);
         assert_eq!(seqs(&recent.after(6, 8).expect("covered")), [7, 8]);
         assert!(recent.after(3, 8).is_none(), "seq 4 was never fetched");
@@ -451,15 +459,15 @@ mod tests {
 
     #[test]
     fn only_gapless_backlogs_ending_at_the_watermark_are_kept() {
-        assert!(Recent::from_backlog(&messages([5, 6, 8]), 8).is_none());
-        assert!(Recent::from_backlog(&messages(5..=7), 8).is_none());
-        assert!(Recent::from_backlog(&[], 8).is_none());
+        assert!(recent([5, 6, 8], 8).is_none());
+        assert!(recent(5..=7, 8).is_none());
+        assert!(recent([], 8).is_none());
     }
 
     #[test]
     fn recent_frames_keep_only_the_newest() {
         let n = RECENT_FRAMES as i64;
-        let mut recent = Recent::from_backlog(&messages(1..=n + 10), n + 10).expect("kept");
+        let mut recent = recent(1..=n + 10, n + 10).expect("kept");
         assert_eq!(recent.first, 11);
         assert!(recent.after(5, n + 10).is_none());
         let next = Utf8Bytes::from(protocol::message_event(&messages([n + 11])[0]));
