@@ -389,22 +389,31 @@ describe('attachments', () => {
   });
 });
 
+/**
+ * A connected client whose sockets are recorded (so a test can cut them) and whose
+ * token source waits on a gate (so a test can hold a reconnect back).
+ */
+async function gatedClient(userId, url) {
+  const { Recording, sockets } = recordingWebSocket();
+  const tokenGate = gate();
+  const client = new ChatClient({
+    url,
+    token: async () => {
+      await tokenGate.wait();
+      return token(userId);
+    },
+    WebSocket: Recording,
+    reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
+  });
+  clients.push(client);
+  await client.connect();
+  return { client, sockets, gate: tokenGate };
+}
+
 describe('reconnect', () => {
   test('missed messages arrive exactly once, in order, after a reconnect', BOUNDED, async () => {
     const alice = await connected(user('alice'), A);
-    const { Recording, sockets } = recordingWebSocket();
-    const bobGate = gate();
-    const bob = new ChatClient({
-      url: B,
-      token: async () => {
-        await bobGate.wait();
-        return token(user('bob'));
-      },
-      WebSocket: Recording,
-      reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
-    });
-    clients.push(bob);
-    await bob.connect();
+    const { client: bob, sockets, gate: bobGate } = await gatedClient(user('bob'), B);
     const room = await sharedRoom(alice, bob);
     const messages = record(bob, 'message');
     const recovered = record(bob, 'recovered');
@@ -483,19 +492,7 @@ describe('reconnect', () => {
 
   test('leave and room_removed forget a room; one removed while disconnected is dropped', BOUNDED, async () => {
     const alice = await connected(user('alice'), A);
-    const { Recording, sockets } = recordingWebSocket();
-    const bobGate = gate();
-    const bob = new ChatClient({
-      url: B,
-      token: async () => {
-        await bobGate.wait();
-        return token(user('bob'));
-      },
-      WebSocket: Recording,
-      reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
-    });
-    clients.push(bob);
-    await bob.connect();
+    const { client: bob, sockets, gate: bobGate } = await gatedClient(user('bob'), B);
     const kept = await sharedRoom(alice, bob);
     const left = await sharedRoom(alice, bob);
     const removedLive = await sharedRoom(alice, bob);
