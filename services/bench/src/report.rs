@@ -40,6 +40,16 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or("—".to_owned(), |x| format!("{x:.digits$}"))
 }
 
+/// `key` of a scenario's result, formatted; "—" when the scenario or the figure is missing.
+fn field(v: Option<&Value>, key: &str, digits: usize) -> String {
+    fmt(v.and_then(|v| num(v, key)), digits)
+}
+
+/// One Markdown table row.
+fn row(md: &mut String, cells: &[&str]) -> std::fmt::Result {
+    writeln!(md, "| {} |", cells.join(" | "))
+}
+
 fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "met",
@@ -64,7 +74,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
     let hot = find(&results, "persist-hot-room");
     let reconnect = find(&results, "reconnect");
 
-    let row = json!({
+    let summary = json!({
         "date": date,
         "commit": commit,
         "fanout_deliveries_per_s": fanout.and_then(|f| num(f, "deliveries_per_s")),
@@ -82,7 +92,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
         "reconnect_max_ms": reconnect.and_then(|r| num(r, "recovery_max_ms")),
         "reconnect_lost": reconnect.and_then(|r| num(r, "lost")),
     });
-    append_line(&args.history, &row)?;
+    append_line(&args.history, &summary)?;
     let history: Vec<Value> = std::fs::read_to_string(&args.history)
         .unwrap_or_default()
         .lines()
@@ -101,88 +111,109 @@ pub fn write(args: &ReportArgs) -> Result<()> {
     )?;
     writeln!(md, "| scenario | measured | target | |\n| --- | --- | --- | --- |")?;
     let light_ok = light.and_then(|l| Some(num(l, "p99_ms")? <= 10.0 && num(l, "loss")? == 0.0));
-    writeln!(
-        md,
-        "| light load: 1,000 msg/s into 10 rooms × 100 members | p99 {} ms, loss {} | p99 ≤ 10 ms | {} |",
-        fmt(light.and_then(|l| num(l, "p99_ms")), 1),
-        fmt(light.and_then(|l| num(l, "loss")), 0),
-        verdict(light_ok)
+    row(
+        &mut md,
+        &[
+            "light load: 1,000 msg/s into 10 rooms × 100 members",
+            &format!("p99 {} ms, loss {}", field(light, "p99_ms", 1), field(light, "loss", 0)),
+            "p99 ≤ 10 ms",
+            verdict(light_ok),
+        ],
     )?;
     let fanout_ok = fanout.and_then(|f| {
         Some(num(f, "deliveries_per_s")? >= 150_000.0 && num(f, "p99_ms")? <= 50.0 && num(f, "loss")? == 0.0)
     });
-    writeln!(
-        md,
-        "| fan-out: 100 rooms × 100 members over two gateways | {} deliveries/s, p99 {} ms, loss {} | ≥ 150,000/s, p99 ≤ 50 ms, no loss | {} |",
-        fmt(fanout.and_then(|f| num(f, "deliveries_per_s")), 0),
-        fmt(fanout.and_then(|f| num(f, "p99_ms")), 1),
-        fmt(fanout.and_then(|f| num(f, "loss")), 0),
-        verdict(fanout_ok)
+    row(
+        &mut md,
+        &[
+            "fan-out: 100 rooms × 100 members over two gateways",
+            &format!(
+                "{} deliveries/s, p99 {} ms, loss {}",
+                field(fanout, "deliveries_per_s", 0),
+                field(fanout, "p99_ms", 1),
+                field(fanout, "loss", 0)
+            ),
+            "≥ 150,000/s, p99 ≤ 50 ms, no loss",
+            verdict(fanout_ok),
+        ],
     )?;
     let cpu = fanout.and_then(|f| num(f, "cpu_us_per_delivery"));
-    writeln!(
-        md,
-        "| backend CPU per delivery (gateways, message service, Redis, Postgres) | {} µs | ≤ 3 µs | {} |",
-        fmt(cpu, 2),
-        verdict(cpu.map(|c| c <= 3.0))
+    row(
+        &mut md,
+        &[
+            "backend CPU per delivery (gateways, message service, Redis, Postgres)",
+            &format!("{} µs", fmt(cpu, 2)),
+            "≤ 3 µs",
+            verdict(cpu.map(|c| c <= 3.0)),
+        ],
     )?;
-    writeln!(
-        md,
-        "| ramp: highest deliveries/s with p99 ≤ 50 ms and no loss | {} | — | |",
-        fmt(ramp.and_then(|r| num(r, "best_deliveries_per_s")), 0)
+    row(
+        &mut md,
+        &["ramp: highest deliveries/s with p99 ≤ 50 ms and no loss", &field(ramp, "best_deliveries_per_s", 0), "—", ""],
     )?;
-    let idle_bytes = idle.and_then(|i| num(i, "rss_per_connection_bytes"));
-    writeln!(
-        md,
-        "| idle: {} connections on one gateway | {} bytes RSS each | ≤ 4 KiB at ~19,000 | {} |",
-        fmt(idle.and_then(|i| num(i, "connections")), 0),
-        fmt(idle_bytes, 0),
-        verdict(
-            idle.and_then(|i| Some(
-                num(i, "rss_per_connection_bytes")? <= 4096.0 && num(i, "connections")? >= 19_000.0
-            ))
-        )
+    let idle_ok =
+        idle.and_then(|i| Some(num(i, "rss_per_connection_bytes")? <= 4096.0 && num(i, "connections")? >= 19_000.0));
+    row(
+        &mut md,
+        &[
+            &format!("idle: {} connections on one gateway", field(idle, "connections", 0)),
+            &format!("{} bytes RSS each", field(idle, "rss_per_connection_bytes", 0)),
+            "≤ 4 KiB at ~19,000",
+            verdict(idle_ok),
+        ],
     )?;
-    writeln!(
-        md,
-        "| persist: 100 rooms | {} acked sends/s, ack p99 {} ms | ≥ 15,000/s, p99 ≤ 20 ms | {} |",
-        fmt(persist.and_then(|p| num(p, "acks_per_s")), 0),
-        fmt(persist.and_then(|p| num(p, "ack_p99_ms")), 1),
-        verdict(persist.and_then(|p| Some(num(p, "acks_per_s")? >= 15_000.0 && num(p, "ack_p99_ms")? <= 20.0)))
+    let persist_ok = persist.and_then(|p| Some(num(p, "acks_per_s")? >= 15_000.0 && num(p, "ack_p99_ms")? <= 20.0));
+    row(
+        &mut md,
+        &[
+            "persist: 100 rooms",
+            &format!(
+                "{} acked sends/s, ack p99 {} ms",
+                field(persist, "acks_per_s", 0),
+                field(persist, "ack_p99_ms", 1)
+            ),
+            "≥ 15,000/s, p99 ≤ 20 ms",
+            verdict(persist_ok),
+        ],
     )?;
-    writeln!(
-        md,
-        "| persist: one hot room | {} acked sends/s, ack p99 {} ms | ≥ 3,000/s | {} |",
-        fmt(hot.and_then(|p| num(p, "acks_per_s")), 0),
-        fmt(hot.and_then(|p| num(p, "ack_p99_ms")), 1),
-        verdict(hot.and_then(|p| Some(num(p, "acks_per_s")? >= 3_000.0)))
+    row(
+        &mut md,
+        &[
+            "persist: one hot room",
+            &format!("{} acked sends/s, ack p99 {} ms", field(hot, "acks_per_s", 0), field(hot, "ack_p99_ms", 1)),
+            "≥ 3,000/s",
+            verdict(hot.and_then(|p| Some(num(p, "acks_per_s")? >= 3_000.0))),
+        ],
     )?;
-    writeln!(
-        md,
-        "| reconnect: {} clients lose their gateway | all back in {} ms, {} lost | 10,000 within 10 s, no loss | {} |\n",
-        fmt(reconnect.and_then(|r| num(r, "clients")), 0),
-        fmt(reconnect.and_then(|r| num(r, "recovery_max_ms")), 0),
-        fmt(reconnect.and_then(|r| num(r, "lost")), 0),
-        verdict(reconnect.and_then(|r| {
-            Some(num(r, "clients")? >= 10_000.0 && num(r, "recovery_max_ms")? <= 10_000.0 && num(r, "lost")? == 0.0)
-        }))
+    let reconnect_ok = reconnect.and_then(|r| {
+        Some(num(r, "clients")? >= 10_000.0 && num(r, "recovery_max_ms")? <= 10_000.0 && num(r, "lost")? == 0.0)
+    });
+    row(
+        &mut md,
+        &[
+            &format!("reconnect: {} clients lose their gateway", field(reconnect, "clients", 0)),
+            &format!("all back in {} ms, {} lost", field(reconnect, "recovery_max_ms", 0), field(reconnect, "lost", 0)),
+            "10,000 within 10 s, no loss",
+            verdict(reconnect_ok),
+        ],
     )?;
+    writeln!(md)?;
 
     if let Some(steps) = ramp.and_then(|r| r["steps"].as_array()) {
         writeln!(md, "### Latency against offered load (ramp)\n")?;
         writeln!(md, "| msg/s | deliveries/s | p50 ms | p95 ms | p99 ms | max ms | loss |\n| --- | --- | --- | --- | --- | --- | --- |")?;
         for s in steps {
-            writeln!(
-                md,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                fmt(num(s, "rate"), 0),
-                fmt(num(s, "deliveries_per_s"), 0),
-                fmt(num(s, "p50_ms"), 1),
-                fmt(num(s, "p95_ms"), 1),
-                fmt(num(s, "p99_ms"), 1),
-                fmt(num(s, "max_ms"), 1),
-                fmt(num(s, "loss"), 0)
-            )?;
+            let columns = [
+                ("rate", 0),
+                ("deliveries_per_s", 0),
+                ("p50_ms", 1),
+                ("p95_ms", 1),
+                ("p99_ms", 1),
+                ("max_ms", 1),
+                ("loss", 0),
+            ];
+            let cells: Vec<String> = columns.iter().map(|&(key, digits)| fmt(num(s, key), digits)).collect();
+            row(&mut md, &cells.iter().map(String::as_str).collect::<Vec<_>>())?;
         }
         match plot(steps, &args.plot) {
             Ok(()) => {
@@ -205,20 +236,22 @@ pub fn write(args: &ReportArgs) -> Result<()> {
         "| date | commit | fan-out /s | p99 ms | µs CPU/delivery | light p99 | idle B/conn | persist /s | hot room /s | reconnect ms (clients) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )?;
     for h in history.iter().rev() {
-        writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) |",
-            h["date"].as_str().unwrap_or(""),
-            h["commit"].as_str().unwrap_or(""),
-            fmt(num(h, "fanout_deliveries_per_s"), 0),
-            fmt(num(h, "fanout_p99_ms"), 1),
-            fmt(num(h, "cpu_us_per_delivery"), 2),
-            fmt(num(h, "light_p99_ms"), 1),
-            fmt(num(h, "idle_bytes_per_connection"), 0),
-            fmt(num(h, "persist_acks_per_s"), 0),
-            fmt(num(h, "hot_room_acks_per_s"), 0),
-            fmt(num(h, "reconnect_max_ms"), 0),
-            fmt(num(h, "reconnect_clients"), 0),
+        let text = |key: &str| h[key].as_str().unwrap_or("").to_owned();
+        let h = Some(h);
+        row(
+            &mut md,
+            &[
+                &text("date"),
+                &text("commit"),
+                &field(h, "fanout_deliveries_per_s", 0),
+                &field(h, "fanout_p99_ms", 1),
+                &field(h, "cpu_us_per_delivery", 2),
+                &field(h, "light_p99_ms", 1),
+                &field(h, "idle_bytes_per_connection", 0),
+                &field(h, "persist_acks_per_s", 0),
+                &field(h, "hot_room_acks_per_s", 0),
+                &format!("{} ({})", field(h, "reconnect_max_ms", 0), field(h, "reconnect_clients", 0)),
+            ],
         )?;
     }
     writeln!(md, "\n{END}")?;
