@@ -94,6 +94,14 @@ mod tests {
     }
 
     #[test]
+    fn a_cloned_error_keeps_its_code_and_its_cause() {
+        let err = ServiceError::from(sqlx::Error::PoolTimedOut);
+        let copy = err.clone();
+        assert!(matches!(&copy, ServiceError::Unavailable(cause) if matches!(**cause, sqlx::Error::PoolTimedOut)));
+        assert_eq!(Status::from(copy).code(), Status::from(err).code());
+    }
+
+    #[test]
     fn connection_and_resource_sqlstates_are_transient() {
         assert!(is_transient(Some("08006")));
         assert!(is_transient(Some("53300")));

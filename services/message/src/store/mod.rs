@@ -10,6 +10,8 @@ mod commit;
 mod messages;
 mod notifications;
 mod rooms;
+#[cfg(test)]
+mod tests;
 
 pub use batch::{Committer, NewMessage};
 pub use messages::Page;
