@@ -54,9 +54,9 @@ impl Store {
             .collect()
     }
 
-    /// A unique violation means a concurrent writer (another worker's batch, for a
-    /// `client_msg_id` reused in a room of that worker) stored the same
-    /// `(sender, client_msg_id)`; the second attempt finds it.
+    /// A unique violation means a batch of other rooms (another worker's, here or in
+    /// another replica), which our locks do not wait for, stored the same
+    /// `(sender, client_msg_id)` meanwhile; the second attempt finds it.
     async fn commit_retrying(&self, requests: &[Request], results: &mut [Option<Reply>]) -> Result<(), ServiceError> {
         match self.commit_batch(requests, results).await {
             Err(ServiceError::Internal(err)) if is_unique_violation(&err) => self.commit_batch(requests, results).await,
