@@ -8,14 +8,14 @@ use tonic::{Request, Response, Status};
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::store::{Committer, NewMessage, Outgoing, Page, Store};
+use crate::store::{Committer, NewMessage, Page, Store};
 use crate::validate;
 
 /// The gRPC service: a store and a publisher.
 #[derive(Clone)]
 pub struct ChatApi {
     store: Store,
-    /// Group commit for sends without attachments (nearly all of them).
+    /// Group commit: stores every send.
     committer: Committer,
     publisher: Publisher,
     /// Longest message text accepted, in characters.
@@ -82,7 +82,6 @@ impl ChatService for ChatApi {
         let room_id = validate::room_id(&req.room_id)?;
         let attachments = validate::attachment_ids(&req.attachment_ids)?;
         validate::text(&req.text, !attachments.is_empty(), self.max_text_chars)?;
-        self.store.own_attachments(&caller.user_id, &attachments).await?;
         let kind = validate::message_kind(req.kind.as_deref())?;
         validate::client_msg_id(req.client_msg_id.as_deref())?;
         let reply_to = req
@@ -91,20 +90,10 @@ impl ChatService for ChatApi {
             .map(validate::message_id)
             .transpose()
             .map_err(|_| ServiceError::InvalidArgument("reply_to names no message of this room".into()))?;
-        let (message, duplicate) = if attachments.is_empty() {
-            let msg = Outgoing { room_id, kind, text: req.text, reply_to, client_msg_id: req.client_msg_id };
-            self.committer.submit(caller, msg).await?
-        } else {
-            let new = NewMessage {
-                room_id,
-                attachments: &attachments,
-                kind,
-                text: &req.text,
-                reply_to,
-                client_msg_id: req.client_msg_id.as_deref(),
-            };
-            self.store.insert_message(&caller, new).await?
-        };
+        // The one check that needs the database, after every check that does not.
+        self.store.own_attachments(&caller.user_id, &attachments).await?;
+        let msg = NewMessage { room_id, kind, text: req.text, reply_to, client_msg_id: req.client_msg_id, attachments };
+        let (message, duplicate) = self.committer.submit(caller, msg).await?;
         if !duplicate {
             self.metrics.sends_persisted.inc();
         }

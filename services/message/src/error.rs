@@ -1,10 +1,13 @@
 //! The message service's error type, and its one mapping onto gRPC statuses.
 
+use std::sync::Arc;
+
 use tonic::{Code, Status};
 
 /// Why a request failed. Each variant maps to one gRPC code, which the gateway maps to
-/// one protocol error code.
-#[derive(Debug, thiserror::Error)]
+/// one protocol error code. Cloneable (the causes are shared) so one failed group commit
+/// can answer every send that waited on it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ServiceError {
     /// The request itself is malformed (protocol `bad_request`).
     #[error("{0}")]
@@ -20,10 +23,10 @@ pub enum ServiceError {
     Conflict(String),
     /// Postgres is unreachable or overloaded; the caller may retry (protocol `unavailable`).
     #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Arc<sqlx::Error>),
     /// Anything else; the cause is logged, never sent to the client (protocol `internal`).
     #[error("internal error")]
-    Internal(#[source] sqlx::Error),
+    Internal(#[source] Arc<sqlx::Error>),
 }
 
 impl From<sqlx::Error> for ServiceError {
@@ -34,9 +37,11 @@ impl From<sqlx::Error> for ServiceError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Tls(_) => ServiceError::Unavailable(err),
-            sqlx::Error::Database(ref db) if is_transient(db.code().as_deref()) => ServiceError::Unavailable(err),
-            _ => ServiceError::Internal(err),
+            | sqlx::Error::Tls(_) => ServiceError::Unavailable(Arc::new(err)),
+            sqlx::Error::Database(ref db) if is_transient(db.code().as_deref()) => {
+                ServiceError::Unavailable(Arc::new(err))
+            }
+            _ => ServiceError::Internal(Arc::new(err)),
         }
     }
 }
@@ -78,14 +83,22 @@ mod tests {
             (ServiceError::NotFound("room"), Code::NotFound, "room not found"),
             (ServiceError::Forbidden("not a member of this room"), Code::PermissionDenied, "not a member of this room"),
             (ServiceError::Conflict("taken".into()), Code::AlreadyExists, "taken"),
-            (ServiceError::Unavailable(sqlx::Error::PoolTimedOut), Code::Unavailable, "database unavailable"),
-            (ServiceError::Internal(sqlx::Error::RowNotFound), Code::Internal, "internal error"),
+            (ServiceError::Unavailable(Arc::new(sqlx::Error::PoolTimedOut)), Code::Unavailable, "database unavailable"),
+            (ServiceError::Internal(Arc::new(sqlx::Error::RowNotFound)), Code::Internal, "internal error"),
         ];
         for (err, code, message) in cases {
             let status = Status::from(err);
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), message);
         }
+    }
+
+    #[test]
+    fn a_cloned_error_keeps_its_code_and_its_cause() {
+        let err = ServiceError::from(sqlx::Error::PoolTimedOut);
+        let copy = err.clone();
+        assert!(matches!(&copy, ServiceError::Unavailable(cause) if matches!(**cause, sqlx::Error::PoolTimedOut)));
+        assert_eq!(Status::from(copy).code(), Status::from(err).code());
     }
 
     #[test]

@@ -1,20 +1,10 @@
-//! Messages: sending with gapless seqs, history, edits, deletes, reactions, reads.
+//! Messages: history, edits, deletes, reactions, reads. Sends are stored by the group
+//! commit (`batch`, `commit`).
 
 use chat_proto::v1::{Caller, Message, Reaction};
 
 use super::{message_columns, MessageRow, Store};
 use crate::error::ServiceError;
-
-/// A message to store, already validated.
-#[derive(Debug)]
-pub struct NewMessage<'a> {
-    pub room_id: i64,
-    pub attachments: &'a [i64],
-    pub kind: &'static str,
-    pub text: &'a str,
-    pub reply_to: Option<i64>,
-    pub client_msg_id: Option<&'a str>,
-}
 
 /// Which page of a room's history to read.
 #[derive(Debug, Clone, Copy)]
@@ -32,112 +22,7 @@ struct MessageRef {
     deleted: bool,
 }
 
-/// A `client_msg_id` names one message per sender; reusing it in another room is a
-/// client bug that must not silently return a message of a different room.
-fn same_room(existing: Message, room_id: i64) -> Result<Message, ServiceError> {
-    if existing.room_id == room_id.to_string() {
-        Ok(existing)
-    } else {
-        Err(ServiceError::Conflict("client_msg_id was already used in another room".into()))
-    }
-}
-
 impl Store {
-    /// The message a sender stored earlier under `client_msg_id`, if any.
-    async fn by_client_msg_id(&self, sender: &str, client_msg_id: &str) -> Result<Option<Message>, ServiceError> {
-        const SQL: &str =
-            concat!("SELECT ", message_columns!(), " FROM messages WHERE sender_id = $1 AND client_msg_id = $2");
-        let row: Option<MessageRow> =
-            sqlx::query_as(SQL).bind(sender).bind(client_msg_id).fetch_optional(&self.pool).await?;
-        let Some(message) = row else { return Ok(None) };
-        Ok(self.decorate(vec![message]).await?.pop())
-    }
-
-    /// Stores a message: allocates the room's next seq and inserts the row in one
-    /// transaction. Returns the message and whether it was already stored (a retry with
-    /// the same sender and `client_msg_id`).
-    #[tracing::instrument(name = "db.insert_message", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
-    pub async fn insert_message(&self, caller: &Caller, msg: NewMessage<'_>) -> Result<(Message, bool), ServiceError> {
-        if let Some(cid) = msg.client_msg_id {
-            if let Some(existing) = self.by_client_msg_id(&caller.user_id, cid).await? {
-                return same_room(existing, msg.room_id).map(|m| (m, true));
-            }
-        }
-        let mut tx = self.pool.begin().await?;
-        // The row lock taken here orders concurrent writers of one room; a rollback
-        // gives the seq back, so seqs stay gapless.
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 AND ( \
-               EXISTS (SELECT 1 FROM room_members WHERE room_id = $1 AND user_id = $2) \
-               OR (kind = 'support' AND $3)) \
-             RETURNING last_seq",
-        )
-        .bind(msg.room_id)
-        .bind(&caller.user_id)
-        .bind(caller.admin)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(seq) = seq else {
-            drop(tx);
-            self.readable(caller, msg.room_id).await?;
-            // Became a member between the two statements: let the client retry.
-            return Err(ServiceError::Conflict("membership changed; retry".into()));
-        };
-        if let Some(reply_to) = msg.reply_to {
-            let found: Option<i64> = sqlx::query_scalar("SELECT id FROM messages WHERE id = $1 AND room_id = $2")
-                .bind(reply_to)
-                .bind(msg.room_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if found.is_none() {
-                return Err(ServiceError::InvalidArgument("reply_to names no message of this room".into()));
-            }
-        }
-        const SQL: &str = concat!(
-            "INSERT INTO messages (room_id, seq, sender_id, sender_name, kind, body, reply_to, client_msg_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (sender_id, client_msg_id) DO NOTHING RETURNING ",
-            message_columns!()
-        );
-        let row: Option<MessageRow> = sqlx::query_as(SQL)
-            .bind(msg.room_id)
-            .bind(seq)
-            .bind(&caller.user_id)
-            .bind(&caller.name)
-            .bind(msg.kind)
-            .bind(msg.text)
-            .bind(msg.reply_to)
-            .bind(msg.client_msg_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        match row {
-            Some(row) => {
-                if !msg.attachments.is_empty() {
-                    sqlx::query(
-                        "INSERT INTO message_attachments (message_id, attachment_id, position) \
-                         SELECT $1, a, p::int FROM UNNEST($2::bigint[]) WITH ORDINALITY AS t(a, p)",
-                    )
-                    .bind(row.id)
-                    .bind(msg.attachments)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok((self.decorate(vec![row]).await?.pop().ok_or(ServiceError::NotFound("message"))?, false))
-            }
-            None => {
-                // A concurrent retry won the race; roll back our seq and return its message.
-                tx.rollback().await?;
-                let cid = msg.client_msg_id.unwrap_or_default();
-                let existing = self
-                    .by_client_msg_id(&caller.user_id, cid)
-                    .await?
-                    .ok_or(ServiceError::Conflict("client_msg_id in use; retry".into()))?;
-                same_room(existing, msg.room_id).map(|m| (m, true))
-            }
-        }
-    }
-
     /// A page of history in ascending seq order, and whether more lies beyond it: older
     /// messages when reading backwards (no `after_seq`), newer ones when reading forwards.
     #[tracing::instrument(name = "db.history", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]

@@ -1,16 +1,20 @@
 //! Postgres storage of rooms, members, messages and reactions.
 //!
-//! `rooms` holds room and membership queries, `messages` everything about messages;
-//! this module holds the handle, connection set-up and the access rules both use.
+//! `rooms` holds room and membership queries, `messages` reading and changing messages,
+//! `batch` and `commit` storing new ones (the group commit); this module holds the handle,
+//! connection set-up and the access rules they share.
 
 mod attachments;
 mod batch;
+mod commit;
 mod messages;
 mod notifications;
 mod rooms;
+#[cfg(test)]
+mod tests;
 
-pub use batch::{Committer, Outgoing};
-pub use messages::{NewMessage, Page};
+pub use batch::{Committer, NewMessage};
+pub use messages::Page;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,282 @@
+//! The group commit against a real Postgres. Each test gets its own database, created and
+//! migrated by `Store::connect` as at start, and dropped when the test ends.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chat_common::startup::Retry;
+use chat_proto::v1::{Caller, Message, RoomKind};
+use sqlx::postgres::PgPoolOptions;
+
+use super::{Committer, NewMessage, Store};
+use crate::error::ServiceError;
+
+/// A uniquely named database with the service's schema, dropped on drop.
+struct TestDb {
+    base: String,
+    name: String,
+    store: Store,
+}
+
+impl TestDb {
+    async fn new() -> Result<Self> {
+        // Same convention as the end-to-end tests: a server URL without a database name.
+        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = unique_name();
+        let retry = Retry { attempts: 1, delay: Duration::ZERO };
+        let store = Store::connect(&format!("{base}/{name}"), true, 8, retry).await?;
+        Ok(Self { base, name, store })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = format!("{}/postgres", self.base);
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        // Drop may run on a runtime that is shutting down: use a private one.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let pool = PgPoolOptions::new().max_connections(1).connect(&admin).await?;
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .join();
+    }
+}
+
+fn unique_name() -> String {
+    // Tests of one binary run in parallel and may read the same clock value: the counter
+    // keeps them apart, the clock keeps apart runs that reuse a pid.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("chat_store_test_{}_{n}_{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+fn user(id: &str) -> Caller {
+    Caller { user_id: id.to_owned(), name: Some(format!("{id} name")), admin: false }
+}
+
+fn text(room_id: i64, text: &str) -> NewMessage {
+    NewMessage {
+        room_id,
+        kind: "text",
+        text: text.to_owned(),
+        reply_to: None,
+        client_msg_id: None,
+        attachments: Vec::new(),
+    }
+}
+
+fn keyed(room_id: i64, body: &str, client_msg_id: &str) -> NewMessage {
+    NewMessage { client_msg_id: Some(client_msg_id.to_owned()), ..text(room_id, body) }
+}
+
+/// A group room of `owner` and `members`.
+async fn room(store: &Store, owner: &str, members: &[&str]) -> Result<i64> {
+    let members = members.iter().map(|m| (*m).to_owned()).collect();
+    let (room, _) = store.create_room(&user(owner), RoomKind::Group, None, members).await?;
+    Ok(room.id.parse()?)
+}
+
+/// The seqs stored in a room, ascending.
+async fn stored_seqs(store: &Store, room_id: i64) -> Result<Vec<i64>> {
+    Ok(sqlx::query_scalar("SELECT seq FROM messages WHERE room_id = $1 ORDER BY seq")
+        .bind(room_id)
+        .fetch_all(&store.pool)
+        .await?)
+}
+
+fn stored(reply: Result<(Message, bool), ServiceError>) -> Result<(Message, bool)> {
+    reply.context("the send was refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seqs_stay_gapless_under_concurrent_batches() -> Result<()> {
+    const ROOMS: usize = 3;
+    const PER_SENDER: usize = 15;
+    let per_room = 4 * 2 * PER_SENDER;
+    let db = TestDb::new().await?;
+    let senders = ["ann", "bob", "cyd", "dee"];
+    let mut rooms = Vec::new();
+    for _ in 0..ROOMS {
+        rooms.push(room(&db.store, senders[0], &senders[1..]).await?);
+    }
+    // Two committers, as in two replicas of the service, with two workers each: batches
+    // of one room commit concurrently, and one worker's batches mix rooms.
+    let committers = [Committer::start(db.store.clone(), 2), Committer::start(db.store.clone(), 2)];
+    // Each sender sends one message after another, so batches stay small and many.
+    let mut sends = tokio::task::JoinSet::new();
+    for (n, sender) in senders.iter().enumerate() {
+        for &room_id in &rooms {
+            for committer in &committers {
+                let (committer, sender) = (committer.clone(), user(sender));
+                sends.spawn(async move {
+                    let mut seqs = Vec::new();
+                    for i in 0..PER_SENDER {
+                        let (message, duplicate) =
+                            stored(committer.submit(sender.clone(), text(room_id, &format!("{n}.{i}"))).await)?;
+                        anyhow::ensure!(!duplicate, "a new message was answered as a retry");
+                        seqs.push(message.seq);
+                    }
+                    Ok::<_, anyhow::Error>((room_id, seqs))
+                });
+            }
+        }
+    }
+    let mut answered: HashMap<i64, Vec<i64>> = HashMap::new();
+    while let Some(sent) = sends.join_next().await {
+        let (room_id, seqs) = sent??;
+        answered.entry(room_id).or_default().extend(seqs);
+    }
+    let expected: Vec<i64> = (1..=per_room as i64).collect();
+    for room_id in rooms {
+        let mut seqs = answered.remove(&room_id).unwrap_or_default();
+        seqs.sort_unstable();
+        assert_eq!(seqs, expected, "answered seqs of room {room_id}");
+        assert_eq!(stored_seqs(&db.store, room_id).await?, expected, "stored seqs of room {room_id}");
+        assert_eq!(db.store.room_seq(room_id).await?, per_room as i64);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retry_is_answered_with_the_stored_message() -> Result<()> {
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &["bob"]).await?;
+    let committer = Committer::start(db.store.clone(), 1);
+
+    let (first, duplicate) = stored(committer.submit(user("ann"), keyed(room_id, "hello", "c-1")).await)?;
+    assert!(!duplicate);
+    // A retry in a later batch, even with another text, is the stored message.
+    let (again, duplicate) = stored(committer.submit(user("ann"), keyed(room_id, "changed", "c-1")).await)?;
+    assert!(duplicate);
+    assert_eq!(again, first);
+    assert_eq!(again.text.as_deref(), Some("hello"));
+
+    // A retry in the same batch as its original is answered with the message just stored.
+    let batch = [(user("bob"), keyed(room_id, "hi", "c-1")), (user("bob"), keyed(room_id, "hi", "c-1"))];
+    let replies = db.store.insert_batch(&batch).await;
+    let (original, duplicate) = stored(replies[0].clone())?;
+    assert!(!duplicate, "another sender's c-1 is another message");
+    assert_eq!(original.seq, 2);
+    let (retry, duplicate) = stored(replies[1].clone())?;
+    assert!(duplicate);
+    assert_eq!(retry, original);
+
+    assert_eq!(stored_seqs(&db.store, room_id).await?, vec![1, 2], "retries take no seq");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_msg_id_reused_in_another_room_is_refused() -> Result<()> {
+    let db = TestDb::new().await?;
+    let first_room = room(&db.store, "ann", &[]).await?;
+    let second_room = room(&db.store, "ann", &[]).await?;
+    let committer = Committer::start(db.store.clone(), 1);
+
+    stored(committer.submit(user("ann"), keyed(first_room, "hello", "c-1")).await)?;
+    let reused = committer.submit(user("ann"), keyed(second_room, "hello", "c-1")).await;
+    assert!(matches!(&reused, Err(ServiceError::Conflict(m)) if m == "client_msg_id was already used in another room"));
+
+    // The same within one batch.
+    let batch = [(user("ann"), keyed(first_room, "a", "c-2")), (user("ann"), keyed(second_room, "b", "c-2"))];
+    let replies = db.store.insert_batch(&batch).await;
+    assert!(stored(replies[0].clone())?.0.seq == 2);
+    assert!(matches!(&replies[1], Err(ServiceError::Conflict(_))));
+
+    assert_eq!(stored_seqs(&db.store, second_room).await?, Vec::<i64>::new());
+    assert_eq!(db.store.room_seq(second_room).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_attachment_send_returns_and_stores_its_attachments_in_order() -> Result<()> {
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &["bob"]).await?;
+    let ann = user("ann");
+    let mut files = Vec::new();
+    for name in ["a.txt", "b.png", "c.pdf"] {
+        files.push(db.store.create_attachment(&ann, name, "application/octet-stream", name.as_bytes()).await?);
+    }
+    // Listed in an order that is neither by id nor by name.
+    let order = [files[2].clone(), files[0].clone(), files[1].clone()];
+    let ids: Vec<i64> = order.iter().map(|a| a.id.parse()).collect::<Result<_, _>>()?;
+
+    let with_files = NewMessage { kind: "file", attachments: ids.clone(), ..keyed(room_id, "", "c-1") };
+    let batch = [(user("bob"), text(room_id, "plain")), (ann.clone(), with_files.clone())];
+    let replies = db.store.insert_batch(&batch).await;
+    let (plain, _) = stored(replies[0].clone())?;
+    assert!(plain.attachments.is_empty());
+    let (message, duplicate) = stored(replies[1].clone())?;
+    assert!(!duplicate);
+    assert_eq!(message.attachments, order, "the answer carries the files in the order sent");
+
+    let (history, _) =
+        db.store.history(&ann, room_id, super::Page { before_seq: None, after_seq: None, limit: 10 }).await?;
+    assert_eq!(history.last(), Some(&message), "what is stored is what was answered");
+    let positions: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT attachment_id, position FROM message_attachments WHERE message_id = $1 ORDER BY position",
+    )
+    .bind(message.id.parse::<i64>()?)
+    .fetch_all(&db.store.pool)
+    .await?;
+    assert_eq!(positions, ids.iter().copied().zip(1..).collect::<Vec<_>>());
+
+    let committer = Committer::start(db.store.clone(), 1);
+    let (retry, duplicate) = stored(committer.submit(ann, with_files).await)?;
+    assert!(duplicate);
+    assert_eq!(retry, message, "a retry carries the files too");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_request_does_not_fail_the_rest_of_its_batch() -> Result<()> {
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &["bob"]).await?;
+    let other_room = room(&db.store, "cyd", &[]).await?;
+    let committer = Committer::start(db.store.clone(), 1);
+    let (elsewhere, _) = stored(committer.submit(user("cyd"), text(other_room, "elsewhere")).await)?;
+    let elsewhere_id: i64 = elsewhere.id.parse()?;
+
+    let batch = [
+        (user("ann"), text(room_id, "one")),
+        (user("cyd"), text(room_id, "not a member")),
+        (user("ann"), text(i64::MAX, "no such room")),
+        (user("bob"), NewMessage { reply_to: Some(elsewhere_id), ..text(room_id, "reply elsewhere") }),
+        (user("bob"), text(room_id, "two")),
+    ];
+    let replies = db.store.insert_batch(&batch).await;
+    assert_eq!(stored(replies[0].clone())?.0.seq, 1);
+    assert!(matches!(&replies[1], Err(ServiceError::Forbidden("not a member of this room"))));
+    assert!(matches!(&replies[2], Err(ServiceError::NotFound("room"))));
+    assert!(
+        matches!(&replies[3], Err(ServiceError::InvalidArgument(m)) if m == "reply_to names no message of this room")
+    );
+    assert_eq!(stored(replies[4].clone())?.0.seq, 2);
+    assert_eq!(stored_seqs(&db.store, room_id).await?, vec![1, 2]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_batch_answers_every_request_and_stores_nothing() -> Result<()> {
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &["bob"]).await?;
+    // An attachment id no row has (the handler checks ownership first, so only a file
+    // gone since then could do this) fails the batch's transaction.
+    let batch = [
+        (user("ann"), text(room_id, "one")),
+        (user("bob"), NewMessage { attachments: vec![i64::MAX], ..text(room_id, "") }),
+        (user("bob"), text(room_id, "three")),
+    ];
+    let replies = db.store.insert_batch(&batch).await;
+    for reply in &replies {
+        assert!(matches!(reply, Err(ServiceError::Internal(_))), "{reply:?}");
+    }
+    assert_eq!(stored_seqs(&db.store, room_id).await?, Vec::<i64>::new());
+    assert_eq!(db.store.room_seq(room_id).await?, 0);
+    Ok(())
+}
