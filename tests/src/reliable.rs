@@ -23,7 +23,9 @@ const FOLLOW_FOR: Duration = Duration::from_secs(90);
 /// `client_msg_id`, retried on `unavailable` or a dropped connection, reconnecting to the
 /// next gateway in `urls`. Returns once every one is acknowledged.
 pub async fn send_reliably(urls: Vec<String>, user: &str, room: String, texts: Vec<String>) -> Result<()> {
-    // What outlives one message: the connection and which gateway comes next.
+    // What outlives one message: the connection and which gateway comes next. Each check
+    // owns them (`async move`) and hands them back with the ack: a check borrowing from
+    // this function would make it a future rustc cannot prove `Send`, and tests spawn it.
     let mut conn: Option<WsClient> = None;
     let mut next = 0;
     for (i, text) in texts.into_iter().enumerate() {
@@ -105,6 +107,7 @@ async fn follow(
     count: usize,
     progress: Arc<Progress>,
 ) -> Result<Vec<i64>> {
+    // Owned by the check (`async move`), so this future stays `Send` for `tokio::spawn`.
     let mut seqs: Vec<i64> = Vec::new();
     let mut next = 0;
     eventually(FOLLOW_FOR, async move || {

@@ -98,6 +98,7 @@ async fn sigterm_drains_a_gateway_under_traffic_without_losing_a_message() -> Re
         for i in 1..=TOTAL {
             let send =
                 json!({"type": "send", "room": sender_room, "text": format!("m{i}"), "client_msg_id": format!("c{i}")});
+            // The check owns the connection and returns it with the ack, so the task stays `Send`.
             let fallback = fallback.clone();
             let mut conn_in = conn.take();
             conn = eventually(WAIT, async move || -> Result<_> {
