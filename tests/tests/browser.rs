@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use chat_tests::{redis_url, Cluster};
+use chat_tests::Cluster;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
@@ -34,7 +34,7 @@ async fn two_people_chat_in_browsers_across_gateways_and_survive_a_restart() -> 
     let _ = std::fs::remove_dir_all(&artifacts);
 
     let mut cluster =
-        Cluster::start_with(2, &redis_url(), &[("ENVIRONMENT", "development"), ("DEV_TOKENS", "true")]).await?;
+        Cluster::builder().gateways(2).env("ENVIRONMENT", "development").env("DEV_TOKENS", "true").start().await?;
     let mut child = Command::new("node")
         .arg("e2e.mjs")
         .current_dir(&dir)

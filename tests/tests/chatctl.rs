@@ -119,7 +119,7 @@ impl Interactive {
 
 #[tokio::test]
 async fn minted_tokens_are_accepted_by_the_gateway_and_carry_their_claims() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let gw = cluster.gateways[0].as_str();
 
     let minted = run_ok(chatctl(gw), &["token", "--sub", "alice", "--name", "Alice"]).await?;
@@ -140,7 +140,7 @@ async fn minted_tokens_are_accepted_by_the_gateway_and_carry_their_claims() -> R
 
 #[tokio::test]
 async fn send_delivers_to_a_joined_client_and_prints_the_stored_message() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let room = alice.create_group(&["bob"]).await?;
     alice.ack(json!({"type": "join", "room": room})).await?;
@@ -168,7 +168,7 @@ async fn send_delivers_to_a_joined_client_and_prints_the_stored_message() -> Res
 
 #[tokio::test]
 async fn send_to_a_room_the_user_is_not_in_is_refused_with_exit_2() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let gw = cluster.gateways[0].as_str();
     let mut alice = cluster.client(0, "alice").await?;
     let room = alice.create_group(&[]).await?;
@@ -210,7 +210,7 @@ async fn without_an_identity_chatctl_says_how_to_give_one() -> Result<()> {
 
 #[tokio::test]
 async fn connect_joins_sends_reads_history_and_shows_other_users_messages() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let room = alice.create_group(&["bob"]).await?;
     let elsewhere = alice.create_group(&[]).await?;
@@ -261,7 +261,7 @@ async fn connect_joins_sends_reads_history_and_shows_other_users_messages() -> R
 
 #[tokio::test]
 async fn connect_with_a_piped_script_answers_everything_before_closing_and_json_prints_frames() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let room = alice.create_group(&["bob"]).await?;
     alice.ack(json!({"type": "join", "room": room})).await?;
@@ -290,7 +290,7 @@ async fn connect_with_a_piped_script_answers_everything_before_closing_and_json_
 
 #[tokio::test]
 async fn push_and_notify_reach_a_connected_client_on_another_gateway() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let gw = cluster.gateways[0].as_str();
     let mut bob = cluster.client(1, "bob").await?;
     let args =
@@ -335,7 +335,7 @@ async fn push_and_notify_reach_a_connected_client_on_another_gateway() -> Result
 
 #[tokio::test]
 async fn disconnect_closes_every_socket_of_the_user_with_1008() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut harness_bob = cluster.client(1, "bob").await?;
     let mut cli_bob = Interactive::start(chatctl(&cluster.gateways[0]), &["--user", "bob"]).await?;
     cli_bob.expect("connected as bob").await?;
@@ -354,7 +354,7 @@ async fn disconnect_closes_every_socket_of_the_user_with_1008() -> Result<()> {
 
 #[tokio::test]
 async fn admin_commands_without_the_admin_role_are_refused_with_403() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let gw = cluster.gateways[0].as_str();
     let mut bob = cluster.client(0, "bob").await?;
 

@@ -2,23 +2,17 @@
 //! Postgres and Redis, driven by WebSocket clients as a chat app would.
 
 use anyhow::Result;
-use chat_tests::{http_get, token, token_with, Cluster, WsClient};
+use chat_tests::{http_get, token, token_with, Cluster, Metrics, WsClient};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-async fn group_room(owner: &mut WsClient, members: &[&str]) -> Result<String> {
-    let reply =
-        owner.ack(json!({"type": "create_room", "kind": "group", "name": "general", "members": members})).await?;
-    Ok(reply["room"]["id"].as_str().expect("room id is a string").to_owned())
-}
-
 #[tokio::test]
 async fn messages_cross_gateways_in_gapless_seq_order_and_are_stored() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
 
-    let room = group_room(&mut alice, &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     let joined = bob.ack(json!({"type": "join", "room": room})).await?;
     assert_eq!(joined["room"], json!(room));
     assert_eq!(joined["last_seq"], 0);
@@ -49,10 +43,10 @@ async fn messages_cross_gateways_in_gapless_seq_order_and_are_stored() -> Result
 
 #[tokio::test]
 async fn a_non_member_cannot_join_and_an_unknown_room_is_not_found() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut mallory = cluster.client(1, "mallory").await?;
-    let room = group_room(&mut alice, &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
 
     let reply = mallory.request(json!({"type": "join", "room": room})).await?;
     assert_eq!(reply["type"], "error");
@@ -68,7 +62,7 @@ async fn a_non_member_cannot_join_and_an_unknown_room_is_not_found() -> Result<(
 
 #[tokio::test]
 async fn invalid_tokens_get_http_401_with_a_json_error() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let expired = token_with(json!({"sub": "alice", "exp": chrono::Utc::now().timestamp() - 3600}));
     for bad in ["garbage", expired.as_str()] {
         let err = WsClient::connect_bearer(&cluster.ws_url(0), bad).await.err().expect("refused");
@@ -89,7 +83,7 @@ async fn invalid_tokens_get_http_401_with_a_json_error() -> Result<()> {
 
 #[tokio::test]
 async fn tokens_work_in_the_query_string_and_in_a_first_auth_frame() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let (_c, welcome) = WsClient::connect_request(format!("{}?token={}", cluster.ws_url(0), token("alice"))).await?;
     assert_eq!(welcome["type"], "welcome");
     assert_eq!(welcome["user_id"], "alice");
@@ -110,7 +104,7 @@ async fn tokens_work_in_the_query_string_and_in_a_first_auth_frame() -> Result<(
 
 #[tokio::test]
 async fn a_bad_first_frame_gets_unauthorized_then_close_1008() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let (ws, _) = tokio_tungstenite::connect_async(cluster.ws_url(0).into_client_request()?).await?;
     let mut client = WsClient::from_stream(ws);
     client.send(&json!({"type": "auth", "id": "a1", "token": "garbage"})).await?;
@@ -124,9 +118,9 @@ async fn a_bad_first_frame_gets_unauthorized_then_close_1008() -> Result<()> {
 
 #[tokio::test]
 async fn a_retried_send_returns_the_stored_message_without_a_duplicate() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;
-    let room = group_room(&mut alice, &[]).await?;
+    let room = alice.create_group(&[]).await?;
     let send = json!({"type": "send", "room": room, "text": "once", "client_msg_id": "c-1"});
     let first = alice.ack(send.clone()).await?;
     let again = alice.ack(send).await?;
@@ -143,10 +137,10 @@ async fn a_retried_send_returns_the_stored_message_without_a_duplicate() -> Resu
 
 #[tokio::test]
 async fn history_pages_in_ascending_order_and_leave_stops_events() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let room = group_room(&mut alice, &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     for i in 1..=5 {
         alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
     }
@@ -163,7 +157,7 @@ async fn history_pages_in_ascending_order_and_leave_stops_events() -> Result<()>
 
     bob.ack(json!({"type": "join", "room": room})).await?;
     bob.ack(json!({"type": "leave", "room": room})).await?;
-    let other = group_room(&mut alice, &["bob"]).await?;
+    let other = alice.create_group(&["bob"]).await?;
     bob.ack(json!({"type": "join", "room": other})).await?;
     alice.ack(json!({"type": "send", "room": room, "text": "after leave"})).await?;
     alice.ack(json!({"type": "send", "room": other, "text": "marker"})).await?;
@@ -177,7 +171,7 @@ async fn history_pages_in_ascending_order_and_leave_stops_events() -> Result<()>
 
 #[tokio::test]
 async fn bad_frames_get_bad_request_and_the_connection_stays_open() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     alice.send_text("{not json".into()).await?;
     let reply = alice.recv().await?;
@@ -186,7 +180,7 @@ async fn bad_frames_get_bad_request_and_the_connection_stays_open() -> Result<()
     assert_eq!(reply["code"], "bad_request");
     let reply = alice.request(json!({"type": "send", "text": "no room"})).await?;
     assert_eq!(reply["code"], "bad_request");
-    let room = group_room(&mut alice, &[]).await?;
+    let room = alice.create_group(&[]).await?;
     let reply = alice.request(json!({"type": "send", "room": room, "text": "x".repeat(4001)})).await?;
     assert_eq!(reply["code"], "bad_request");
     let reply = alice.request(json!({"type": "send", "room": room, "text": "y".repeat(70_000)})).await?;
@@ -212,7 +206,7 @@ async fn bad_frames_get_bad_request_and_the_connection_stays_open() -> Result<()
 
 #[tokio::test]
 async fn health_endpoints_answer_without_a_token() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let (status, _) = http_get(&cluster.gateways[0], "/healthz").await?;
     assert_eq!(status, 200);
     let (status, body) = http_get(&cluster.gateways[0], "/readyz").await?;
@@ -222,7 +216,7 @@ async fn health_endpoints_answer_without_a_token() -> Result<()> {
 
 #[tokio::test]
 async fn gateways_balance_calls_across_every_message_service_and_survive_losing_one() -> Result<()> {
-    let mut cluster = Cluster::start_replicated(1, 1).await?;
+    let mut cluster = Cluster::builder().replicas(1).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(0, "bob").await?;
     let room = alice.create_group(&["bob"]).await?;
@@ -230,16 +224,9 @@ async fn gateways_balance_calls_across_every_message_service_and_survive_losing_
     for i in 1..=40 {
         alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
     }
-    let persisted = |text: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("chat_message_sends_persisted_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let first = chat_tests::http(&cluster.message_metrics, "GET", "/metrics", None, "", b"").await?;
-    let second = chat_tests::http(&cluster.replicas[0].metrics, "GET", "/metrics", None, "", b"").await?;
-    let (first, second) =
-        (persisted(&String::from_utf8_lossy(&first.raw)), persisted(&String::from_utf8_lossy(&second.raw)));
+    const PERSISTED: &str = "chat_message_sends_persisted_total";
+    let first = Metrics::scrape(&cluster.message_metrics).await?.value(PERSISTED);
+    let second = Metrics::scrape(&cluster.replicas[0].metrics).await?.value(PERSISTED);
     assert_eq!(first + second, 40.0);
     assert!(first > 0.0 && second > 0.0, "one gateway's calls reach both services: {first} + {second}");
 
@@ -256,7 +243,7 @@ async fn gateways_balance_calls_across_every_message_service_and_survive_losing_
 #[tokio::test]
 async fn concurrent_sends_and_retries_to_two_rooms_store_each_message_once_under_gapless_seqs() -> Result<()> {
     // Many connections at once: the message service commits them in batches.
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let users: Vec<String> = (0..8).map(|u| format!("user{u}")).collect();
     let mut owner = cluster.client(0, &users[0]).await?;
     let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();

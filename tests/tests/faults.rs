@@ -1,20 +1,21 @@
 //! Faults of the fan-out path, each against a private redis-server so the machine's
 //! shared instance stays untouched.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
-use chat_tests::{Cluster, RedisServer};
+use anyhow::{Context, Result};
+use chat_tests::{eventually, give_up, send_reliably, Cluster, Follower, PgServer, RedisServer, WsClient, WAIT};
 use serde_json::json;
 
 #[tokio::test]
 async fn messages_published_while_redis_was_down_are_repaired_in_seq_order() -> Result<()> {
     let mut redis = RedisServer::start().await?;
-    let cluster = Cluster::start_with(2, &redis.url(), &[]).await?;
+    let cluster = Cluster::builder().gateways(2).redis(redis.url()).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let reply = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?;
-    let room = reply["room"]["id"].as_str().unwrap().to_owned();
+    let room = alice.create_group(&["bob"]).await?;
     bob.ack(json!({"type": "join", "room": room})).await?;
 
     let mut received = Vec::new();
@@ -32,33 +33,34 @@ async fn messages_published_while_redis_was_down_are_repaired_in_seq_order() -> 
     redis.restart().await?;
 
     // Keep talking until bob hears live traffic again; everything before must arrive too.
+    // Each probe waits a little for its own echo before the next one is sent.
+    const PROBE_ECHO_WITHIN: Duration = Duration::from_secs(2);
     let mut next = 7;
-    'outer: for _ in 0..20 {
+    eventually(PROBE_ECHO_WITHIN * 20, async || -> Result<()> {
         alice.ack(json!({"type": "send", "room": room, "text": format!("after {next}")})).await?;
         next += 1;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while tokio::time::Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_millis(200), bob.event("message")).await {
-                Ok(event) => {
-                    received.push(event?["message"]["seq"].as_i64().unwrap());
-                    if received.last() == Some(&(next - 1)) {
-                        break 'outer;
-                    }
+        let heard = tokio::time::timeout(PROBE_ECHO_WITHIN, async {
+            loop {
+                let seq = bob.event("message").await?["message"]["seq"].as_i64().unwrap();
+                received.push(seq);
+                if seq == next - 1 {
+                    return anyhow::Ok(());
                 }
-                Err(_) => continue,
             }
-        }
-    }
+        });
+        heard.await.with_context(|| format!("seq {} not heard live yet", next - 1))?
+    })
+    .await
+    .context("bob never heard live traffic again after Redis came back")?;
     assert_eq!(received, (1..next).collect::<Vec<_>>(), "bob must see every seq once, in order");
     Ok(())
 }
 
 #[tokio::test]
 async fn users_of_a_gateway_killed_without_cleanup_go_offline_within_the_stale_bound() -> Result<()> {
-    let mut cluster = Cluster::start_with(2, &chat_tests::redis_url(), &[("PRESENCE_STALE_MS", "1500")]).await?;
+    let mut cluster = Cluster::builder().gateways(2).env("PRESENCE_STALE_MS", "1500").start().await?;
     let mut alice = cluster.client(0, "alice").await?;
-    let reply = alice.ack(json!({"type": "create_room", "kind": "group", "members": ["bob"]})).await?;
-    let room = reply["room"]["id"].as_str().unwrap().to_owned();
+    let room = alice.create_group(&["bob"]).await?;
     alice.ack(json!({"type": "join", "room": room})).await?;
     let _bob = cluster.client(1, "bob").await?;
     assert_eq!(alice.event("presence").await?["status"], "online");
@@ -76,7 +78,7 @@ async fn users_of_a_gateway_killed_without_cleanup_go_offline_within_the_stale_b
 
 #[tokio::test]
 async fn sigterm_drains_a_gateway_under_traffic_without_losing_a_message() -> Result<()> {
-    let mut cluster = Cluster::start_with(2, &chat_tests::redis_url(), &[("DRAIN_DELAY_MS", "300")]).await?;
+    let mut cluster = Cluster::builder().gateways(2).env("DRAIN_DELAY_MS", "300").start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
     let mut carol = cluster.client(0, "carol").await?;
@@ -86,33 +88,46 @@ async fn sigterm_drains_a_gateway_under_traffic_without_losing_a_message() -> Re
     // A client that retries every unacknowledged send with the same client_msg_id,
     // moving to the other gateway when its connection goes away.
     const TOTAL: usize = 60;
+    // The sender's pace: slow enough that the drain lands while it is still sending.
+    const BETWEEN_SENDS: Duration = Duration::from_millis(10);
+    let acked = Arc::new(AtomicUsize::new(0));
     let fallback = cluster.ws_url(1);
-    let sender_room = room.clone();
+    let (sender_room, sender_acked) = (room.clone(), acked.clone());
     let sender = tokio::spawn(async move {
-        let mut conn = alice;
+        let mut conn = Some(alice);
         for i in 1..=TOTAL {
             let send =
                 json!({"type": "send", "room": sender_room, "text": format!("m{i}"), "client_msg_id": format!("c{i}")});
-            loop {
-                match conn.request(send.clone()).await {
-                    Ok(reply) if reply["type"] == "ack" => break,
-                    Ok(reply) if reply["code"] == "unavailable" => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Ok(reply) => anyhow::bail!("unexpected reply {reply}"),
-                    Err(_) => {
-                        let (c, _) =
-                            chat_tests::WsClient::connect_bearer(&fallback, &chat_tests::token("alice")).await?;
-                        conn = c;
+            // The check owns the connection and returns it with the ack, so the task stays `Send`.
+            let fallback = fallback.clone();
+            let mut conn_in = conn.take();
+            conn = eventually(WAIT, async move || -> Result<_> {
+                if conn_in.is_none() {
+                    let (c, _) =
+                        WsClient::connect_bearer(&fallback, &chat_tests::token("alice")).await.map_err(give_up)?;
+                    conn_in = Some(c);
+                }
+                let c = conn_in.as_mut().context("not connected")?;
+                match c.request(send.clone()).await {
+                    Ok(reply) if reply["type"] == "ack" => Ok(conn_in.take()),
+                    Ok(reply) if reply["code"] == "unavailable" => anyhow::bail!("refused: {reply}"),
+                    Ok(reply) => Err(give_up(format!("unexpected reply {reply}"))),
+                    Err(err) => {
+                        conn_in = None;
+                        Err(err)
                     }
                 }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            })
+            .await
+            .with_context(|| format!("send {i} never acknowledged"))?;
+            sender_acked.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(BETWEEN_SENDS).await;
         }
         anyhow::Ok(())
     });
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The drain lands mid-traffic, not before the first send.
+    eventually(WAIT, async || acked.load(Ordering::Relaxed) >= TOTAL / 6).await?;
     let code = cluster.terminate_gateway(0).await?;
     assert_eq!(code, Some(0), "a drained gateway exits 0");
     // An idle client of the drained gateway was told to reconnect, then closed with 1012.
@@ -133,48 +148,44 @@ async fn sigterm_drains_a_gateway_under_traffic_without_losing_a_message() -> Re
     Ok(())
 }
 
-async fn room_for(cluster: &Cluster, owner: &str, members: &[&str]) -> Result<String> {
-    let mut c = cluster.client(0, owner).await?;
-    let reply = c.ack(json!({"type": "create_room", "kind": "group", "members": members})).await?;
-    Ok(reply["room"]["id"].as_str().unwrap().to_owned())
-}
-
 #[tokio::test]
 async fn a_gateway_killed_mid_traffic_loses_no_acknowledged_message() -> Result<()> {
-    let mut cluster = Cluster::start(2).await?;
-    let room = room_for(&cluster, "alice", &["bob", "carol"]).await?;
+    let mut cluster = Cluster::builder().gateways(2).start().await?;
+    let room = cluster.client(0, "alice").await?.create_group(&["bob", "carol"]).await?;
     const TOTAL: usize = 80;
     let urls = vec![cluster.ws_url(0), cluster.ws_url(1)];
     // bob starts on the gateway that dies, carol on the one that survives.
-    let bob = tokio::spawn(chat_tests::follow_room(urls.clone(), "bob", room.clone(), TOTAL));
-    let carol = tokio::spawn(chat_tests::follow_room(vec![cluster.ws_url(1)], "carol", room.clone(), TOTAL));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bob = Follower::spawn(urls.clone(), "bob", &room, TOTAL);
+    let carol = Follower::spawn(vec![cluster.ws_url(1)], "carol", &room, TOTAL);
+    eventually(WAIT, async || bob.has_joined() && carol.has_joined()).await?;
     let texts = (1..=TOTAL).map(|i| format!("m{i}")).collect();
-    let alice = tokio::spawn(chat_tests::send_reliably(urls, "alice", room.clone(), texts));
+    let alice = tokio::spawn(send_reliably(urls, "alice", room.clone(), texts));
 
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The kill lands mid-traffic: bob has had messages through the gateway that dies.
+    eventually(WAIT, async || bob.received() >= TOTAL / 8).await?;
     cluster.kill_gateway(0).await?;
     alice.await??;
     let expected: Vec<i64> = (1..=TOTAL as i64).collect();
-    assert_eq!(bob.await??, expected, "bob: every seq exactly once, in order, across the failover");
-    assert_eq!(carol.await??, expected);
+    assert_eq!(bob.seqs().await?, expected, "bob: every seq exactly once, in order, across the failover");
+    assert_eq!(carol.seqs().await?, expected);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_restarted_message_service_costs_clients_at_most_unavailable() -> Result<()> {
-    let mut cluster = Cluster::start(2).await?;
-    let room = room_for(&cluster, "alice", &["bob"]).await?;
+    let mut cluster = Cluster::builder().gateways(2).start().await?;
+    let room = cluster.client(0, "alice").await?.create_group(&["bob"]).await?;
     const TOTAL: usize = 60;
-    let bob = tokio::spawn(chat_tests::follow_room(vec![cluster.ws_url(1)], "bob", room.clone(), TOTAL));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bob = Follower::spawn(vec![cluster.ws_url(1)], "bob", &room, TOTAL);
+    eventually(WAIT, async || bob.has_joined()).await?;
     let texts = (1..=TOTAL).map(|i| format!("m{i}")).collect();
-    let alice = tokio::spawn(chat_tests::send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts));
+    let alice = tokio::spawn(send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts));
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The restart lands mid-traffic, not before the first send.
+    eventually(WAIT, async || bob.received() >= TOTAL / 8).await?;
     cluster.restart_message_service().await?;
     alice.await??;
-    assert_eq!(bob.await??, (1..=TOTAL as i64).collect::<Vec<_>>());
+    assert_eq!(bob.seqs().await?, (1..=TOTAL as i64).collect::<Vec<_>>());
     let mut db = cluster.db.connect().await?;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut db).await?;
     assert_eq!(stored, TOTAL as i64, "retries stored nothing twice");
@@ -183,14 +194,16 @@ async fn a_restarted_message_service_costs_clients_at_most_unavailable() -> Resu
 
 #[tokio::test]
 async fn with_postgres_down_sends_are_unavailable_and_retries_land_exactly_once() -> Result<()> {
-    let pg = chat_tests::PgServer::start().await?;
-    let cluster = Cluster::start_on(2, &pg.base_url(), &chat_tests::redis_url(), &[]).await?;
-    let room = room_for(&cluster, "alice", &["bob"]).await?;
+    let pg = PgServer::start().await?;
+    let cluster = Cluster::builder().gateways(2).postgres(pg.base_url()).start().await?;
+    let room = cluster.client(0, "alice").await?.create_group(&["bob"]).await?;
     const TOTAL: usize = 40;
-    let bob = tokio::spawn(chat_tests::follow_room(vec![cluster.ws_url(1)], "bob", room.clone(), TOTAL));
+    let bob = Follower::spawn(vec![cluster.ws_url(1)], "bob", &room, TOTAL);
 
     // While Postgres is down a send is refused with `unavailable` and nothing is stored.
+    // The outage starts once bob listens, so what he gets comes live, not as a backlog.
     let mut alice = cluster.client(0, "alice").await?;
+    eventually(WAIT, async || bob.has_joined()).await?;
     pg.stop()?;
     let refused =
         alice.request(json!({"type": "send", "room": room, "text": "m1", "client_msg_id": "alice-0"})).await?;
@@ -198,20 +211,24 @@ async fn with_postgres_down_sends_are_unavailable_and_retries_land_exactly_once(
     // Out of rotation (readiness) but alive (liveness): nothing restarts it meanwhile.
     const SERVING: i32 = 1;
     const NOT_SERVING: i32 = 2;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while cluster.message_health("").await? != NOT_SERVING {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "still SERVING with Postgres down");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(10), async || -> Result<()> {
+        let status = cluster.message_health("").await?;
+        anyhow::ensure!(status == NOT_SERVING, "health status {status}");
+        Ok(())
+    })
+    .await
+    .context("still SERVING with Postgres down")?;
     assert_eq!(cluster.message_health("liveness").await?, SERVING);
 
+    // The outage lasts this long while alice keeps retrying: what is tested, not a guess.
+    const OUTAGE: Duration = Duration::from_millis(1500);
     let texts: Vec<String> = (1..=TOTAL).map(|i| format!("m{i}")).collect();
-    let sender = tokio::spawn(chat_tests::send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sender = tokio::spawn(send_reliably(vec![cluster.ws_url(0)], "alice", room.clone(), texts));
+    tokio::time::sleep(OUTAGE).await;
     pg.restart()?;
     sender.await??;
 
-    assert_eq!(bob.await??, (1..=TOTAL as i64).collect::<Vec<_>>());
+    assert_eq!(bob.seqs().await?, (1..=TOTAL as i64).collect::<Vec<_>>());
     let mut db = cluster.db.connect().await?;
     let rows: Vec<(i64, String)> =
         sqlx::query_as("SELECT seq, body FROM messages ORDER BY seq").fetch_all(&mut db).await?;
@@ -224,7 +241,7 @@ async fn with_postgres_down_sends_are_unavailable_and_retries_land_exactly_once(
 
 #[tokio::test]
 async fn the_message_service_exits_0_on_sigterm_after_finishing_in_flight_calls() -> Result<()> {
-    let mut cluster = Cluster::start_with(1, &chat_tests::redis_url(), &[("SHUTDOWN_GRACE_SECS", "5")]).await?;
+    let mut cluster = Cluster::builder().env("SHUTDOWN_GRACE_SECS", "5").start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let room = alice.create_group(&[]).await?;
     alice.send(&json!({"type": "send", "id": "last", "room": room, "text": "in flight"})).await?;

@@ -1,7 +1,7 @@
 //! The REST API across two gateways: success paths and the 400/401/403/404/413 paths.
 
 use anyhow::Result;
-use chat_tests::{http_json, token, token_with, Cluster};
+use chat_tests::{http_json, token, token_with, Cluster, Metrics};
 use serde_json::{json, Value};
 
 fn admin() -> String {
@@ -10,7 +10,7 @@ fn admin() -> String {
 
 #[tokio::test]
 async fn rooms_and_messages_over_rest_reach_websocket_clients_on_the_other_gateway() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
     let alice = token("alice");
 
@@ -62,7 +62,7 @@ async fn rooms_and_messages_over_rest_reach_websocket_clients_on_the_other_gatew
 
 #[tokio::test]
 async fn rest_errors_use_the_contract_format_and_statuses() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let a = cluster.gateways[0].as_str();
     let alice = token("alice");
     let room = http_json(a, "POST", "/v1/rooms", Some(&alice), Some(json!({"kind": "group", "members": []})))
@@ -148,7 +148,7 @@ async fn rest_errors_use_the_contract_format_and_statuses() -> Result<()> {
 
 #[tokio::test]
 async fn status_and_connections_answer_for_the_whole_cluster() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
     let _bob1 = cluster.client(0, "bob").await?;
     let _bob2 = cluster.client(1, "bob").await?;
@@ -171,7 +171,7 @@ async fn status_and_connections_answer_for_the_whole_cluster() -> Result<()> {
 
 #[tokio::test]
 async fn push_and_disconnect_reach_sockets_on_the_other_gateway() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let a = cluster.gateways[0].as_str();
     let mut bob = cluster.client(1, "bob").await?;
     let mut carol = cluster.client(1, "carol").await?;
@@ -211,7 +211,7 @@ async fn push_and_disconnect_reach_sockets_on_the_other_gateway() -> Result<()> 
 
 #[tokio::test]
 async fn notifications_are_stored_delivered_live_listed_and_marked_read() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
     let mut bob = cluster.client(1, "bob").await?;
 
@@ -271,7 +271,7 @@ async fn notifications_are_stored_delivered_live_listed_and_marked_read() -> Res
 #[tokio::test]
 async fn attachments_upload_attach_and_download_with_access_rules() -> Result<()> {
     use chat_tests::http;
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
     let (alice, bob) = (token("alice"), token("bob"));
     let png: Vec<u8> = b"\x89PNG\r\n\x1a\n fake image bytes".to_vec();
@@ -323,7 +323,7 @@ async fn attachments_upload_attach_and_download_with_access_rules() -> Result<()
 
 #[tokio::test]
 async fn the_openapi_document_lists_every_route() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let doc = http_json(&cluster.gateways[0], "GET", "/openapi.json", None, None).await?;
     assert_eq!(doc.status, 200);
     assert!(doc.body["openapi"].as_str().unwrap_or_default().starts_with("3."));
@@ -357,21 +357,12 @@ async fn the_openapi_document_lists_every_route() -> Result<()> {
     Ok(())
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let (a, b) = (cluster.gateways[0].as_str(), cluster.gateways[1].as_str());
-    let before = chat_tests::http(b, "GET", "/metrics", None, "", b"").await?;
-    assert_eq!(before.status, 200);
-    let text = String::from_utf8_lossy(&before.raw).into_owned();
+    // `scrape` fails unless /metrics answers 200.
+    let before = Metrics::scrape(b).await?;
     for name in [
         "chat_gateway_connections",
         "chat_gateway_fanout_latency_seconds",
@@ -379,7 +370,7 @@ async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> 
         "chat_gateway_outbound_drops_total",
         "chat_gateway_rate_limited_total",
     ] {
-        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+        assert!(before.mentions(name), "{name} missing from /metrics:\n{before}");
     }
 
     let mut alice = cluster.client(0, "alice").await?;
@@ -390,20 +381,16 @@ async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> 
         alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
         bob.event("message").await?;
     }
-    let after_a =
-        String::from_utf8_lossy(&chat_tests::http(a, "GET", "/metrics", None, "", b"").await?.raw).into_owned();
-    let after_b =
-        String::from_utf8_lossy(&chat_tests::http(b, "GET", "/metrics", None, "", b"").await?.raw).into_owned();
-    assert_eq!(metric(&after_a, r#"chat_gateway_commands_total{command="send",outcome="ok"}"#), 3.0, "{after_a}");
-    assert_eq!(metric(&after_b, "chat_gateway_connections"), 1.0, "{after_b}");
-    assert!(metric(&after_b, "chat_gateway_fanout_latency_seconds_count") >= 3.0, "{after_b}");
-    assert!(metric(&after_a, r#"chat_gateway_grpc_latency_seconds_count{method="send_message"}"#) >= 3.0, "{after_a}");
+    let after_a = Metrics::scrape(a).await?;
+    let after_b = Metrics::scrape(b).await?;
+    assert_eq!(after_a.value(r#"chat_gateway_commands_total{command="send",outcome="ok"}"#), 3.0, "{after_a}");
+    assert_eq!(after_b.value("chat_gateway_connections"), 1.0, "{after_b}");
+    assert!(after_b.value("chat_gateway_fanout_latency_seconds_count") >= 3.0, "{after_b}");
+    assert!(after_a.value(r#"chat_gateway_grpc_latency_seconds_count{method="send_message"}"#) >= 3.0, "{after_a}");
 
-    let message = chat_tests::http(&cluster.message_metrics, "GET", "/metrics", None, "", b"").await?;
-    assert_eq!(message.status, 200);
-    let text = String::from_utf8_lossy(&message.raw).into_owned();
-    assert_eq!(metric(&text, "chat_message_sends_persisted_total"), 3.0, "{text}");
-    assert!(text.contains("chat_message_postgres_errors_total"), "{text}");
-    assert!(text.contains("chat_message_redis_errors_total"), "{text}");
+    let message = Metrics::scrape(&cluster.message_metrics).await?;
+    assert_eq!(message.value("chat_message_sends_persisted_total"), 3.0, "{message}");
+    assert!(message.mentions("chat_message_postgres_errors_total"), "{message}");
+    assert!(message.mentions("chat_message_redis_errors_total"), "{message}");
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use chat_tests::otlp::{OtlpReceiver, ReceivedSpan};
-use chat_tests::{redis_url, Cluster};
+use chat_tests::{eventually, Cluster, Metrics};
 use serde_json::json;
 
 const SERVER: i32 = 2;
@@ -20,23 +20,19 @@ async fn trace_of(
     root: &str,
     want: impl Fn(&[ReceivedSpan]) -> bool,
 ) -> Result<Vec<ReceivedSpan>> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), async || {
         let spans = receiver.spans();
-        if let Some(root) = spans.iter().find(|s| s.name == root) {
-            let trace: Vec<ReceivedSpan> = spans.iter().filter(|s| s.trace_id == root.trace_id).cloned().collect();
-            if want(&trace) {
-                return Ok(trace);
-            }
-            if tokio::time::Instant::now() > deadline {
-                let others: Vec<_> = spans.iter().filter(|s| s.trace_id != root.trace_id).collect();
-                bail!("trace incomplete after 20 s: {trace:#?}\nother traces: {others:#?}");
-            }
-        } else if tokio::time::Instant::now() > deadline {
-            bail!("no span named {root:?} after 20 s; got {spans:#?}");
+        let Some(root) = spans.iter().find(|s| s.name == root) else {
+            bail!("no span named {root:?}; got {spans:#?}");
+        };
+        let trace: Vec<ReceivedSpan> = spans.iter().filter(|s| s.trace_id == root.trace_id).cloned().collect();
+        if !want(&trace) {
+            let others: Vec<_> = spans.iter().filter(|s| s.trace_id != root.trace_id).collect();
+            bail!("trace incomplete: {trace:#?}\nother traces: {others:#?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(trace)
+    })
+    .await
 }
 
 fn one<'a>(trace: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
@@ -60,12 +56,13 @@ fn descends(trace: &[ReceivedSpan], span: &ReceivedSpan, ancestor: &ReceivedSpan
 #[tokio::test]
 async fn one_send_is_one_trace_from_the_senders_frame_to_every_delivering_gateway() -> Result<()> {
     let receiver = OtlpReceiver::start().await?;
-    let env = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ("POD_NAMESPACE", "chat-test"),
-    ];
-    let cluster = Cluster::start_with(2, &redis_url(), &env).await?;
+    let cluster = Cluster::builder()
+        .gateways(2)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("POD_NAMESPACE", "chat-test")
+        .start()
+        .await?;
     let (pid_a, pid_b) = (i64::from(cluster.gateway_pid(0).unwrap()), i64::from(cluster.gateway_pid(1).unwrap()));
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
@@ -134,8 +131,12 @@ async fn a_collector_that_never_answers_does_not_slow_chat_or_shutdown() -> Resu
             held.push(conn);
         }
     });
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "50")];
-    let mut cluster = Cluster::start_with(2, &redis_url(), &env).await?;
+    let mut cluster = Cluster::builder()
+        .gateways(2)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+        .start()
+        .await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
     let room = alice.create_group(&["bob"]).await?;
@@ -205,15 +206,14 @@ async fn the_grafana_dashboard_charts_the_metrics_the_services_really_expose() -
     }
 
     // Every charted series exists: exercise each labelled family, then read both /metrics.
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let room = alice.create_group(&["bob"]).await?;
     alice.ack(json!({"type": "send", "room": room, "text": "hi"})).await?;
     let mut exposed = String::new();
     for addr in [cluster.gateways[0].as_str(), cluster.message_metrics.as_str()] {
-        let reply = chat_tests::http(addr, "GET", "/metrics", None, "", b"").await?;
-        assert_eq!(reply.status, 200);
-        exposed.push_str(&String::from_utf8_lossy(&reply.raw));
+        // `scrape` fails unless /metrics answers 200.
+        exposed.push_str(Metrics::scrape(addr).await?.text());
     }
     let exposed = metric_names(&exposed);
     let missing: Vec<_> = charted.difference(&exposed).collect();

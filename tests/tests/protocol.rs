@@ -7,11 +7,6 @@ use anyhow::Result;
 use chat_tests::{token_with, Cluster, WsClient};
 use serde_json::{json, Value};
 
-async fn create(owner: &mut WsClient, kind: &str, members: &[&str]) -> Result<String> {
-    let reply = owner.ack(json!({"type": "create_room", "kind": kind, "name": "r", "members": members})).await?;
-    Ok(reply["room"]["id"].as_str().expect("room id").to_owned())
-}
-
 fn seqs(frames: &[Value]) -> Vec<i64> {
     frames.iter().map(|f| f["message"]["seq"].as_i64().unwrap_or(-1)).collect()
 }
@@ -26,12 +21,12 @@ fn claims(sub: &str, role: Option<&str>, exp_in: i64) -> Value {
 
 #[tokio::test]
 async fn membership_changes_reach_the_affected_user_on_every_gateway() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
     let mut bob2 = cluster.client(0, "bob").await?;
     let mut carol = cluster.client(1, "carol").await?;
-    let room = create(&mut alice, "group", &["carol"]).await?;
+    let room = alice.create_group(&["carol"]).await?;
 
     // Only the owner (or an admin) adds members.
     let reply = carol.request(json!({"type": "add_members", "room": room, "members": ["bob"]})).await?;
@@ -58,7 +53,7 @@ async fn membership_changes_reach_the_affected_user_on_every_gateway() -> Result
     // Bob no longer hears the room, and may not rejoin it.
     let reply = bob.request(json!({"type": "join", "room": room})).await?;
     assert_eq!(reply["code"], "forbidden");
-    let marker_room = create(&mut alice, "group", &["bob"]).await?;
+    let marker_room = alice.create_group(&["bob"]).await?;
     bob.ack(json!({"type": "join", "room": marker_room})).await?;
     alice.ack(json!({"type": "send", "room": room, "text": "bob is gone"})).await?;
     alice.ack(json!({"type": "send", "room": marker_room, "text": "marker"})).await?;
@@ -73,12 +68,12 @@ async fn membership_changes_reach_the_affected_user_on_every_gateway() -> Result
 
 #[tokio::test]
 async fn direct_and_support_rooms_follow_their_rules() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let d1 = create(&mut alice, "direct", &["bob"]).await?;
-    let d2 = create(&mut alice, "direct", &["bob"]).await?;
-    let d3 = create(&mut bob, "direct", &["alice"]).await?;
+    let d1 = alice.create_room("direct", &["bob"]).await?;
+    let d2 = alice.create_room("direct", &["bob"]).await?;
+    let d3 = bob.create_room("direct", &["alice"]).await?;
     assert_eq!(d1, d2);
     assert_eq!(d1, d3);
     let reply = alice.request(json!({"type": "create_room", "kind": "direct", "members": ["bob", "carol"]})).await?;
@@ -86,7 +81,7 @@ async fn direct_and_support_rooms_follow_their_rules() -> Result<()> {
     let reply = alice.request(json!({"type": "create_room", "kind": "channel", "members": []})).await?;
     assert_eq!(reply["code"], "bad_request");
 
-    let support = create(&mut alice, "support", &[]).await?;
+    let support = alice.create_room("support", &[]).await?;
     let mut admin = cluster.client_with(1, &token_with(claims("agent", Some("admin"), 3600))).await?;
     admin.ack(json!({"type": "join", "room": support})).await?;
     admin.ack(json!({"type": "send", "room": support, "text": "how can I help?"})).await?;
@@ -100,10 +95,10 @@ async fn direct_and_support_rooms_follow_their_rules() -> Result<()> {
 
 #[tokio::test]
 async fn edits_deletes_and_reactions_are_authorized_and_broadcast() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     alice.ack(json!({"type": "join", "room": room})).await?;
     bob.ack(json!({"type": "join", "room": room})).await?;
     let sent = alice.ack(json!({"type": "send", "room": room, "text": "helo"})).await?;
@@ -157,11 +152,11 @@ async fn edits_deletes_and_reactions_are_authorized_and_broadcast() -> Result<()
 
 #[tokio::test]
 async fn typing_reaches_others_but_not_the_senders_own_connections_and_expires() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut alice2 = cluster.client(1, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     for c in [&mut alice, &mut alice2, &mut bob] {
         c.ack(json!({"type": "join", "room": room})).await?;
     }
@@ -185,10 +180,10 @@ async fn typing_reaches_others_but_not_the_senders_own_connections_and_expires()
 
 #[tokio::test]
 async fn read_receipts_move_unread_counts_and_are_broadcast() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     alice.ack(json!({"type": "join", "room": room})).await?;
     for i in 1..=3 {
         alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
@@ -220,9 +215,9 @@ async fn read_receipts_move_unread_counts_and_are_broadcast() -> Result<()> {
 
 #[tokio::test]
 async fn presence_follows_the_first_and_last_connection_anywhere() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     let joined = alice.ack(json!({"type": "join", "room": room})).await?;
     assert_eq!(joined["online"], json!(["alice"]));
 
@@ -251,9 +246,9 @@ async fn presence_follows_the_first_and_last_connection_anywhere() -> Result<()>
 
 #[tokio::test]
 async fn each_connection_of_a_user_gets_events_up_to_the_connection_cap() -> Result<()> {
-    let cluster = Cluster::start_with(2, &chat_tests::redis_url(), &[("MAX_CONNECTIONS_PER_USER", "3")]).await?;
+    let cluster = Cluster::builder().gateways(2).env("MAX_CONNECTIONS_PER_USER", "3").start().await?;
     let mut alice = cluster.client(0, "alice").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     let mut devices = Vec::new();
     for i in 0..3 {
         let mut c = cluster.client(i % 2, "bob").await?;
@@ -274,7 +269,7 @@ async fn each_connection_of_a_user_gets_events_up_to_the_connection_cap() -> Res
 
 #[tokio::test]
 async fn an_expired_token_closes_with_4001_unless_refreshed() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     // Expired 28 s ago: still inside the 30 s leeway, so it closes in about 2 s.
     let mut short = cluster.client_with(0, &token_with(claims("alice", None, -28))).await?;
     assert_eq!(short.closed().await?, Some(4001));
@@ -287,14 +282,16 @@ async fn an_expired_token_closes_with_4001_unless_refreshed() -> Result<()> {
     assert_eq!(reply["code"], "forbidden");
     let ack = refreshed.ack(json!({"type": "refresh_token", "token": token_with(claims("alice", None, 3600))})).await?;
     assert!(ack["expires_at"].is_string());
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past the moment the old token would have closed the connection (about 2 s from now).
+    let past_the_old_expiry = Duration::from_secs(4);
+    tokio::time::sleep(past_the_old_expiry).await;
     assert_eq!(refreshed.request(json!({"type": "ping"})).await?["type"], "pong");
     Ok(())
 }
 
 #[tokio::test]
 async fn a_frame_over_the_socket_limit_closes_with_1009() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     // Over the 1 MiB the socket layer reads at all (frames between 64 KiB and that get
     // a `too_large` error instead).
@@ -308,15 +305,16 @@ async fn a_client_silent_for_two_heartbeats_is_dropped_with_1001() -> Result<()>
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
 
-    let cluster = Cluster::start_with(1, &chat_tests::redis_url(), &[("HEARTBEAT_MS", "200")]).await?;
+    let cluster = Cluster::builder().env("HEARTBEAT_MS", "200").start().await?;
     // A raw socket that reads nothing, so it answers none of the server's pings.
     let url = format!("{}?token={}", cluster.ws_url(0), chat_tests::token("alice"));
     let (mut silent, _) = tokio_tungstenite::connect_async(url).await?;
-    // A client that keeps talking stays.
+    // A client that keeps talking stays: a ping every 100 ms for 1.2 s, six heartbeats.
     let mut talking = cluster.client(0, "bob").await?;
+    let between_pings = Duration::from_millis(100);
     for _ in 0..12 {
         assert_eq!(talking.request(json!({"type": "ping"})).await?["type"], "pong");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(between_pings).await;
     }
     let close = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(frame) = silent.next().await {
@@ -333,10 +331,10 @@ async fn a_client_silent_for_two_heartbeats_is_dropped_with_1001() -> Result<()>
 
 #[tokio::test]
 async fn join_with_since_seq_replays_the_missed_messages_before_the_ack() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     for i in 1..=10 {
         alice.ack(json!({"type": "send", "room": room, "text": format!("m{i}")})).await?;
     }
@@ -353,9 +351,9 @@ async fn join_with_since_seq_replays_the_missed_messages_before_the_ack() -> Res
 #[tokio::test]
 async fn replays_after_an_edit_a_reaction_or_a_delete_show_each_message_as_it_is_now() -> Result<()> {
     // The gateway keeps a room's newest frames for `since_seq` joins; none may go stale.
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     // Alice stays joined, so the room's task (and what it keeps) lives throughout, and
     // her copy of each event shows the task has handled it.
     alice.ack(json!({"type": "join", "room": room})).await?;
@@ -404,10 +402,10 @@ async fn replays_after_an_edit_a_reaction_or_a_delete_show_each_message_as_it_is
 
 #[tokio::test]
 async fn rejoining_with_since_seq_under_concurrent_sends_has_no_gap_and_no_duplicate() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = Cluster::builder().gateways(2).start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
-    let room = create(&mut alice, "group", &["bob"]).await?;
+    let room = alice.create_group(&["bob"]).await?;
     const TOTAL: i64 = 300;
     let sender_room = room.clone();
     let sender = tokio::spawn(async move {
@@ -425,7 +423,8 @@ async fn rejoining_with_since_seq_under_concurrent_sends_has_no_gap_and_no_dupli
         received.extend(seqs(&bob.take_buffered("message")));
         let last_seq = ack["last_seq"].as_i64().unwrap();
         // Live for a moment, then leave; whatever arrived before the leave ack counts.
-        tokio::time::sleep(Duration::from_millis(5 * (rounds % 7))).await;
+        let live_for = Duration::from_millis(5 * (rounds % 7));
+        tokio::time::sleep(live_for).await;
         bob.ack(json!({"type": "leave", "room": room})).await?;
         received.extend(seqs(&bob.take_buffered("message")));
         rounds += 1;

@@ -11,7 +11,7 @@ use serde_json::json;
 #[tokio::test]
 async fn chat_runs_on_a_three_node_redis_cluster_with_sharded_pubsub() -> Result<()> {
     let redis = RedisCluster::start(3).await?;
-    let cluster = Cluster::start_with(2, &redis.url(), &[("REDIS_CLUSTER", "true")]).await?;
+    let cluster = Cluster::builder().gateways(2).redis(redis.url()).env("REDIS_CLUSTER", "true").start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
 

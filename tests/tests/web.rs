@@ -1,14 +1,12 @@
 //! The browser client's page and the development sign-in, over plain HTTP.
 
 use anyhow::Result;
-use chat_tests::{http, http_json, redis_url, Cluster, WsClient};
+use chat_tests::{http, http_json, Cluster, WsClient};
 use serde_json::json;
-
-const DEV: &[(&str, &str)] = &[("ENVIRONMENT", "development"), ("DEV_TOKENS", "true")];
 
 #[tokio::test]
 async fn the_gateway_serves_the_browser_client_with_a_strict_content_security_policy() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let gw = &cluster.gateways[0];
     let page = http(gw, "GET", "/", None, "", b"").await?;
     assert_eq!(page.status, 200);
@@ -30,7 +28,7 @@ async fn the_gateway_serves_the_browser_client_with_a_strict_content_security_po
 
 #[tokio::test]
 async fn dev_tokens_are_off_unless_enabled() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
+    let cluster = Cluster::builder().start().await?;
     let reply =
         http_json(&cluster.gateways[0], "POST", "/v1/dev/token", None, Some(json!({"user_id": "mallory"}))).await?;
     assert_eq!(reply.status, 404, "{:?}", reply.body);
@@ -40,7 +38,7 @@ async fn dev_tokens_are_off_unless_enabled() -> Result<()> {
 
 #[tokio::test]
 async fn a_dev_token_signs_a_user_in_over_websocket() -> Result<()> {
-    let cluster = Cluster::start_with(1, &redis_url(), DEV).await?;
+    let cluster = Cluster::builder().env("ENVIRONMENT", "development").env("DEV_TOKENS", "true").start().await?;
     let gw = &cluster.gateways[0];
     let reply =
         http_json(gw, "POST", "/v1/dev/token", None, Some(json!({"user_id": "devuser", "name": "Dev User"}))).await?;

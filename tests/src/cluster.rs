@@ -1,0 +1,271 @@
+//! A test cluster: a fresh database, message services and gateways on free ports, all
+//! sharing a private Redis channel prefix; built with `Cluster::builder()`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::process::Child;
+
+use crate::db::TestDb;
+use crate::http::http_get;
+use crate::process::{spawn_gateway, spawn_message, terminate, Wiring};
+use crate::shared::{postgres_base, redis_url};
+use crate::tokens::token;
+use crate::unique::{free_port, unique};
+use crate::wait::{eventually, give_up};
+use crate::ws::WsClient;
+
+/// How long a process may take from spawn to ready (migrations included, on a busy machine).
+const START_WITHIN: Duration = Duration::from_secs(60);
+
+/// The gRPC health status that means a message service takes calls.
+const SERVING: i32 = 1;
+
+/// A further message service of a cluster.
+pub struct Replica {
+    pub grpc_addr: String,
+    /// `host:port` of its `/metrics`.
+    pub metrics: String,
+    child: Child,
+}
+
+impl Replica {
+    /// Kills it with SIGKILL.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
+/// What a cluster will be; `start` brings it up. By default one gateway and one message
+/// service, on the shared Postgres and Redis, with no extra environment.
+#[must_use]
+pub struct ClusterBuilder {
+    gateways: usize,
+    replicas: usize,
+    postgres: Option<String>,
+    redis: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+impl ClusterBuilder {
+    /// How many gateways to start.
+    pub fn gateways(mut self, n: usize) -> Self {
+        self.gateways = n;
+        self
+    }
+
+    /// How many message services to start beside the first; the gateways balance their
+    /// calls across all of them.
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = n;
+        self
+    }
+
+    /// The Postgres server (`postgres://user@host:port`) the fresh database is made on.
+    pub fn postgres(mut self, base: impl Into<String>) -> Self {
+        self.postgres = Some(base.into());
+        self
+    }
+
+    /// The Redis (or one node of a Redis Cluster) every process uses.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis = Some(url.into());
+        self
+    }
+
+    /// An environment variable for every process of the cluster, set after the defaults
+    /// so it can override them.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts everything and waits until every gateway is ready and every message service
+    /// serving.
+    pub async fn start(self) -> Result<Cluster> {
+        let db = TestDb::on(&self.postgres.unwrap_or_else(postgres_base));
+        let wiring = Wiring {
+            redis: self.redis.unwrap_or_else(redis_url),
+            // A private channel namespace: other clusters on the same Redis never cross-talk.
+            prefix: unique("e2e"),
+            env: self.env,
+        };
+        let grpc_addr = format!("127.0.0.1:{}", free_port());
+        let message_metrics = format!("127.0.0.1:{}", free_port());
+        let message = spawn_message(&grpc_addr, &message_metrics, &db.url, &wiring)?;
+        let mut replicas = Vec::new();
+        for _ in 0..self.replicas {
+            let grpc_addr = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let child = spawn_message(&grpc_addr, &metrics, &db.url, &wiring)?;
+            replicas.push(Replica { grpc_addr, metrics, child });
+        }
+        let message_urls: Vec<String> = std::iter::once(&grpc_addr)
+            .chain(replicas.iter().map(|r| &r.grpc_addr))
+            .map(|a| format!("http://{a}"))
+            .collect();
+        let message_urls = message_urls.join(",");
+        let mut gateway_procs = Vec::new();
+        let mut gateways = Vec::new();
+        for _ in 0..self.gateways {
+            let addr = format!("127.0.0.1:{}", free_port());
+            gateway_procs.push(spawn_gateway(&addr, &message_urls, &wiring)?);
+            gateways.push(addr);
+        }
+        let mut cluster = Cluster {
+            message_metrics,
+            grpc_addr,
+            gateways,
+            replicas,
+            message_urls,
+            wiring,
+            message,
+            gateway_procs,
+            db,
+        };
+        for gw in cluster.gateways.clone() {
+            cluster.wait_ready(&gw).await?;
+        }
+        // A gateway is ready once one message service answers; a test about several
+        // needs every one of them up, or calls balanced to a late one fail `unavailable`.
+        for replica in &cluster.replicas {
+            let addr = &replica.grpc_addr;
+            eventually(START_WITHIN, async || -> Result<()> {
+                let status = grpc_health(addr, "").await?;
+                anyhow::ensure!(status == SERVING, "health status {status}");
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("message service {addr} not serving within {START_WITHIN:?}"))?;
+        }
+        Ok(cluster)
+    }
+}
+
+/// Message services and gateways on free ports, against a fresh database.
+pub struct Cluster {
+    /// `host:port` of the message service's `/metrics`.
+    pub message_metrics: String,
+    pub grpc_addr: String,
+    pub gateways: Vec<String>,
+    /// Message services beyond the first (see `ClusterBuilder::replicas`).
+    pub replicas: Vec<Replica>,
+    /// What the gateways' `MESSAGE_SERVICE_URL` is, for restarts.
+    message_urls: String,
+    wiring: Wiring,
+    // Fields drop in order: the processes die before their database is dropped.
+    message: Child,
+    gateway_procs: Vec<Child>,
+    pub db: TestDb,
+}
+
+/// The gRPC health status of `service` (`""`: overall) at `addr`.
+async fn grpc_health(addr: &str, service: &str) -> Result<i32> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest { service: service.to_owned() };
+    Ok(client.check(request).await?.into_inner().status)
+}
+
+impl Cluster {
+    /// A cluster of one gateway and one message service, until told otherwise.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder { gateways: 1, replicas: 0, postgres: None, redis: None, env: Vec::new() }
+    }
+
+    /// Waits (bounded) until gateway `gw` answers `/readyz` with 200; fails at once if a
+    /// process of the cluster has died meanwhile.
+    async fn wait_ready(&mut self, gw: &str) -> Result<()> {
+        eventually(START_WITHIN, async || -> Result<()> {
+            let ready = http_get(gw, "/readyz").await;
+            if let Ok((200, _)) = ready {
+                return Ok(());
+            }
+            if let Some(status) = self.message.try_wait().map_err(give_up)? {
+                return Err(give_up(format!("chat-message exited early: {status}")));
+            }
+            for p in &mut self.gateway_procs {
+                if let Some(status) = p.try_wait().map_err(give_up)? {
+                    return Err(give_up(format!("chat-gateway exited early: {status}")));
+                }
+            }
+            let (status, body) = ready?;
+            anyhow::bail!("/readyz answered {status}: {body}")
+        })
+        .await
+        .with_context(|| format!("gateway {gw} not ready within {START_WITHIN:?}"))
+    }
+
+    /// Kills the message service (SIGKILL) and starts it again on the same port.
+    pub async fn restart_message_service(&mut self) -> Result<()> {
+        self.message.kill().await?;
+        self.message = spawn_message(&self.grpc_addr, &self.message_metrics, &self.db.url, &self.wiring)?;
+        Ok(())
+    }
+
+    /// The message service's gRPC health status for `service` (`""`: overall).
+    pub async fn message_health(&self, service: &str) -> Result<i32> {
+        grpc_health(&self.grpc_addr, service).await
+    }
+
+    /// Process id of gateway `i`, while it runs.
+    pub fn gateway_pid(&self, i: usize) -> Option<u32> {
+        self.gateway_procs[i].id()
+    }
+
+    /// Kills gateway `i` with SIGKILL: no drain, no clean-up.
+    pub async fn kill_gateway(&mut self, i: usize) -> Result<()> {
+        self.gateway_procs[i].kill().await?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM to gateway `i` and waits (bounded) for it to exit; its exit code.
+    pub async fn terminate_gateway(&mut self, i: usize) -> Result<Option<i32>> {
+        terminate(&mut self.gateway_procs[i]).await
+    }
+
+    /// Stops gateway `i` with SIGTERM (its clients get `reconnect` and close 1012), starts
+    /// it again on the same address and waits until it is ready.
+    pub async fn restart_gateway(&mut self, i: usize) -> Result<()> {
+        terminate(&mut self.gateway_procs[i]).await?;
+        let addr = self.gateways[i].clone();
+        self.gateway_procs[i] = spawn_gateway(&addr, &self.message_urls, &self.wiring)?;
+        self.wait_ready(&addr).await
+    }
+
+    /// Sends SIGTERM to the message service and waits (bounded) for it; its exit code.
+    pub async fn terminate_message_service(&mut self) -> Result<Option<i32>> {
+        terminate(&mut self.message).await
+    }
+
+    /// The `ws://` URL of gateway `i`.
+    pub fn ws_url(&self, i: usize) -> String {
+        format!("ws://{}/ws", self.gateways[i])
+    }
+
+    /// Connects `user` to gateway `i` with a header token and reads the welcome.
+    pub async fn client(&self, i: usize, user: &str) -> Result<WsClient> {
+        self.client_with(i, &token(user)).await
+    }
+
+    /// Connects to gateway `i` with this token and reads the welcome.
+    pub async fn client_with(&self, i: usize, token: &str) -> Result<WsClient> {
+        let (client, welcome) = WsClient::connect_bearer(&self.ws_url(i), token).await?;
+        anyhow::ensure!(welcome["type"] == "welcome", "expected welcome, got {welcome}");
+        Ok(client)
+    }
+}
+
+impl Drop for Cluster {
+    /// The processes die with their handles (SIGKILL), leaving presence keys behind in
+    /// Redis: remove everything under this cluster's private prefix.
+    fn drop(&mut self) {
+        let script = format!(
+            "redis-cli -u {url} --scan --pattern '{prefix}:*' | xargs -r redis-cli -u {url} del >/dev/null",
+            url = self.wiring.redis,
+            prefix = self.wiring.prefix
+        );
+        let _ = std::process::Command::new("sh").args(["-c", &script]).status();
+    }
+}
