@@ -5,7 +5,6 @@
 //! A test starts a cluster with `Cluster::builder()`, talks to it with `WsClient` and the
 //! `http` helpers, reads `/metrics` with `Metrics::scrape`, and waits for anything that
 //! happens on its own time with `eventually` — never with a bare sleep.
-#![deny(rust_2018_idioms)]
 
 mod cluster;
 mod db;

@@ -7,7 +7,6 @@
 //!
 //! Exit status: 0 done, 2 the server refused (error reply or HTTP error), 1 anything else
 //! (connection problems first of all). See `services/chatctl/README.md`.
-#![forbid(unsafe_code)]
 
 mod admin;
 mod error;

@@ -1,7 +1,5 @@
 //! The message service: the one writer of rooms and messages. It stores each message in
 //! Postgres (gapless per-room seq) and then publishes it to Redis for the gateways.
-#![forbid(unsafe_code)]
-#![deny(rust_2018_idioms)]
 
 pub mod api;
 pub mod blobs;
