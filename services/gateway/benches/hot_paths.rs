@@ -5,7 +5,7 @@
 use axum::extract::ws::{Message, Utf8Bytes};
 use chat_gateway::auth::{KeyConfig, Verifier};
 use chat_gateway::outbox::Outbox;
-use chat_gateway::protocol;
+use chat_gateway::protocol::{client, server};
 use chat_proto::v1 as pb;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
@@ -27,14 +27,14 @@ fn parsing(c: &mut Criterion) {
     let send = r#"{"type":"send","id":"r7","room":"42","text":"hello there, this is a typical short chat message","client_msg_id":"c-99"}"#;
     let typing = r#"{"type":"typing","room":"42","active":true}"#;
     let mut group = c.benchmark_group("parse");
-    group.bench_function("send", |b| b.iter(|| protocol::parse(std::hint::black_box(send))));
-    group.bench_function("typing", |b| b.iter(|| protocol::parse(std::hint::black_box(typing))));
+    group.bench_function("send", |b| b.iter(|| client::parse(std::hint::black_box(send))));
+    group.bench_function("typing", |b| b.iter(|| client::parse(std::hint::black_box(typing))));
     group.finish();
 }
 
 fn serialisation(c: &mut Criterion) {
     let message = message();
-    c.bench_function("serialise message event", |b| b.iter(|| protocol::message_event(std::hint::black_box(&message))));
+    c.bench_function("serialise message event", |b| b.iter(|| server::message_event(std::hint::black_box(&message))));
 }
 
 fn jwt(c: &mut Criterion) {
@@ -53,7 +53,7 @@ fn jwt(c: &mut Criterion) {
 /// One serialised event shared by N connection queues, as a room task delivers it.
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan-out to local queues");
-    let frame = Utf8Bytes::from(protocol::message_event(&message()));
+    let frame = Utf8Bytes::from(server::message_event(&message()));
     for n in [10usize, 100, 1000] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {

@@ -14,11 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{self, Claims};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
-use crate::protocol::{
-    self, MessageBody, MessageJson, NotificationJson, PageBody, RoomBody, RoomJson, RoomKind, RoomsBody,
-};
+use crate::protocol::client::{self, CreateRoom, MarkRead, NotifyReq, PushReq, SendReq};
+use crate::protocol::json;
 use crate::state::AppState;
-use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -113,15 +111,6 @@ fn created<T: Serialize>(body: T) -> Response {
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
-#[derive(Deserialize, ToSchema)]
-struct CreateRoom {
-    kind: RoomKind,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    members: Vec<String>,
-}
-
 #[utoipa::path(post, path = "/v1/rooms", tag = "rooms", request_body = CreateRoom, responses((status = 201, description = "`{room}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token")))]
 /// `POST /v1/rooms` → 201 `{room}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
@@ -137,7 +126,7 @@ async fn create_room(
         members: req.members,
     };
     let room = state.backend().create_room(req).await?;
-    Ok(created(RoomBody { room: RoomJson(&room) }))
+    Ok(created(json::room_body(&room)))
 }
 
 #[utoipa::path(get, path = "/v1/rooms", tag = "rooms", responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}]}`"), (status = 401, description = "no valid Bearer token")))]
@@ -145,7 +134,7 @@ async fn create_room(
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn list_rooms(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
     let rooms = state.backend().list_rooms(caller(&user)).await?;
-    Ok(Json(RoomsBody::from(rooms.as_slice())).into_response())
+    Ok(Json(json::rooms_body(&rooms)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -164,7 +153,7 @@ async fn history(
     Path(room): Path<String>,
     Params(q): Params<HistoryQuery>,
 ) -> ApiResult<Response> {
-    let limit = protocol::page_limit(q.limit)?;
+    let limit = client::page_limit(q.limit)?;
     let req = pb::HistoryRequest {
         caller: Some(caller(&user)),
         room_id: room,
@@ -173,21 +162,7 @@ async fn history(
         limit,
     };
     let page = state.backend().history(req).await?;
-    Ok(Json(PageBody::from(&page)).into_response())
-}
-
-#[derive(Deserialize, ToSchema)]
-struct SendReq {
-    #[serde(default)]
-    text: String,
-    #[serde(default)]
-    kind: Option<String>,
-    #[serde(default)]
-    attachments: Vec<String>,
-    #[serde(default)]
-    reply_to: Option<String>,
-    #[serde(default)]
-    client_msg_id: Option<String>,
+    Ok(Json(json::page_body(&page)).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id")), request_body = SendReq, responses((status = 201, description = "`{message}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 413, description = "body over 64 KiB")))]
@@ -210,19 +185,12 @@ async fn send(
         client_msg_id: req.client_msg_id,
     };
     let message = state.backend().send_message(req).await?;
-    Ok(created(MessageBody { message: MessageJson(&message) }))
-}
-
-#[derive(Serialize)]
-struct Status {
-    user_id: String,
-    online: bool,
-    connections: i64,
+    Ok(created(json::message_body(&message)))
 }
 
 async fn status_of(state: &AppState, user_id: String) -> ApiResult<Response> {
     let connections = state.presence().connections(&user_id).await?;
-    Ok(Json(Status { user_id, online: connections > 0, connections }).into_response())
+    Ok(Json(json::status_body(&user_id, connections)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/me/status", tag = "presence", responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token")))]
@@ -247,19 +215,8 @@ async fn user_status(
 /// `GET /v1/connections` (admin) → `{users:[{user_id, connections}]}` across the cluster.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
 async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiResult<Response> {
-    #[derive(Serialize)]
-    struct Entry {
-        user_id: String,
-        connections: i64,
-    }
-    let users: Vec<Entry> = state
-        .presence()
-        .everyone()
-        .await?
-        .into_iter()
-        .map(|(user_id, connections)| Entry { user_id, connections })
-        .collect();
-    Ok(Json(serde_json::json!({ "users": users })).into_response())
+    let users = state.presence().everyone().await?;
+    Ok(Json(json::connections_body(users)).into_response())
 }
 
 #[utoipa::path(delete, path = "/v1/users/{id}/connections", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 204, description = "the user's sockets close with 1008 on every gateway"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
@@ -274,18 +231,6 @@ async fn disconnect(
     let event = pb::envelope::Event::Disconnect(pb::Disconnect { user_id: user_id.clone() });
     state.presence().publisher().user(&user_id, event).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-#[derive(Deserialize, ToSchema)]
-struct PushReq {
-    #[serde(default)]
-    user_ids: Option<Vec<String>>,
-    #[serde(default)]
-    all: bool,
-    event: String,
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    data: serde_json::Value,
 }
 
 #[utoipa::path(post, path = "/v1/push", tag = "admin", request_body = PushReq, responses((status = 202, description = "delivered as `push` to every connection addressed"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
@@ -308,18 +253,7 @@ async fn push(State(state): State<AppState>, Admin(admin): Admin, Body(req): Bod
         }
         _ => return Err(HttpError::bad_request("give either a non-empty user_ids or all: true")),
     }
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({}))).into_response())
-}
-
-#[derive(Deserialize, ToSchema)]
-struct NotifyReq {
-    user_ids: Vec<String>,
-    title: String,
-    #[serde(default)]
-    body: String,
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    data: serde_json::Value,
+    Ok((StatusCode::ACCEPTED, Json(json::empty_body())).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/notifications", tag = "notifications", request_body = NotifyReq, responses((status = 201, description = "`{notifications}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
@@ -335,8 +269,7 @@ async fn notify(State(state): State<AppState>, Admin(admin): Admin, Body(req): B
         data_json: req.data.to_string(),
     };
     let stored = state.backend().create_notifications(req).await?;
-    let notifications: Vec<NotificationJson<'_>> = stored.iter().map(NotificationJson).collect();
-    Ok(created(serde_json::json!({ "notifications": notifications })))
+    Ok(created(json::notifications_body(&stored)))
 }
 
 #[derive(Deserialize)]
@@ -356,25 +289,11 @@ async fn list_notifications(
     User(user): User,
     Params(q): Params<NotificationsQuery>,
 ) -> ApiResult<Response> {
-    let limit = protocol::page_limit(q.limit)?;
+    let limit = client::page_limit(q.limit)?;
     let req =
         pb::ListNotificationsRequest { caller: Some(caller(&user)), before_id: q.before, limit, unread_only: q.unread };
     let page = state.backend().list_notifications(req).await?;
-    let notifications: Vec<NotificationJson<'_>> = page.notifications.iter().map(NotificationJson).collect();
-    Ok(Json(serde_json::json!({
-        "notifications": notifications,
-        "has_more": page.has_more,
-        "unread": page.unread,
-    }))
-    .into_response())
-}
-
-#[derive(Deserialize, ToSchema)]
-struct MarkRead {
-    #[serde(default)]
-    ids: Vec<String>,
-    #[serde(default)]
-    all: bool,
+    Ok(Json(json::notifications_page_body(&page)).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/notifications/read", tag = "notifications", request_body = MarkRead, responses((status = 200, description = "`{updated}`"), (status = 400, description = "neither ids nor all"), (status = 401, description = "no valid Bearer token")))]
@@ -387,7 +306,7 @@ async fn mark_notifications_read(
 ) -> ApiResult<Response> {
     let req = pb::MarkNotificationsReadRequest { caller: Some(caller(&user)), ids: req.ids, all: req.all };
     let updated = state.backend().mark_notifications_read(req).await?;
-    Ok(Json(serde_json::json!({ "updated": updated })).into_response())
+    Ok(Json(json::updated_body(updated)).into_response())
 }
 
 /// Unknown `/v1` paths: 404 in the API's error format.

@@ -8,14 +8,14 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chat_proto::v1 as pb;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::{Params, User};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
-use crate::protocol::AttachmentJson;
+use crate::protocol::json;
 use crate::state::AppState;
 
 /// Largest upload.
@@ -60,11 +60,6 @@ struct UploadQuery {
     name: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Uploaded<'a> {
-    attachment: AttachmentJson<'a>,
-}
-
 #[utoipa::path(post, path = "/v1/attachments", tag = "attachments",
     params(("name" = Option<String>, Query, description = "file name")),
     request_body(content = String, content_type = "application/octet-stream", description = "the file's bytes; Content-Type is kept if allowlisted"),
@@ -98,7 +93,7 @@ async fn upload(
         data: data.to_vec(),
     };
     let attachment = state.backend().upload_attachment(req).await?;
-    Ok((StatusCode::CREATED, Json(Uploaded { attachment: AttachmentJson(&attachment) })).into_response())
+    Ok((StatusCode::CREATED, Json(json::attachment_body(&attachment))).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/attachments/{id}", tag = "attachments",

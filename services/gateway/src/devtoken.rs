@@ -7,14 +7,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chat_common::token::{sign_hs256, Identity};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::Body;
 use crate::auth::MAX_SUB_CHARS;
 use crate::error::{CommandError, ErrorCode, HttpError};
+use crate::protocol::client::DevTokenRequest;
+use crate::protocol::json;
 use crate::state::AppState;
 
 /// Lifetime of a dev token: a working day, so a browser tab stays signed in.
@@ -36,7 +36,7 @@ impl DevTokens {
     }
 
     /// A token for `req`, or why the request is unusable.
-    fn mint(&self, req: &DevTokenRequest) -> Result<DevToken, HttpError> {
+    fn mint(&self, req: &DevTokenRequest) -> Result<Minted, HttpError> {
         let user_id = req.user_id.trim();
         if user_id.is_empty() || user_id.chars().count() > MAX_SUB_CHARS {
             return Err(HttpError::bad_request(format!("user_id must be 1 to {MAX_SUB_CHARS} characters")));
@@ -52,29 +52,15 @@ impl DevTokens {
             tracing::error!(error = %e, "signing a dev token");
             HttpError(CommandError::new(ErrorCode::Internal, "internal error"))
         })?;
-        Ok(DevToken { token, user_id: user_id.to_owned(), expires_at: crate::protocol::timestamp(exp * 1000) })
+        Ok(Minted { token, user_id: user_id.to_owned(), exp })
     }
 }
 
-/// Who to sign in as.
-#[derive(Deserialize, ToSchema)]
-pub struct DevTokenRequest {
-    /// The user id (`sub`), 1–128 characters.
-    user_id: String,
-    /// Display name (`name`).
-    #[serde(default)]
-    name: Option<String>,
-    /// Role; `admin` grants admin rights.
-    #[serde(default)]
-    role: Option<String>,
-}
-
-/// A signed token.
-#[derive(Serialize)]
-struct DevToken {
+/// A signed token, for `user_id`, valid until `exp` (Unix seconds).
+struct Minted {
     token: String,
     user_id: String,
-    expires_at: String,
+    exp: i64,
 }
 
 /// The dev-token route; only merged into the gateway's router when `DEV_TOKENS` is on.
@@ -91,9 +77,10 @@ async fn dev_token(State(state): State<AppState>, Body(req): Body<DevTokenReques
     let Some(signer) = state.dev_tokens() else {
         return Err(crate::api::not_found().await);
     };
-    let token = signer.mint(&req)?;
-    tracing::info!(user = %token.user_id, "dev token issued");
-    Ok((StatusCode::CREATED, Json(token)).into_response())
+    let minted = signer.mint(&req)?;
+    tracing::info!(user = %minted.user_id, "dev token issued");
+    let body = json::dev_token_body(&minted.token, &minted.user_id, minted.exp);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 #[cfg(test)]

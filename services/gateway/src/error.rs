@@ -198,7 +198,7 @@ impl ErrorCode {
 
 impl axum::response::IntoResponse for HttpError {
     fn into_response(self) -> axum::response::Response {
-        let body = serde_json::json!({"error": {"code": self.0.code, "message": self.0.message}});
+        let body = crate::protocol::json::http_error_body(&self.0);
         (self.0.code.http_status(), axum::Json(body)).into_response()
     }
 }

@@ -21,16 +21,13 @@ use crate::backend::Backend;
 use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::protocol;
+use crate::protocol::{self, Close, Policy};
 use crate::room::{delivery_span, Joined, Listener, RoomHandle};
 use crate::stripes::Stripes;
 
 /// Events buffered between Redis and the dispatcher before the oldest are dropped
 /// (and message events later repaired from Postgres).
 const REDIS_BUFFER: usize = 16 * 1024;
-
-/// Close code for connections an admin disconnects.
-const CLOSE_POLICY: u16 = 1008;
 
 /// Lock stripes for (un)subscribing channels.
 const TRANSITION_STRIPES: usize = 256;
@@ -289,7 +286,7 @@ impl Fanout {
             read(&self.inner.users).get(user).map(|c| c.values().cloned().collect()).unwrap_or_default();
         if let Event::Disconnect(_) = event {
             for outbox in &conns {
-                outbox.close(CLOSE_POLICY, "disconnected by an admin");
+                outbox.close(Close::Policy(Policy::AdminDisconnect));
             }
             return;
         }

@@ -12,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{CommandError, ErrorCode, HttpError};
+use crate::protocol::json;
 use crate::state::AppState;
 use crate::{api, attachments, devtoken, web, ws};
 
@@ -107,7 +108,7 @@ async fn ws_upgrade(
 /// Liveness: the process is up and serving HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "meta", security(()), responses((status = 200, description = "`{status:\"ok\"}`")))]
 async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
+    Json(json::health_body())
 }
 
 /// Readiness: 503 while draining or while a backend is unreachable, so the load
@@ -116,9 +117,5 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let readiness = state.readiness();
     let status = if readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = serde_json::json!({
-        "status": if readiness.is_ready() { "ready" } else { "not_ready" },
-        "checks": readiness,
-    });
-    (status, Json(body))
+    (status, Json(json::readiness_body(&readiness)))
 }

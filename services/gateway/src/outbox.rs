@@ -15,21 +15,12 @@ use std::task::Poll;
 use axum::extract::ws::Message;
 use futures_util::task::AtomicWaker;
 
-/// Close code for a client that cannot keep up ("try again later": it may reconnect
-/// and recover with `since_seq`).
-pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
-
-/// Why a connection is being closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: &'static str,
-}
+use crate::protocol::Close;
 
 /// One queue entry: a frame, or frames that must stay together and in order (a join's
 /// backlog), taking a single slot.
 #[derive(Debug)]
-pub enum Outgoing {
+pub enum Queued {
     One(Message),
     Many(Vec<Message>),
     /// A live message event, with when it was published (Unix µs) for fan-out latency.
@@ -39,16 +30,16 @@ pub enum Outgoing {
 struct Shared {
     id: u64,
     capacity: usize,
-    queue: Mutex<VecDeque<Outgoing>>,
+    queue: Mutex<VecDeque<Queued>>,
     /// The connection's task, woken when frames arrive or a close is asked for.
     waker: AtomicWaker,
-    reason: OnceLock<CloseReason>,
+    reason: OnceLock<Close>,
     /// Counts connections dropped for a full queue.
     drops: prometheus_client::metrics::counter::Counter,
 }
 
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Outgoing>> {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Queued>> {
         // A panic while holding this lock leaves a queue of whole entries: still usable.
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -88,23 +79,23 @@ impl Outbox {
     /// its rooms produce; rather than buffer without bound, the connection is closed
     /// with 1013 and the client recovers what it missed on reconnect.
     pub fn push_event(&self, frame: Message) {
-        self.push(Outgoing::One(frame))
+        self.push(Queued::One(frame))
     }
 
     /// Queues a live message event published at `published_us` (Unix µs).
     pub fn push_timed(&self, frame: Message, published_us: i64) {
-        self.push(Outgoing::Timed(frame, published_us))
+        self.push(Queued::Timed(frame, published_us))
     }
 
     /// Queues frames that must arrive together, in order, in one slot; a full queue
     /// closes the connection as in `push_event`.
     pub fn push_batch(&self, frames: Vec<Message>) {
         if !frames.is_empty() {
-            self.push(Outgoing::Many(frames))
+            self.push(Queued::Many(frames))
         }
     }
 
-    fn push(&self, item: Outgoing) {
+    fn push(&self, item: Queued) {
         if self.close_reason().is_some() {
             // The connection is going away; its task reads no more.
             return;
@@ -116,7 +107,7 @@ impl Outbox {
             if self.close_reason().is_none() {
                 self.shared.drops.inc();
             }
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer");
+            self.close(Close::SlowConsumer);
             return;
         }
         let was_empty = queue.is_empty();
@@ -128,14 +119,14 @@ impl Outbox {
         }
     }
 
-    /// Asks the connection to close with `code`; the first reason given wins.
-    pub fn close(&self, code: u16, reason: &'static str) {
-        let _ = self.shared.reason.set(CloseReason { code, reason });
+    /// Asks the connection to close; the first reason given wins.
+    pub fn close(&self, close: Close) {
+        let _ = self.shared.reason.set(close);
         self.shared.waker.wake();
     }
 
     /// The reason given to `close`, if it has been called.
-    pub fn close_reason(&self) -> Option<CloseReason> {
+    pub fn close_reason(&self) -> Option<Close> {
         self.shared.reason.get().copied()
     }
 }
@@ -156,7 +147,7 @@ impl Receiver {
 
     /// Moves every queued entry, oldest first, to the back of `into`. Swapping buffers
     /// keeps the lock short and lets both sides reuse their allocations.
-    pub fn take(&self, into: &mut VecDeque<Outgoing>) {
+    pub fn take(&self, into: &mut VecDeque<Queued>) {
         let mut queue = self.shared.queue();
         if into.is_empty() {
             std::mem::swap(&mut *queue, into);
@@ -166,7 +157,7 @@ impl Receiver {
     }
 
     /// The reason given to `close`, if it has been called.
-    pub fn close_reason(&self) -> Option<CloseReason> {
+    pub fn close_reason(&self) -> Option<Close> {
         self.shared.reason.get().copied()
     }
 }
@@ -237,12 +228,12 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn texts(items: &VecDeque<Outgoing>) -> Vec<String> {
+    fn texts(items: &VecDeque<Queued>) -> Vec<String> {
         items
             .iter()
             .flat_map(|item| match item {
-                Outgoing::One(m) | Outgoing::Timed(m, _) => vec![m.clone()],
-                Outgoing::Many(ms) => ms.clone(),
+                Queued::One(m) | Queued::Timed(m, _) => vec![m.clone()],
+                Queued::Many(ms) => ms.clone(),
             })
             .map(|m| m.into_text().map(|t| t.to_string()).unwrap_or_default())
             .collect()
@@ -255,7 +246,8 @@ mod tests {
         outbox.push_batch(vec![Message::Text("b".into()), Message::Text("c".into())]);
         assert_eq!(outbox.close_reason(), None);
         outbox.push_event(Message::Text("d".into()));
-        assert_eq!(outbox.close_reason(), Some(CloseReason { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer" }));
+        assert_eq!(outbox.close_reason(), Some(Close::SlowConsumer));
+        assert_eq!(outbox.close_reason().map(|c| (c.code(), c.reason())), Some((1013, "slow consumer")));
         outbox.push_event(Message::Text("e".into()));
         let mut taken = VecDeque::new();
         rx.take(&mut taken);
@@ -265,10 +257,10 @@ mod tests {
     #[tokio::test]
     async fn the_first_close_reason_wins() {
         let (outbox, rx) = Outbox::new(1, 2, Default::default());
-        outbox.close(4001, "token expired");
-        outbox.close(1012, "restart");
-        assert_eq!(outbox.close_reason().unwrap().code, 4001);
-        assert_eq!(rx.close_reason().unwrap().code, 4001);
+        outbox.close(Close::TokenExpired);
+        outbox.close(Close::Restart);
+        assert_eq!(outbox.close_reason().unwrap().code(), 4001);
+        assert_eq!(rx.close_reason().unwrap().code(), 4001);
     }
 
     #[test]
@@ -280,12 +272,12 @@ mod tests {
         registry.add(&b);
         registry.remove(2);
         assert_eq!(registry.len(), 1);
-        registry.close_all(|o| o.close(1012, "server restart"));
-        assert_eq!(a.close_reason().map(|r| r.code), Some(1012));
+        registry.close_all(|o| o.close(Close::Restart));
+        assert_eq!(a.close_reason().map(|r| r.code()), Some(1012));
         assert_eq!(b.close_reason(), None, "an ended connection is not touched");
         let (late, _ql) = Outbox::new(3, 4, Default::default());
         registry.add(&late);
-        assert_eq!(late.close_reason().map(|r| r.code), Some(1012));
+        assert_eq!(late.close_reason().map(|r| r.code()), Some(1012));
         assert!(registry.is_empty());
     }
 
@@ -312,10 +304,10 @@ mod tests {
         let closer = outbox.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            closer.close(1000, "");
+            closer.close(Close::Normal);
         });
         tokio::time::timeout(Duration::from_secs(5), rx.ready()).await.expect("woken by close");
-        assert_eq!(rx.close_reason().unwrap().code, 1000);
+        assert_eq!(rx.close_reason().unwrap().code(), 1000);
         outbox.push_event(Message::Text("late".into()));
         let mut after = VecDeque::new();
         rx.take(&mut after);

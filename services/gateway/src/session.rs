@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chat_proto::v1 as pb;
-use serde::Serialize;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -14,13 +13,10 @@ use crate::auth::{self, Claims};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode};
 use crate::outbox::Outbox;
-use crate::protocol::{self, Command, Empty, MessageBody, MessageJson, PageBody, RoomBody, RoomJson, RoomsBody};
+use crate::protocol::{client, server, Close, Command, Policy};
 use crate::ratelimit::{ConnLimiter, Verdict};
 use crate::room::Listener;
 use crate::state::AppState;
-
-/// Close code for a client that keeps sending while rate limited.
-const CLOSE_POLICY: u16 = 1008;
 
 /// The per-connection state behind the command loop.
 pub struct Session {
@@ -63,14 +59,14 @@ impl Session {
         if text.len() > limit {
             let err =
                 CommandError::new(ErrorCode::TooLarge, format!("frame is {} bytes; the limit is {limit}", text.len()));
-            return protocol::error(protocol::peek_id(text).as_deref(), &err);
+            return server::error(client::peek_id(text).as_deref(), &err);
         }
         let metrics = self.state.metrics().clone();
-        let frame = match protocol::parse(text) {
+        let frame = match client::parse(text) {
             Ok(frame) => frame,
             Err(bad) => {
                 metrics.command("invalid", bad.error.code.as_str());
-                return protocol::error(bad.id.as_deref(), &bad.error);
+                return server::error(bad.id.as_deref(), &bad.error);
             }
         };
         let name = frame.command.name();
@@ -80,14 +76,14 @@ impl Session {
                 Some(CommandError::rate_limited("too many commands; slow down", wait.as_millis().max(1) as u64))
             }
             Verdict::Abuse => {
-                self.listener.outbox.close(CLOSE_POLICY, "rate limit exceeded");
+                self.listener.outbox.close(Close::Policy(Policy::RateLimit));
                 Some(CommandError::rate_limited("too many commands; closing", 1000))
             }
         };
         if let Some(err) = refusal {
             metrics.rate_limited.inc();
             metrics.command(name, err.code.as_str());
-            return protocol::error(frame.id.as_deref(), &err);
+            return server::error(frame.id.as_deref(), &err);
         }
         let id = frame.id.as_deref();
         // The root of a command's trace: the gRPC call, the message service's work and every
@@ -107,7 +103,7 @@ impl Session {
         };
         span.record("outcome", outcome);
         metrics.command(name, outcome);
-        result.unwrap_or_else(|err| protocol::error(id, &err))
+        result.unwrap_or_else(|err| server::error(id, &err))
     }
 
     fn who(&self) -> Option<pb::Caller> {
@@ -116,22 +112,20 @@ impl Session {
 
     async fn execute(&mut self, id: Option<&str>, command: Command) -> Result<String, CommandError> {
         let backend = self.state.backend().clone();
-        let ok = |body| Ok(protocol::ack(id, body));
         match command {
-            Command::Ping {} => Ok(protocol::pong(id)),
+            Command::Ping {} => Ok(server::pong(id)),
             Command::Auth { .. } => Err(CommandError::bad_request("already authenticated")),
             Command::CreateRoom { kind, name, members } => {
                 let req =
                     pb::CreateRoomRequest { caller: self.who(), kind: pb::RoomKind::from(kind) as i32, name, members };
-                let room = backend.create_room(req).await?;
-                Ok(protocol::ack(id, RoomBody { room: RoomJson(&room) }))
+                Ok(server::room_ack(id, &backend.create_room(req).await?))
             }
             Command::Join { room, since_seq } => self.join(id, room, since_seq).await,
             Command::Leave { room } => {
                 if self.joined.remove(&room) {
                     self.state.fanout().leave(&room, self.listener.outbox.id()).await;
                 }
-                ok(Empty {})
+                Ok(server::ack(id))
             }
             Command::Send { room, text, kind, attachments, reply_to, client_msg_id } => {
                 let req = pb::SendMessageRequest {
@@ -143,99 +137,49 @@ impl Session {
                     reply_to,
                     client_msg_id,
                 };
-                let message = backend.send_message(req).await?;
-                Ok(protocol::ack(id, MessageBody { message: MessageJson(&message) }))
+                Ok(server::message_ack(id, &backend.send_message(req).await?))
             }
             Command::History { room, before_seq, after_seq, limit } => {
-                let limit = protocol::page_limit(limit)?;
+                let limit = client::page_limit(limit)?;
                 let req = pb::HistoryRequest { caller: self.who(), room_id: room, before_seq, after_seq, limit };
-                let page = backend.history(req).await?;
-                Ok(protocol::ack(id, PageBody::from(&page)))
+                Ok(server::page_ack(id, &backend.history(req).await?))
             }
             Command::AddMembers { room, members } => {
-                let reply =
-                    backend.add_members(pb::AddMembersRequest { caller: self.who(), room_id: room, members }).await?;
-                let room = reply.room.unwrap_or_default();
-                #[derive(Serialize)]
-                struct Added<'a> {
-                    room: RoomJson<'a>,
-                    added: &'a [String],
-                }
-                Ok(protocol::ack(id, Added { room: RoomJson(&room), added: &reply.added }))
+                let req = pb::AddMembersRequest { caller: self.who(), room_id: room, members };
+                let reply = backend.add_members(req).await?;
+                Ok(server::members_added_ack(id, &reply.room.unwrap_or_default(), &reply.added))
             }
             Command::RemoveMember { room, user_id } => {
                 backend.remove_member(pb::RemoveMemberRequest { caller: self.who(), room_id: room, user_id }).await?;
-                ok(Empty {})
+                Ok(server::ack(id))
             }
-            Command::Rooms {} => {
-                let rooms = backend.list_rooms(caller(&self.claims)).await?;
-                Ok(protocol::ack(id, RoomsBody::from(rooms.as_slice())))
-            }
+            Command::Rooms {} => Ok(server::rooms_ack(id, &backend.list_rooms(caller(&self.claims)).await?)),
             Command::Edit { message_id, text } => {
-                let message =
-                    backend.edit_message(pb::EditMessageRequest { caller: self.who(), message_id, text }).await?;
-                Ok(protocol::ack(id, MessageBody { message: MessageJson(&message) }))
+                let req = pb::EditMessageRequest { caller: self.who(), message_id, text };
+                Ok(server::message_ack(id, &backend.edit_message(req).await?))
             }
             Command::Delete { message_id } => {
                 backend.delete_message(pb::DeleteMessageRequest { caller: self.who(), message_id }).await?;
-                ok(Empty {})
+                Ok(server::ack(id))
             }
             Command::React { message_id, emoji } => {
                 backend.react(pb::ReactRequest { caller: self.who(), message_id, emoji, add: true }).await?;
-                ok(Empty {})
+                Ok(server::ack(id))
             }
             Command::Unreact { message_id, emoji } => {
                 backend.react(pb::ReactRequest { caller: self.who(), message_id, emoji, add: false }).await?;
-                ok(Empty {})
+                Ok(server::ack(id))
             }
-            Command::Typing { room, active } => {
-                if !self.joined.contains(&room) {
-                    // Typing needs membership, not a join: check it like a join would.
-                    backend.join_room(caller(&self.claims), room.clone()).await?;
-                }
-                let event = pb::envelope::Event::Typing(pb::Typing {
-                    room_id: room.clone(),
-                    user_id: self.claims.sub.clone(),
-                    active,
-                });
-                self.state.presence().publisher().room(&room, event).await?;
-                ok(Empty {})
-            }
+            Command::Typing { room, active } => self.typing(id, room, active).await,
             Command::Read { room, seq } => {
-                let read_seq =
-                    backend.mark_read(pb::MarkReadRequest { caller: self.who(), room_id: room, seq }).await?;
-                #[derive(Serialize)]
-                struct Read {
-                    seq: i64,
-                }
-                Ok(protocol::ack(id, Read { seq: read_seq }))
+                let req = pb::MarkReadRequest { caller: self.who(), room_id: room, seq };
+                Ok(server::read_ack(id, backend.mark_read(req).await?))
             }
             Command::Presence { room } => {
                 let info = backend.join_room(caller(&self.claims), room).await?;
-                let online = self.state.presence().online(&info.members).await;
-                #[derive(Serialize)]
-                struct Online {
-                    online: Vec<String>,
-                }
-                Ok(protocol::ack(id, Online { online }))
+                Ok(server::online_ack(id, &self.state.presence().online(&info.members).await))
             }
-            Command::RefreshToken { token } => {
-                let claims = self
-                    .state
-                    .verifier()
-                    .verify(&token)
-                    .map_err(|e| CommandError::new(ErrorCode::Unauthorized, e.to_string()))?;
-                if claims.sub != self.claims.sub {
-                    return Err(CommandError::new(ErrorCode::Forbidden, "the new token is for another user"));
-                }
-                self.expires_at = token_deadline(claims.exp);
-                self.claims = claims;
-                #[derive(Serialize)]
-                struct Refreshed {
-                    expires_at: String,
-                }
-                Ok(protocol::ack(id, Refreshed { expires_at: protocol::timestamp(self.claims.exp * 1000) }))
-            }
+            Command::RefreshToken { token } => self.refresh(id, &token),
         }
     }
 
@@ -251,14 +195,32 @@ impl Session {
         let joined = self.state.fanout().join(&room, self.listener.clone(), since_seq).await?;
         self.joined.insert(room.clone());
         let online = self.state.presence().online(&info.members).await;
-        #[derive(Serialize)]
-        struct Joined<'a> {
-            room: &'a str,
-            last_seq: i64,
-            online: Vec<String>,
-            truncated: bool,
+        Ok(server::joined_ack(id, &room, joined.last_seq, &online, joined.truncated))
+    }
+
+    async fn typing(&mut self, id: Option<&str>, room: String, active: bool) -> Result<String, CommandError> {
+        if !self.joined.contains(&room) {
+            // Typing needs membership, not a join: check it like a join would.
+            self.state.backend().join_room(caller(&self.claims), room.clone()).await?;
         }
-        Ok(protocol::ack(id, Joined { room: &room, last_seq: joined.last_seq, online, truncated: joined.truncated }))
+        let event =
+            pb::envelope::Event::Typing(pb::Typing { room_id: room.clone(), user_id: self.claims.sub.clone(), active });
+        self.state.presence().publisher().room(&room, event).await?;
+        Ok(server::ack(id))
+    }
+
+    fn refresh(&mut self, id: Option<&str>, token: &str) -> Result<String, CommandError> {
+        let claims = self
+            .state
+            .verifier()
+            .verify(token)
+            .map_err(|e| CommandError::new(ErrorCode::Unauthorized, e.to_string()))?;
+        if claims.sub != self.claims.sub {
+            return Err(CommandError::new(ErrorCode::Forbidden, "the new token is for another user"));
+        }
+        self.expires_at = token_deadline(claims.exp);
+        self.claims = claims;
+        Ok(server::refreshed_ack(id, self.claims.exp))
     }
 
     /// Leaves every joined room; called once when the connection ends.

@@ -17,9 +17,9 @@ use tokio::time::Instant;
 
 use crate::auth::{self, Claims};
 use crate::error::{CommandError, ErrorCode, HttpError};
-use crate::outbox::{CloseReason, Outbox, Outgoing, Receiver, CLOSE_SLOW_CONSUMER};
+use crate::outbox::{Outbox, Queued, Receiver};
 use crate::presence::Admission;
-use crate::protocol::{self, Command};
+use crate::protocol::{client, server, Close, Command, Policy};
 use crate::session::Session;
 use crate::state::AppState;
 
@@ -27,21 +27,14 @@ use crate::state::AppState;
 /// protocol limit (64 KiB) and this get a `too_large` error, larger ones close with 1009.
 const SOCKET_MAX_MESSAGE: usize = 1024 * 1024;
 
-/// Close codes used here.
-const CLOSE_POLICY: u16 = 1008;
-const CLOSE_RESTART: u16 = 1012;
 /// Bytes read from a socket at a time.
 const READ_BUFFER: usize = 512;
 /// Bytes of queued frames gathered before a write; the writer flushes after each batch.
 const WRITE_BUFFER: usize = 16 * 1024;
-const CLOSE_GOING_AWAY: u16 = 1001;
-const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// When a client over the per-user connection cap may try again.
 const CONNECTION_CAP_RETRY_MS: u64 = 5_000;
 /// How long the last frames of a closing connection may take to write.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Not sent on the wire: the socket is already gone.
-const CLOSE_ABNORMAL: u16 = 1006;
 
 /// `GET /ws`: verifies a token given in the `Authorization` header or `?token=`, then
 /// upgrades. A bad token gets HTTP 401 and no upgrade; no token means the client must
@@ -114,15 +107,7 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
     let conn_id = state.next_conn_id();
     let settings = state.settings();
     let session_id = format!("{:032x}", rand::rng().random::<u128>());
-    let welcome = protocol::Welcome {
-        kind: "welcome",
-        id: auth_id.as_deref(),
-        user_id: &claims.sub,
-        session_id: &session_id,
-        heartbeat_ms: settings.heartbeat.as_millis() as u64,
-        server_time: protocol::now(),
-    };
-    let welcome = serde_json::to_string(&welcome).unwrap_or_default();
+    let welcome = server::welcome(auth_id.as_deref(), &claims.sub, &session_id, settings.heartbeat);
     tracing::debug!(conn = conn_id, user = %claims.sub, session = %session_id, "connection authenticated");
 
     let admission = state.presence().admit(&claims.sub).await;
@@ -131,8 +116,8 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
             "connection limit reached: too many open connections for this user",
             CONNECTION_CAP_RETRY_MS,
         );
-        let error = protocol::error(auth_id.as_deref(), &err);
-        refuse(&mut socket, error, CLOSE_POLICY, "too many connections").await;
+        let error = server::error(auth_id.as_deref(), &err);
+        refuse(&mut socket, error, Close::Policy(Policy::TooManyConnections)).await;
         return None;
     }
     state.metrics().connections.inc();
@@ -149,7 +134,7 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
     state.open_connections().add(&outbox);
     let mut conn = Connection { socket, queue, outbox, pending: VecDeque::new(), published: Vec::new(), state };
     if !conn.write(Message::Text(welcome.into())).await {
-        conn.outbox.close(CLOSE_ABNORMAL, "");
+        conn.outbox.close(Close::Abnormal);
     }
     Some((conn, session))
 }
@@ -158,15 +143,18 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
 pub fn restart(outbox: &Outbox) {
     // Spread reconnects so a restarting gateway doesn't stampede the others.
     let after_ms = rand::rng().random_range(0..2_000u64);
-    let frame = format!(r#"{{"type":"reconnect","after_ms":{after_ms}}}"#);
-    outbox.push_event(Message::Text(frame.into()));
-    outbox.close(CLOSE_RESTART, "server restart");
+    outbox.push_event(Message::Text(server::reconnect(after_ms).into()));
+    outbox.close(Close::Restart);
 }
 
 /// Sends an error frame and a close frame to a client that is not let in.
-async fn refuse(socket: &mut WebSocket, error: String, code: u16, reason: &'static str) {
+async fn refuse(socket: &mut WebSocket, error: String, close: Close) {
     let _ = socket.send(Message::Text(error.into())).await;
-    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    let _ = socket.send(Message::Close(Some(close_frame(close)))).await;
+}
+
+fn close_frame(close: Close) -> CloseFrame {
+    CloseFrame { code: close.code(), reason: close.reason().into() }
 }
 
 /// Waits for `{"type":"auth","token":...}` within the auth timeout. Anything else gets
@@ -185,20 +173,18 @@ async fn first_frame_auth(state: &AppState, socket: &mut WebSocket) -> Option<(C
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             Ok(Some(Ok(Message::Binary(_)))) => break (None, "the first frame must be an auth frame".to_owned()),
         };
-        match protocol::parse(&text) {
-            Ok(protocol::ClientFrame { id, command: Command::Auth { token } }) => {
-                match state.verifier().verify(&token) {
-                    Ok(claims) => return Some((claims, id)),
-                    Err(err) => break (id, err.to_string()),
-                }
-            }
+        match client::parse(&text) {
+            Ok(client::ClientFrame { id, command: Command::Auth { token } }) => match state.verifier().verify(&token) {
+                Ok(claims) => return Some((claims, id)),
+                Err(err) => break (id, err.to_string()),
+            },
             Ok(frame) => break (frame.id, "the first frame must be an auth frame".to_owned()),
             Err(bad) => break (bad.id, "the first frame must be an auth frame".to_owned()),
         }
     };
     let (id, message) = refusal;
-    let error = protocol::error(id.as_deref(), &CommandError::new(ErrorCode::Unauthorized, message));
-    refuse(socket, error, CLOSE_POLICY, "unauthorized").await;
+    let error = server::error(id.as_deref(), &CommandError::new(ErrorCode::Unauthorized, message));
+    refuse(socket, error, Close::Policy(Policy::Unauthorized)).await;
     None
 }
 
@@ -215,7 +201,7 @@ struct Connection {
     /// The producers' end of `queue`, kept to close the connection with a reason.
     outbox: Outbox,
     /// Entries taken from the queue, written in one batch and one flush.
-    pending: VecDeque<Outgoing>,
+    pending: VecDeque<Queued>,
     /// Publish times (Unix µs) of the live events in the batch being written.
     published: Vec<i64>,
     state: AppState,
@@ -246,7 +232,7 @@ impl Connection {
                     let text = match frame {
                         Some(Ok(Message::Text(text))) => text,
                         Some(Ok(Message::Binary(_))) => {
-                            let error = protocol::error(
+                            let error = server::error(
                                 None,
                                 &CommandError::bad_request("binary frames are not supported; send JSON text frames"),
                             );
@@ -258,14 +244,7 @@ impl Connection {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Ok(Message::Close(_))) | None => break,
                         Some(Err(err)) => {
-                            // Oversized messages end here: tungstenite refuses them before we see them.
-                            let err = err.to_string();
-                            let (code, reason) = if err.contains("too long") || err.contains("Space limit") {
-                                (1009, "message too big")
-                            } else {
-                                (CLOSE_ABNORMAL, "")
-                            };
-                            self.outbox.close(code, reason);
+                            self.outbox.close(Close::after_read_error(&err));
                             break;
                         }
                     };
@@ -293,25 +272,25 @@ impl Connection {
                         break;
                     }
                     if !self.flush_queue().await {
-                        self.outbox.close(CLOSE_ABNORMAL, "");
+                        self.outbox.close(Close::Abnormal);
                         break;
                     }
                 }
                 () = &mut timer => {
                     let now = Instant::now();
                     if now >= expires_at {
-                        self.outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
+                        self.outbox.close(Close::TokenExpired);
                         break;
                     }
                     next_ping = now + heartbeat;
                     timer.as_mut().reset(next_ping.min(expires_at));
                     let silent_ms = state.uptime_ms().saturating_sub(last_seen_ms);
                     if silent_ms > 2 * heartbeat.as_millis() as u64 {
-                        self.outbox.close(CLOSE_GOING_AWAY, "heartbeat timeout");
+                        self.outbox.close(Close::HeartbeatTimeout);
                         break;
                     }
                     if !self.write(Message::Ping(Default::default())).await {
-                        self.outbox.close(CLOSE_ABNORMAL, "");
+                        self.outbox.close(Close::Abnormal);
                         break;
                     }
                 }
@@ -324,8 +303,7 @@ impl Connection {
             // else, and the session is needed to leave its rooms.
             (None, Some(running)) => {
                 let (session, reply) = running.await;
-                let reason = self.outbox.close_reason().map(|r| r.code);
-                if !matches!(reason, Some(CLOSE_ABNORMAL | CLOSE_SLOW_CONSUMER)) {
+                if !matches!(self.outbox.close_reason(), Some(Close::Abnormal | Close::SlowConsumer)) {
                     // Bounded like the close frame: a client that stopped reading can't hold us.
                     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.reply(reply)).await;
                 }
@@ -370,12 +348,12 @@ impl Connection {
         }
         while let Some(item) = self.pending.pop_front() {
             let ok = match item {
-                Outgoing::One(frame) => self.socket.feed(frame).await.is_ok(),
-                Outgoing::Timed(frame, at) => {
+                Queued::One(frame) => self.socket.feed(frame).await.is_ok(),
+                Queued::Timed(frame, at) => {
                     self.published.push(at);
                     self.socket.feed(frame).await.is_ok()
                 }
-                Outgoing::Many(frames) => {
+                Queued::Many(frames) => {
                     let mut ok = true;
                     for frame in frames {
                         if self.socket.feed(frame).await.is_err() {
@@ -408,15 +386,14 @@ impl Connection {
     /// notice) go out before the close frame, except to a slow consumer, whose queue
     /// is what we are giving up on.
     async fn close(&mut self) {
-        let reason = self.outbox.close_reason().unwrap_or(CloseReason { code: 1000, reason: "" });
-        self.outbox.close(reason.code, reason.reason);
-        if reason.code == CLOSE_ABNORMAL {
+        let reason = self.outbox.close_reason().unwrap_or(Close::Normal);
+        self.outbox.close(reason);
+        if reason == Close::Abnormal {
             return;
         }
-        let close = CloseFrame { code: reason.code, reason: reason.reason.into() };
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
-            if reason.code == CLOSE_SLOW_CONSUMER || self.flush_queue().await {
-                let _ = self.socket.send(Message::Close(Some(close))).await;
+            if reason == Close::SlowConsumer || self.flush_queue().await {
+                let _ = self.socket.send(Message::Close(Some(close_frame(reason)))).await;
             }
         })
         .await;

@@ -3,7 +3,7 @@
 //! client sent.
 
 use chat_gateway::error::ErrorCode;
-use chat_gateway::protocol::{self, parse};
+use chat_gateway::protocol::client::{self, parse};
 use proptest::prelude::*;
 
 const TYPES: &[&str] = &[
@@ -90,7 +90,7 @@ proptest! {
         if let Err(bad) = parse(&text) {
             prop_assert_eq!(bad.error.code, ErrorCode::BadRequest);
         }
-        let _ = protocol::peek_id(&text);
+        let _ = client::peek_id(&text);
     }
 
     #[test]

@@ -1,0 +1,13 @@
+//! The client wire protocol (contract v1), and the only place its JSON is spelled:
+//! what clients send (`client`), what the server sends over WebSocket (`server`), the
+//! objects and REST bodies both share (`json`), and how connections close (`close`).
+
+pub mod client;
+pub mod close;
+pub mod json;
+pub mod server;
+
+pub use client::Command;
+pub use close::{Close, Policy};
+// The room task builds its event frames through these paths.
+pub use server::{event_frame, message_event, typing_event};
