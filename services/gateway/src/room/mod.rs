@@ -8,6 +8,8 @@
 mod log;
 mod recent;
 mod task;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
