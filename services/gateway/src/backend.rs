@@ -227,6 +227,23 @@ impl Backend {
     }
 }
 
+/// The room tasks read a room's stored messages from the message service.
+impl crate::room::RoomLog for Backend {
+    async fn last_seq(&self, room_id: String) -> Result<i64, CommandError> {
+        self.room_seq(room_id).await
+    }
+
+    async fn messages(
+        &self,
+        room_id: String,
+        after: i64,
+        before: i64,
+        limit: u32,
+    ) -> Result<Vec<pb::Message>, CommandError> {
+        self.room_messages(room_id, after, before, limit).await
+    }
+}
+
 fn missing() -> CommandError {
     CommandError::from(tonic::Status::internal("message service returned an empty reply"))
 }

@@ -16,6 +16,7 @@ use fred::prelude::{ClientLike, EventInterface};
 use fred::types::Message as RedisMessage;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::error::{CommandError, ErrorCode};
@@ -55,6 +56,8 @@ struct Inner {
     /// concurrent join, while different channels' (un)subscribes go out together: when a
     /// gateway dies, thousands of users arrive at once, each needing its user channel.
     transitions: Stripes,
+    /// Every room task, so shutdown can wait for them.
+    room_tasks: TaskTracker,
 }
 
 impl Fanout {
@@ -93,8 +96,14 @@ impl Fanout {
                 rooms: RwLock::new(HashMap::new()),
                 users: RwLock::new(HashMap::new()),
                 transitions: Stripes::new(TRANSITION_STRIPES),
+                room_tasks: TaskTracker::new(),
             }),
         })
+    }
+
+    /// Every room task; they end once their last local listener has left.
+    pub fn room_tasks(&self) -> &TaskTracker {
+        &self.inner.room_tasks
     }
 
     /// True while the Redis subscriber connection is up.
@@ -134,7 +143,8 @@ impl Fanout {
                 return Err(err);
             }
         };
-        let hub = RoomHandle::spawn(room.to_owned(), last_seq, self.inner.backend.clone(), self.inner.metrics.clone());
+        let (backend, metrics) = (self.inner.backend.clone(), self.inner.metrics.clone());
+        let hub = RoomHandle::spawn(room.to_owned(), last_seq, backend, metrics, &self.inner.room_tasks);
         write(&self.inner.rooms).insert(room.to_owned(), hub.clone());
         Ok(hub)
     }
