@@ -22,7 +22,7 @@ use crate::backend::Backend;
 use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::protocol::{self, Close, Policy};
+use crate::protocol::{server, Close, Policy};
 use crate::room::{delivery_span, Joined, Listener, RoomHandle};
 use crate::stripes::Stripes;
 
@@ -282,7 +282,7 @@ impl Fanout {
     }
 
     fn deliver_to_everyone(&self, event: Event) {
-        let Some(frame) = protocol::event_frame(&event) else { return };
+        let Some(frame) = server::event_frame(&event) else { return };
         let frame = Utf8Bytes::from(frame);
         for conns in read(&self.inner.users).values() {
             for outbox in conns.values() {
@@ -300,7 +300,7 @@ impl Fanout {
             }
             return;
         }
-        let Some(frame) = protocol::event_frame(&event) else { return };
+        let Some(frame) = server::event_frame(&event) else { return };
         let frame = Utf8Bytes::from(frame);
         for outbox in &conns {
             outbox.push_event(WsMessage::Text(frame.clone()));

@@ -9,5 +9,3 @@ pub mod server;
 
 pub use client::Command;
 pub use close::{Close, Policy};
-// The room task builds its event frames through these paths.
-pub use server::{event_frame, message_event, typing_event};

@@ -73,7 +73,7 @@ impl Recent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol;
+    use crate::protocol::server;
 
     fn messages(seqs: impl IntoIterator<Item = i64>) -> Vec<pb::Message> {
         seqs.into_iter().map(|seq| pb::Message { seq, text: Some(format!("m{seq}")), ..Default::default() }).collect()
@@ -81,7 +81,7 @@ mod tests {
 
     fn recent(seqs: impl IntoIterator<Item = i64>, watermark: i64) -> Option<Recent> {
         let backlog = messages(seqs);
-        let frames: Vec<Utf8Bytes> = backlog.iter().map(|m| Utf8Bytes::from(protocol::message_event(m))).collect();
+        let frames: Vec<Utf8Bytes> = backlog.iter().map(|m| Utf8Bytes::from(server::message_event(m))).collect();
         Recent::from_backlog(&backlog, &frames, watermark)
     }
 
@@ -105,7 +105,7 @@ mod tests {
         assert_eq!(seqs(&recent.after(6, 8).expect("covered")), [7, 8]);
         assert!(recent.after(3, 8).is_none(), "seq 4 was never fetched");
         assert!(recent.after(6, 9).is_none(), "seq 9 is not in the frames");
-        let next = Utf8Bytes::from(protocol::message_event(&messages([9])[0]));
+        let next = Utf8Bytes::from(server::message_event(&messages([9])[0]));
         assert!(recent.push(9, &next));
         assert_eq!(seqs(&recent.after(7, 9).expect("covered")), [8, 9]);
         assert!(!recent.push(11, &next), "a gap is refused");
@@ -124,7 +124,7 @@ mod tests {
         let mut recent = recent(1..=n + 10, n + 10).expect("kept");
         assert_eq!(recent.first, 11);
         assert!(recent.after(5, n + 10).is_none());
-        let next = Utf8Bytes::from(protocol::message_event(&messages([n + 11])[0]));
+        let next = Utf8Bytes::from(server::message_event(&messages([n + 11])[0]));
         assert!(recent.push(n + 11, &next));
         assert_eq!(recent.first, 12);
         assert_eq!(recent.frames.len(), RECENT_FRAMES);

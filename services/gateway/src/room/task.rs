@@ -15,7 +15,7 @@ use super::recent::Recent;
 use super::{delivery_span, Joined, Listener, Mail, RoomLog, MAX_BACKLOG, TYPING_TTL};
 use crate::error::CommandError;
 use crate::metrics::Metrics;
-use crate::protocol;
+use crate::protocol::server;
 
 pub(super) struct RoomTask<L> {
     room_id: String,
@@ -88,13 +88,13 @@ impl<L: RoomLog> RoomTask<L> {
                 } else {
                     self.typing.remove(&user);
                 }
-                self.deliver_except(&user, protocol::typing_event(&self.room_id, &user, typing.active));
+                self.deliver_except(&user, server::typing_event(&self.room_id, &user, typing.active));
             }
             other => {
                 if matches!(other, Event::MessageEdited(_) | Event::MessageDeleted(_) | Event::Reaction(_)) {
                     self.recent = None;
                 }
-                if let Some(frame) = protocol::event_frame(&other) {
+                if let Some(frame) = server::event_frame(&other) {
                     self.deliver(frame);
                 }
             }
@@ -111,7 +111,7 @@ impl<L: RoomLog> RoomTask<L> {
             self.repair(message.seq).await;
         }
         self.seq = message.seq;
-        let frame = Utf8Bytes::from(protocol::message_event(&message));
+        let frame = Utf8Bytes::from(server::message_event(&message));
         if self.recent.as_mut().is_some_and(|r| r.expired() || !r.push(message.seq, &frame)) {
             self.recent = None;
         }
@@ -130,7 +130,7 @@ impl<L: RoomLog> RoomTask<L> {
                 Ok(messages) if !messages.is_empty() => {
                     self.metrics.gap_repairs.inc_by(messages.len() as u64);
                     for m in &messages {
-                        self.deliver(protocol::message_event(m));
+                        self.deliver(server::message_event(m));
                     }
                     self.seq = messages.last().map_or(self.seq, |m| m.seq);
                 }
@@ -181,7 +181,7 @@ impl<L: RoomLog> RoomTask<L> {
                     None => {
                         let backlog = self.fetch(after, self.seq + 1).await?;
                         let frames: Vec<Utf8Bytes> =
-                            backlog.iter().map(|m| Utf8Bytes::from(protocol::message_event(m))).collect();
+                            backlog.iter().map(|m| Utf8Bytes::from(server::message_event(m))).collect();
                         self.recent = Recent::from_backlog(&backlog, &frames, self.seq);
                         frames.into_iter().map(WsMessage::Text).collect()
                     }
@@ -199,7 +199,7 @@ impl<L: RoomLog> RoomTask<L> {
             self.typing.iter().filter(|(_, until)| **until <= now).map(|(u, _)| u.clone()).collect();
         for user in expired {
             self.typing.remove(&user);
-            self.deliver_except(&user, protocol::typing_event(&self.room_id, &user, false));
+            self.deliver_except(&user, server::typing_event(&self.room_id, &user, false));
         }
     }
 

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::error::CommandError;
-use crate::outbox::{Outgoing, Receiver};
+use crate::outbox::{Queued, Receiver};
 
 const ROOM: &str = "7";
 
@@ -140,8 +140,8 @@ fn take(rx: &Receiver) -> Vec<String> {
     queued
         .into_iter()
         .flat_map(|item| match item {
-            Outgoing::One(frame) | Outgoing::Timed(frame, _) => vec![frame],
-            Outgoing::Many(frames) => frames,
+            Queued::One(frame) | Queued::Timed(frame, _) => vec![frame],
+            Queued::Many(frames) => frames,
         })
         .map(|frame| match frame {
             WsMessage::Text(text) => text.as_str().to_owned(),
@@ -405,7 +405,11 @@ async fn an_edit_delete_or_reaction_drops_the_kept_frames() {
         assert_eq!(log.fetches(), [(5, 11), (7, 11)], "{kind}: the join asks the log again");
         let replayed = take(&b_rx);
         assert_eq!(seqs(&replayed), [8, 9, 10]);
-        assert_eq!(replayed[0], crate::protocol::message_event(&stored), "{kind}: the stored version is replayed");
+        assert_eq!(
+            replayed[0],
+            crate::protocol::server::message_event(&stored),
+            "{kind}: the stored version is replayed"
+        );
     }
 }
 
