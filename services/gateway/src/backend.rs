@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chat_common::startup::Retry;
+use chat_common::MAX_GRPC_MESSAGE;
 use chat_proto::v1 as pb;
 use chat_proto::v1::chat_service_client::ChatServiceClient;
 use tokio_util::sync::CancellationToken;
@@ -13,7 +13,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::auth::Claims;
-use crate::discovery::{self, Targets};
+use crate::config::Config;
+use crate::discovery;
 use crate::error::CommandError;
 use crate::metrics::{MethodLabels, Metrics};
 
@@ -42,9 +43,6 @@ macro_rules! call {
     }};
 }
 
-/// Largest gRPC message: an attachment (10 MiB) plus its envelope.
-const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
-
 /// Handle to the message service; cheap to clone (clones share the HTTP/2 channel).
 #[derive(Clone)]
 pub struct Backend {
@@ -59,17 +57,12 @@ pub fn caller(claims: &Claims) -> pb::Caller {
 }
 
 impl Backend {
-    /// A channel balanced across every address of `targets` (re-resolved every
-    /// `refresh`), with a per-call deadline of `timeout`; waits, with bounded retries,
-    /// until the service reports SERVING.
-    pub async fn connect(
-        targets: Targets,
-        refresh: Duration,
-        timeout: Duration,
-        retry: Retry,
-        metrics: Metrics,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<Self> {
+    /// A channel balanced across every address of the message service's URLs
+    /// (re-resolved until `shutdown`), with the configured per-call deadline; waits, with
+    /// the start-up retries, until the service reports SERVING.
+    pub async fn connect(config: &Config, metrics: Metrics, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let targets = config.message_targets()?;
+        let (refresh, timeout) = (config.dns_refresh(), config.grpc_timeout());
         let label = format!("message service at {targets}");
         let configure = move |endpoint: Endpoint| {
             endpoint
@@ -85,7 +78,9 @@ impl Backend {
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
         let backend = Self { chat, health: HealthClient::new(channel), metrics };
-        retry
+        config
+            .backend
+            .startup_retry()
             .run(&label, || async {
                 match backend.serving().await {
                     Ok(true) => Ok(()),

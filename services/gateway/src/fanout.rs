@@ -16,6 +16,7 @@ use fred::prelude::{ClientLike, EventInterface};
 use fred::types::Message as RedisMessage;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::error::{CommandError, ErrorCode};
@@ -204,14 +205,14 @@ impl Fanout {
 
     /// Reads events from Redis and routes them until `shutdown`. After a Redis
     /// reconnect every room catches up from Postgres, since events published while
-    /// the connection was down are lost.
-    pub async fn run_dispatcher(self, shutdown: CancellationToken) {
+    /// the connection was down are lost. Work it starts runs on `tasks`.
+    pub async fn run_dispatcher(self, tasks: TaskTracker, shutdown: CancellationToken) {
         let mut rx = self.inner.subscriber.client().message_rx();
         let mut reconnects = self.inner.subscriber.client().reconnect_rx();
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Ok(msg) => self.dispatch(msg),
+                    Ok(msg) => self.dispatch(msg, &tasks),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(dropped = n, "fan-out fell behind Redis; resyncing rooms");
                         self.resync_rooms();
@@ -225,7 +226,7 @@ impl Fanout {
                         // Subscriptions are restored asynchronously after the reconnect; a
                         // second pass covers messages published before they were live.
                         let fanout = self.clone();
-                        tokio::spawn(async move {
+                        tasks.spawn(async move {
                             tokio::time::sleep(RESYNC_AGAIN_AFTER).await;
                             fanout.resync_rooms();
                         });
@@ -245,7 +246,7 @@ impl Fanout {
         }
     }
 
-    fn dispatch(&self, msg: RedisMessage) {
+    fn dispatch(&self, msg: RedisMessage, tasks: &TaskTracker) {
         let Some(payload) = msg.value.as_bytes() else {
             tracing::warn!(channel = %msg.channel, "non-binary payload");
             return;
@@ -267,7 +268,7 @@ impl Fanout {
         let Envelope { trace_context, event: Some(event), .. } = envelope else { return };
         if let Some(user) = self.inner.channels.user_of(&msg.channel) {
             let _span = delivery_span(&trace_context, None, self.local_connections(user)).entered();
-            self.deliver_to_user(user, event);
+            self.deliver_to_user(user, event, tasks);
         } else if msg.channel == self.inner.channels.broadcast() {
             let _span = delivery_span(&trace_context, None, 0).entered();
             self.deliver_to_everyone(event);
@@ -284,7 +285,7 @@ impl Fanout {
         }
     }
 
-    fn deliver_to_user(&self, user: &str, event: Event) {
+    fn deliver_to_user(&self, user: &str, event: Event, tasks: &TaskTracker) {
         let conns: Vec<Outbox> =
             read(&self.inner.users).get(user).map(|c| c.values().cloned().collect()).unwrap_or_default();
         if let Event::Disconnect(_) = event {
@@ -301,7 +302,7 @@ impl Fanout {
         if let Event::RoomRemoved(removed) = event {
             // The removed user's connections stop hearing the room at once.
             let fanout = self.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 for outbox in conns {
                     fanout.leave(&removed.room_id, outbox.id()).await;
                 }

@@ -198,7 +198,7 @@ impl Session {
                     user_id: self.claims.sub.clone(),
                     active,
                 });
-                self.state.presence().publisher().room(&room, event).await?;
+                self.state.events().room(&room, event).await?;
                 ok(Empty {})
             }
             Command::Read { room, seq } => {
