@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use chat_common::channels::Channels;
-use chat_common::redis::{PubSub, RedisConfig};
-use chat_common::startup::Retry;
+use chat_common::redis::PubSub;
 use chat_proto::v1::{envelope::Event, Envelope};
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface};
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
+use crate::config::Config;
 use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -76,15 +76,10 @@ fn unavailable(err: fred::error::Error) -> CommandError {
 impl Fanout {
     /// Connects the subscriber, with bounded retries. After that, fred reconnects on its
     /// own and `manage_subscriptions` restores every subscription.
-    pub async fn connect(
-        redis: &RedisConfig,
-        channels: Channels,
-        backend: Backend,
-        metrics: Metrics,
-        retry: Retry,
-    ) -> anyhow::Result<Self> {
+    pub async fn connect(config: &Config, backend: Backend, metrics: Metrics) -> anyhow::Result<Self> {
+        let (redis, channels) = (&config.backend.redis, config.backend.channels());
         let client = redis.builder(Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
-        retry.run("Redis", || client.init()).await?;
+        config.backend.startup_retry().run("Redis", || client.init()).await?;
         let _resubscribe = client.manage_subscriptions();
         let subscriber = redis.subscriber(client);
         subscriber.subscribe(channels.broadcast()).await?;

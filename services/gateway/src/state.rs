@@ -54,8 +54,8 @@ struct Shared {
     /// Open connections, told to reconnect and closed with 1012 after the drain delay.
     open: Registry,
     connections: TaskTracker,
-    /// Everything else spawned (dispatcher, housekeeping, room tasks, announces), waited
-    /// for after the connections, since most of it serves them.
+    /// Everything else spawned (dispatcher, housekeeping, drain, presence announcements,
+    /// resyncs), waited for after the connections, since most of it serves them.
     tasks: TaskTracker,
     next_conn: AtomicU64,
     backend_serving: AtomicBool,
@@ -71,14 +71,7 @@ impl AppState {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let backend = Backend::connect(config, metrics.clone(), shutdown.clone()).await?;
-        let fanout = Fanout::connect(
-            &config.backend.redis,
-            config.backend.channels(),
-            backend.clone(),
-            metrics.clone(),
-            config.backend.startup_retry(),
-        )
-        .await?;
+        let fanout = Fanout::connect(config, backend.clone(), metrics.clone()).await?;
         let redis = config.backend.connect_redis(crate::presence::COMMAND_TIMEOUT).await?;
         let events = EventBus::new(
             config.backend.redis.publisher(redis.clone()),
