@@ -1,10 +1,17 @@
-//! What the gateway and the message service truly share: Redis channel naming,
-//! telemetry initialisation and trace-context propagation, bounded start-up retries, the shutdown signal, and minting dev tokens.
+//! What the gateway and the message service truly share: Redis channel naming and the
+//! event bus, the flags both take, telemetry initialisation and trace-context
+//! propagation, bounded start-up retries, the shutdown signal, and minting dev tokens.
 
 pub mod channels;
+pub mod config;
+pub mod events;
 pub mod propagation;
 pub mod redis;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;
 pub mod token;
+
+/// Largest gRPC message between the gateway and the message service, both ways: an
+/// attachment (10 MiB) plus its envelope.
+pub const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;

@@ -26,9 +26,9 @@ pub struct RedisConfig {
 
 impl RedisConfig {
     /// Rejects a URL that is not a Redis URL.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
         if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") {
-            return Err("REDIS_URL must be a redis:// URL".into());
+            return Err(crate::config::ConfigError::RedisUrl);
         }
         Ok(())
     }

@@ -7,6 +7,16 @@
 use std::future::Future;
 use std::time::Duration;
 
+/// A backend still unreachable when the start-up retries ran out.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} still unreachable after {attempts} attempts: {last}")]
+pub struct Unreachable {
+    what: String,
+    attempts: u32,
+    /// The last attempt's error.
+    last: String,
+}
+
 /// How many times, and how far apart, to try reaching a backend at start.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
@@ -19,7 +29,7 @@ pub struct Retry {
 impl Retry {
     /// Runs `op` until it succeeds or `attempts` have failed; the last error is returned
     /// with `what` and the attempt count in its context.
-    pub async fn run<T, E, F, Fut>(self, what: &str, mut op: F) -> anyhow::Result<T>
+    pub async fn run<T, E, F, Fut>(self, what: &str, mut op: F) -> Result<T, Unreachable>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -31,7 +41,7 @@ impl Retry {
             match op().await {
                 Ok(value) => return Ok(value),
                 Err(err) if attempt >= attempts => {
-                    anyhow::bail!("{what} still unreachable after {attempts} attempts: {err}")
+                    return Err(Unreachable { what: what.to_owned(), attempts, last: err.to_string() });
                 }
                 Err(err) => {
                     tracing::warn!(%err, attempt, attempts, "{what} not reachable yet, retrying");

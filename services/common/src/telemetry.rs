@@ -32,8 +32,8 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, clap::Args)]
 pub struct TelemetryConfig {
     /// `json` for one JSON object per log line (with `trace_id`), `text` for humans.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// OTLP/gRPC collector that receives traces, e.g. `http://otel-collector:4317`.
     /// Unset (or empty): traces are not exported.
@@ -41,12 +41,19 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
 }
 
+/// How log lines are written. (Variants carry no `///`: clap would list them in `--help`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 impl TelemetryConfig {
     /// Rejects an endpoint the exporter could not use.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
         match self.endpoint() {
             Some(url) if !url.starts_with("http://") && !url.starts_with("https://") => {
-                Err(format!("OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL, not {url:?}"))
+                Err(crate::config::ConfigError::OtlpEndpoint(url.to_owned()))
             }
             _ => Ok(()),
         }
@@ -54,7 +61,7 @@ impl TelemetryConfig {
 
     /// Installs logging and, when an endpoint is set, trace export for `service`.
     pub fn init(&self, service: &'static str) -> anyhow::Result<Telemetry> {
-        init(service, self.log_format == "json", self.endpoint())
+        init(service, self.log_format == LogFormat::Json, self.endpoint())
     }
 
     fn endpoint(&self) -> Option<&str> {

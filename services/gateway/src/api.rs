@@ -229,7 +229,7 @@ async fn disconnect(
     Path(user_id): Path<String>,
 ) -> ApiResult<Response> {
     let event = pb::envelope::Event::Disconnect(pb::Disconnect { user_id: user_id.clone() });
-    state.presence().publisher().user(&user_id, event).await?;
+    state.events().user(&user_id, event).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -243,7 +243,7 @@ async fn push(State(state): State<AppState>, Admin(admin): Admin, Body(req): Bod
         return Err(HttpError::bad_request(format!("event must be 1 to {MAX_EVENT_CHARS} characters")));
     }
     let push = pb::Push { event: req.event, data_json: req.data.to_string() };
-    let publisher = state.presence().publisher();
+    let publisher = state.events();
     match (req.all, req.user_ids) {
         (true, None) => publisher.everyone(pb::envelope::Event::Push(push)).await?,
         (false, Some(users)) if !users.is_empty() => {

@@ -43,6 +43,28 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// The one signature algorithm client tokens must use (`JWT_ALGORITHM`). (Variants carry
+/// no `///`: clap would list them in `--help`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "ES256")]
+    Es256,
+}
+
+impl std::fmt::Display for JwtAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Hs256 => "HS256",
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+        })
+    }
+}
+
 /// Which signatures the gateway accepts: exactly one algorithm, pinned, so a token can
 /// never choose how it is checked (no `none`, no HS256 signed with a public key).
 #[derive(Debug, Clone)]

@@ -3,17 +3,19 @@
 
 use std::time::Duration;
 
-use chat_common::startup::Retry;
+use chat_common::MAX_GRPC_MESSAGE;
 use chat_proto::v1 as pb;
 use chat_proto::v1::chat_service_client::ChatServiceClient;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::auth::Claims;
-use crate::discovery::{self, Targets};
+use crate::config::Config;
+use crate::discovery;
 use crate::error::CommandError;
 use crate::metrics::{MethodLabels, Metrics};
 
@@ -42,9 +44,6 @@ macro_rules! call {
     }};
 }
 
-/// Largest gRPC message: an attachment (10 MiB) plus its envelope.
-const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
-
 /// Handle to the message service; cheap to clone (clones share the HTTP/2 channel).
 #[derive(Clone)]
 pub struct Backend {
@@ -59,17 +58,17 @@ pub fn caller(claims: &Claims) -> pb::Caller {
 }
 
 impl Backend {
-    /// A channel balanced across every address of `targets` (re-resolved every
-    /// `refresh`), with a per-call deadline of `timeout`; waits, with bounded retries,
-    /// until the service reports SERVING.
+    /// A channel balanced across every address of the message service's URLs
+    /// (re-resolved until `shutdown`), with the configured per-call deadline; waits, with
+    /// the start-up retries, until the service reports SERVING.
     pub async fn connect(
-        targets: Targets,
-        refresh: Duration,
-        timeout: Duration,
-        retry: Retry,
+        config: &Config,
         metrics: Metrics,
         shutdown: CancellationToken,
+        tasks: &TaskTracker,
     ) -> anyhow::Result<Self> {
+        let targets = config.message_targets()?;
+        let (refresh, timeout) = (config.dns_refresh(), config.grpc_timeout());
         let label = format!("message service at {targets}");
         let configure = move |endpoint: Endpoint| {
             endpoint
@@ -80,12 +79,14 @@ impl Backend {
                 .keep_alive_timeout(Duration::from_secs(10))
                 .keep_alive_while_idle(true)
         };
-        let channel = discovery::balanced_channel(targets, refresh, configure, shutdown).await;
+        let channel = discovery::balanced_channel(targets, refresh, configure, shutdown, tasks).await;
         let chat = ChatServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
         let backend = Self { chat, health: HealthClient::new(channel), metrics };
-        retry
+        config
+            .backend
+            .startup_retry()
             .run(&label, || async {
                 match backend.serving().await {
                     Ok(true) => Ok(()),

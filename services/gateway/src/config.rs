@@ -1,15 +1,28 @@
-//! The gateway's configuration: flags or environment variables, read once.
+//! The gateway's configuration: flags or environment variables, read once, and the
+//! settings each part of the gateway is built from.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use chat_common::startup::Retry;
 use clap::Parser;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth::{JwtAlgorithm, KeyConfig, KeyError, Verifier};
+use crate::devtoken::DevTokens;
+use crate::discovery::Targets;
+use crate::ratelimit::Rates;
+use crate::state::ConnSettings;
 
 /// Configuration of a gateway. Every flag can also be set through the environment
 /// variable named beside it.
-#[derive(Clone, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "chat-gateway", version, about = "Chat WebSocket gateway")]
+// A gateway waits for the message service, which itself waits for Postgres: more attempts.
+#[command(mut_arg("startup_attempts", |a| a
+    .default_value("40")
+    .help("Attempts to reach the message service and Redis at start before giving up")))]
 pub struct Config {
     /// Address for HTTP and WebSocket (`/ws`).
     #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
@@ -26,25 +39,21 @@ pub struct Config {
     #[arg(long, env = "MESSAGE_SERVICE_DNS_REFRESH_MS", default_value_t = 5_000)]
     pub message_service_dns_refresh_ms: u64,
 
-    /// Redis (single server or cluster).
+    /// Redis, its channel prefix, and the start-up retries.
     #[command(flatten)]
-    pub redis: chat_common::redis::RedisConfig,
-
-    /// Prefix of every Redis channel name; the message service must use the same one.
-    #[arg(long, env = "REDIS_CHANNEL_PREFIX", default_value = "chat")]
-    pub redis_channel_prefix: String,
+    pub backend: chat_common::config::BackendFlags,
 
     /// Signature algorithm of client tokens, pinned: `HS256`, `RS256` or `ES256`.
-    #[arg(long, env = "JWT_ALGORITHM", default_value = "HS256", value_parser = ["HS256", "RS256", "ES256"])]
-    pub jwt_algorithm: String,
+    #[arg(long, env = "JWT_ALGORITHM", value_enum, default_value_t = JwtAlgorithm::Hs256)]
+    pub jwt_algorithm: JwtAlgorithm,
 
     /// HS256 key that signs client tokens (required with HS256).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<SecretString>,
 
     /// PEM file with the public key that verifies RS256/ES256 tokens.
     #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<std::path::PathBuf>,
+    pub jwt_public_key_file: Option<PathBuf>,
 
     /// When set, tokens must carry this `iss`.
     #[arg(long, env = "JWT_ISSUER")]
@@ -118,22 +127,14 @@ pub struct Config {
     #[arg(long, env = "GRPC_TIMEOUT_MS", default_value_t = 5_000)]
     pub grpc_timeout_ms: u64,
 
-    /// Attempts to reach the message service and Redis at start before giving up.
-    #[arg(long, env = "STARTUP_ATTEMPTS", default_value_t = 40)]
-    pub startup_attempts: u32,
-
-    /// Milliseconds between those attempts.
-    #[arg(long, env = "STARTUP_RETRY_MS", default_value_t = 500)]
-    pub startup_retry_ms: u64,
-
     /// Seconds that open connections get to close after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
 
     /// `production` refuses development conveniences (`DEV_TOKENS`); `make run` sets
     /// `development`.
-    #[arg(long, env = "ENVIRONMENT", default_value = "production", value_parser = ["development", "production"])]
-    pub environment: String,
+    #[arg(long, env = "ENVIRONMENT", value_enum, default_value_t = Environment::Production)]
+    pub environment: Environment,
 
     /// Serve `POST /v1/dev/token`, which signs a token for any user name it is given, so
     /// the browser client can sign in by name. Development only: refused in production.
@@ -145,92 +146,214 @@ pub struct Config {
     pub telemetry: chat_common::telemetry::TelemetryConfig,
 }
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("message_service_url", &self.message_service_url)
-            .field("redis", &self.redis)
-            .field("jwt_secret", &"<redacted>")
-            .finish_non_exhaustive()
-    }
+/// Where the gateway runs, for what it may allow. (Variants carry no `///`: clap would
+/// list them in `--help`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+/// A setting that parses but cannot work; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Shared(#[from] chat_common::config::ConfigError),
+    #[error("JWT_SECRET must be set (and not empty) for HS256 tokens")]
+    NoJwtSecret,
+    #[error("JWT_PUBLIC_KEY_FILE must be set for {0} tokens")]
+    NoPublicKeyFile(JwtAlgorithm),
+    #[error("cannot read JWT_PUBLIC_KEY_FILE {}: {source}", path.display())]
+    UnreadablePublicKey { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    PublicKey(#[from] KeyError),
+    #[error(
+        "DEV_TOKENS is refused with ENVIRONMENT=production (the default): anyone could sign in as anyone. Set \
+         ENVIRONMENT=development for a local cluster"
+    )]
+    DevTokensInProduction,
+    #[error("DEV_TOKENS needs JWT_ALGORITHM=HS256: the gateway signs dev tokens with JWT_SECRET")]
+    DevTokensNeedHs256,
+    #[error("MESSAGE_SERVICE_URL: {0}")]
+    MessageServiceUrl(String),
+    #[error("{setting} must be at least {min}")]
+    TooSmall { setting: &'static str, min: u64 },
 }
 
 impl Config {
     /// The message service's URLs, parsed.
-    pub fn message_targets(&self) -> Result<crate::discovery::Targets, String> {
-        crate::discovery::Targets::parse(&self.message_service_url)
+    pub fn message_targets(&self) -> Result<Targets, ConfigError> {
+        Targets::parse(&self.message_service_url).map_err(ConfigError::MessageServiceUrl)
     }
 
     /// Rejects values that parse but cannot work, with a message naming the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
-        match self.jwt_algorithm.as_str() {
-            "HS256" if self.jwt_secret.as_deref().unwrap_or_default().is_empty() => {
-                return Err("JWT_SECRET must be set (and not empty) for HS256 tokens".into());
-            }
-            "RS256" | "ES256" if self.jwt_public_key_file.is_none() => {
-                return Err(format!("JWT_PUBLIC_KEY_FILE must be set for {} tokens", self.jwt_algorithm));
+        match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 if self.hs256_secret().is_empty() => return Err(ConfigError::NoJwtSecret),
+            alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256) if self.jwt_public_key_file.is_none() => {
+                return Err(ConfigError::NoPublicKeyFile(alg));
             }
             _ => {}
         }
         if self.dev_tokens {
-            if self.environment == "production" {
-                return Err("DEV_TOKENS is refused with ENVIRONMENT=production (the default): anyone could sign in \
-                            as anyone. Set ENVIRONMENT=development for a local cluster"
-                    .into());
+            if self.environment == Environment::Production {
+                return Err(ConfigError::DevTokensInProduction);
             }
-            if self.jwt_algorithm != "HS256" {
-                return Err("DEV_TOKENS needs JWT_ALGORITHM=HS256: the gateway signs dev tokens with JWT_SECRET".into());
+            if self.jwt_algorithm != JwtAlgorithm::Hs256 {
+                return Err(ConfigError::DevTokensNeedHs256);
             }
         }
-        self.message_targets().map_err(|e| format!("MESSAGE_SERVICE_URL: {e}"))?;
-        if self.message_service_dns_refresh_ms < 100 {
-            return Err("MESSAGE_SERVICE_DNS_REFRESH_MS must be at least 100".into());
-        }
-        self.redis.validate()?;
-        if self.redis_channel_prefix.is_empty() || self.redis_channel_prefix.contains(['{', '}']) {
-            return Err("REDIS_CHANNEL_PREFIX must be non-empty and contain no braces".into());
-        }
-        if self.heartbeat_ms < 100 {
-            return Err("HEARTBEAT_MS must be at least 100".into());
-        }
-        if self.outbound_queue < 8 {
-            return Err("OUTBOUND_QUEUE must be at least 8".into());
-        }
-        if self.presence_stale_ms < 600 {
-            return Err("PRESENCE_STALE_MS must be at least 600".into());
-        }
-        if self.max_header_bytes < 1024 {
-            return Err("MAX_HEADER_BYTES must be at least 1024".into());
-        }
-        if self.max_frame_bytes < 1024 {
-            return Err("MAX_FRAME_BYTES must be at least 1024".into());
-        }
+        self.message_targets()?;
+        at_least("MESSAGE_SERVICE_DNS_REFRESH_MS", self.message_service_dns_refresh_ms, 100)?;
+        self.backend.validate()?;
+        at_least("HEARTBEAT_MS", self.heartbeat_ms, 100)?;
+        at_least("OUTBOUND_QUEUE", self.outbound_queue as u64, 8)?;
+        at_least("PRESENCE_STALE_MS", self.presence_stale_ms, 600)?;
+        at_least("MAX_HEADER_BYTES", self.max_header_bytes as u64, 1024)?;
+        at_least("MAX_FRAME_BYTES", self.max_frame_bytes as u64, 1024)?;
         Ok(())
     }
 
+    /// The token verifier: the pinned algorithm with its key (read from its file for
+    /// RS256/ES256), and the `iss`/`aud` to check.
+    pub fn verifier(&self) -> Result<Verifier, ConfigError> {
+        let keys = self.jwt_keys()?;
+        Ok(Verifier::new(&keys, self.jwt_issuer.as_deref(), self.jwt_audience.as_deref())?)
+    }
+
     /// The token verification key, read from its file for RS256/ES256.
-    pub fn jwt_keys(&self) -> Result<crate::auth::KeyConfig, String> {
-        use crate::auth::KeyConfig;
+    pub fn jwt_keys(&self) -> Result<KeyConfig, ConfigError> {
         let pem = || {
-            let path = self.jwt_public_key_file.as_ref().ok_or("JWT_PUBLIC_KEY_FILE is not set")?;
-            std::fs::read(path).map_err(|e| format!("cannot read JWT_PUBLIC_KEY_FILE {}: {e}", path.display()))
+            let path = self.jwt_public_key_file.as_ref().ok_or(ConfigError::NoPublicKeyFile(self.jwt_algorithm))?;
+            std::fs::read(path).map_err(|source| ConfigError::UnreadablePublicKey { path: path.clone(), source })
         };
-        Ok(match self.jwt_algorithm.as_str() {
-            "RS256" => KeyConfig::Rs256 { public_pem: pem()? },
-            "ES256" => KeyConfig::Es256 { public_pem: pem()? },
-            _ => KeyConfig::Hs256 { secret: self.jwt_secret.clone().unwrap_or_default().into_bytes() },
+        Ok(match self.jwt_algorithm {
+            JwtAlgorithm::Rs256 => KeyConfig::Rs256 { public_pem: pem()? },
+            JwtAlgorithm::Es256 => KeyConfig::Es256 { public_pem: pem()? },
+            JwtAlgorithm::Hs256 => KeyConfig::Hs256 { secret: self.hs256_secret().as_bytes().to_vec() },
         })
     }
 
-    /// The start-up retry policy.
-    pub fn startup_retry(&self) -> Retry {
-        Retry { attempts: self.startup_attempts, delay: Duration::from_millis(self.startup_retry_ms) }
+    /// The dev-token signer, when `DEV_TOKENS` is on (validation has made sure it may be).
+    pub fn dev_tokens(&self) -> Option<DevTokens> {
+        self.dev_tokens
+            .then(|| DevTokens::new(self.hs256_secret().as_bytes(), self.jwt_issuer.clone(), self.jwt_audience.clone()))
     }
 
-    /// The heartbeat interval.
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms)
+    fn hs256_secret(&self) -> &str {
+        self.jwt_secret.as_ref().map(ExposeSecret::expose_secret).unwrap_or_default()
+    }
+
+    /// Per-connection limits and timings.
+    pub fn conn_settings(&self) -> ConnSettings {
+        let origins = self.allowed_origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty());
+        ConnSettings {
+            allowed_origins: origins.map(str::to_owned).collect::<Arc<[String]>>(),
+            max_rooms: self.max_rooms_per_connection,
+            max_header_bytes: self.max_header_bytes,
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            auth_timeout: Duration::from_secs(self.auth_timeout_secs),
+            max_frame_bytes: self.max_frame_bytes,
+            outbound_queue: self.outbound_queue,
+        }
+    }
+
+    /// Command rates and bursts per connection and per user.
+    pub fn rates(&self) -> Rates {
+        Rates {
+            conn_per_sec: self.rate_conn_per_sec,
+            conn_burst: self.rate_conn_burst,
+            user_per_sec: self.rate_user_per_sec,
+            user_burst: self.rate_user_burst,
+        }
+    }
+
+    /// How often the message service's names are resolved again.
+    pub fn dns_refresh(&self) -> Duration {
+        Duration::from_millis(self.message_service_dns_refresh_ms)
+    }
+
+    /// Deadline of each gRPC call.
+    pub fn grpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.grpc_timeout_ms)
+    }
+
+    /// How long a gateway may miss its presence heartbeats before it counts as dead.
+    pub fn presence_stale(&self) -> Duration {
+        Duration::from_millis(self.presence_stale_ms)
+    }
+
+    /// Between readiness turning 503 and connections being told to reconnect.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
+    }
+
+    /// What open connections get to close after SIGTERM.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+fn at_least(setting: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError::TooSmall { setting, min });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::parse_from(std::iter::once("chat-gateway").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_hs256_in_production_with_text_logs_and_40_startup_attempts() {
+        let config = parse(&["--jwt-secret", "s3cret"]);
+        assert_eq!(config.jwt_algorithm, JwtAlgorithm::Hs256);
+        assert_eq!(config.environment, Environment::Production);
+        assert_eq!(config.telemetry.log_format, chat_common::telemetry::LogFormat::Text);
+        assert_eq!(config.backend.startup_attempts, 40);
+        assert_eq!(config.backend.startup_retry_ms, 500);
+        assert_eq!(config.backend.redis_channel_prefix, "chat");
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn the_algorithm_and_environment_keep_their_spellings() {
+        let config = parse(&["--jwt-algorithm", "ES256", "--environment", "development", "--log-format", "json"]);
+        assert_eq!(config.jwt_algorithm, JwtAlgorithm::Es256);
+        assert_eq!(config.environment, Environment::Development);
+        assert_eq!(config.telemetry.log_format, chat_common::telemetry::LogFormat::Json);
+        assert!(Config::try_parse_from(["chat-gateway", "--jwt-algorithm", "hs256"]).is_err());
+        assert!(Config::try_parse_from(["chat-gateway", "--environment", "staging"]).is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_setting() {
+        let message = |args: &[&str]| parse(args).validate().map_err(|e| e.to_string()).unwrap_err();
+        assert_eq!(message(&[]), "JWT_SECRET must be set (and not empty) for HS256 tokens");
+        assert_eq!(message(&["--jwt-algorithm", "RS256"]), "JWT_PUBLIC_KEY_FILE must be set for RS256 tokens");
+        assert_eq!(
+            message(&["--jwt-secret", "s", "--dev-tokens"]),
+            "DEV_TOKENS is refused with ENVIRONMENT=production (the default): anyone could sign in as anyone. Set \
+             ENVIRONMENT=development for a local cluster"
+        );
+        assert_eq!(message(&["--jwt-secret", "s", "--heartbeat-ms", "99"]), "HEARTBEAT_MS must be at least 100");
+        assert_eq!(
+            message(&["--jwt-secret", "s", "--redis-channel-prefix", "a{b}"]),
+            "REDIS_CHANNEL_PREFIX must be non-empty and contain no braces"
+        );
+    }
+
+    #[test]
+    fn debug_output_does_not_show_the_jwt_secret() {
+        let config = parse(&["--jwt-secret", "hunter2-very-secret"]);
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("jwt_secret"), "{debug}");
     }
 }

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chat_common::token::{sign_hs256, Identity};
+use secrecy::{ExposeSecret, SecretSlice};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -24,7 +25,8 @@ const MAX_NAME_CHARS: usize = 128;
 
 /// Signs HS256 tokens the gateway's own verifier accepts (same secret, issuer, audience).
 pub struct DevTokens {
-    secret: Vec<u8>,
+    /// Zeroed on drop and never printed.
+    secret: SecretSlice<u8>,
     issuer: Option<String>,
     audience: Option<String>,
 }
@@ -32,7 +34,7 @@ pub struct DevTokens {
 impl DevTokens {
     /// A signer with the gateway's HS256 secret and the `iss`/`aud` it checks.
     pub fn new(secret: &[u8], issuer: Option<String>, audience: Option<String>) -> Self {
-        Self { secret: secret.to_vec(), issuer, audience }
+        Self { secret: secret.to_vec().into(), issuer, audience }
     }
 
     /// A token for `req`, or why the request is unusable.
@@ -48,10 +50,11 @@ impl DevTokens {
         let role = req.role.as_deref().filter(|r| !r.is_empty());
         let who =
             Identity { sub: user_id, name, role, issuer: self.issuer.as_deref(), audience: self.audience.as_deref() };
-        let (token, exp) = sign_hs256(&who, chrono::Utc::now().timestamp(), TTL_SECS, &self.secret).map_err(|e| {
-            tracing::error!(error = %e, "signing a dev token");
-            HttpError(CommandError::new(ErrorCode::Internal, "internal error"))
-        })?;
+        let (token, exp) = sign_hs256(&who, chrono::Utc::now().timestamp(), TTL_SECS, self.secret.expose_secret())
+            .map_err(|e| {
+                tracing::error!(error = %e, "signing a dev token");
+                HttpError(CommandError::new(ErrorCode::Internal, "internal error"))
+            })?;
         Ok(Minted { token, user_id: user_id.to_owned(), exp })
     }
 }

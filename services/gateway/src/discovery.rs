@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -65,19 +66,20 @@ impl Targets {
 }
 
 /// A channel balancing over every address of `targets`, kept current by re-resolving
-/// them every `refresh` until `shutdown`. `configure` sets timeouts and keep-alives on
-/// each address's endpoint.
+/// them every `refresh` until `shutdown`, in a task on `tasks`. `configure` sets timeouts
+/// and keep-alives on each address's endpoint.
 pub async fn balanced_channel(
     targets: Targets,
     refresh: Duration,
     configure: impl Fn(Endpoint) -> Endpoint + Send + 'static,
     shutdown: CancellationToken,
+    tasks: &TaskTracker,
 ) -> Channel {
     let (channel, changes) = Channel::balance_channel::<SocketAddr>(CHANGES);
     let mut balancer = Balancer { changes, configure: Box::new(configure), current: HashSet::new() };
     // The first set is in place before the first call; later ones follow in the background.
     balancer.update(targets.resolve().await).await;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(refresh) => {}

@@ -82,6 +82,19 @@ impl From<tonic::Status> for CommandError {
     }
 }
 
+impl From<chat_common::events::PublishError> for CommandError {
+    fn from(err: chat_common::events::PublishError) -> Self {
+        tracing::warn!(%err, "publish failed");
+        Self::new(ErrorCode::Unavailable, "event bus unavailable; retry")
+    }
+}
+
+impl From<chat_common::events::PublishError> for HttpError {
+    fn from(err: chat_common::events::PublishError) -> Self {
+        Self(err.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

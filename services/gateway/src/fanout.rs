@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use chat_common::channels::Channels;
-use chat_common::redis::{PubSub, RedisConfig};
-use chat_common::startup::Retry;
+use chat_common::redis::PubSub;
 use chat_proto::v1::{envelope::Event, Envelope};
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface};
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
+use crate::config::Config;
 use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -57,7 +57,9 @@ struct Inner {
     /// gateway dies, thousands of users arrive at once, each needing its user channel.
     transitions: Stripes,
     /// Every room task, so shutdown can wait for them.
-    room_tasks: TaskTracker,
+    /// The gateway's background tasks: room tasks, and the resyncs and leaves the
+    /// dispatcher starts; shutdown waits for them.
+    tasks: TaskTracker,
 }
 
 impl Fanout {
@@ -76,14 +78,14 @@ impl Fanout {
     /// Connects the subscriber, with bounded retries. After that, fred reconnects on its
     /// own and `manage_subscriptions` restores every subscription.
     pub async fn connect(
-        redis: &RedisConfig,
-        channels: Channels,
+        config: &Config,
         backend: Backend,
         metrics: Metrics,
-        retry: Retry,
+        tasks: TaskTracker,
     ) -> anyhow::Result<Self> {
+        let (redis, channels) = (&config.backend.redis, config.backend.channels());
         let client = redis.builder(Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
-        retry.run("Redis", || client.init()).await?;
+        config.backend.startup_retry().run("Redis", || client.init()).await?;
         let _resubscribe = client.manage_subscriptions();
         let subscriber = redis.subscriber(client);
         subscriber.subscribe(channels.broadcast()).await?;
@@ -96,14 +98,9 @@ impl Fanout {
                 rooms: RwLock::new(HashMap::new()),
                 users: RwLock::new(HashMap::new()),
                 transitions: Stripes::new(TRANSITION_STRIPES),
-                room_tasks: TaskTracker::new(),
+                tasks,
             }),
         })
-    }
-
-    /// Every room task; they end once their last local listener has left.
-    pub fn room_tasks(&self) -> &TaskTracker {
-        &self.inner.room_tasks
     }
 
     /// True while the Redis subscriber connection is up.
@@ -144,7 +141,7 @@ impl Fanout {
             }
         };
         let (backend, metrics) = (self.inner.backend.clone(), self.inner.metrics.clone());
-        let hub = RoomHandle::spawn(room.to_owned(), last_seq, backend, metrics, &self.inner.room_tasks);
+        let hub = RoomHandle::spawn(room.to_owned(), last_seq, backend, metrics, &self.inner.tasks);
         write(&self.inner.rooms).insert(room.to_owned(), hub.clone());
         Ok(hub)
     }
@@ -211,8 +208,9 @@ impl Fanout {
 
     /// Reads events from Redis and routes them until `shutdown`. After a Redis
     /// reconnect every room catches up from Postgres, since events published while
-    /// the connection was down are lost.
+    /// the connection was down are lost. Work it starts runs on the gateway's tracker.
     pub async fn run_dispatcher(self, shutdown: CancellationToken) {
+        let tasks = &self.inner.tasks;
         let mut rx = self.inner.subscriber.client().message_rx();
         let mut reconnects = self.inner.subscriber.client().reconnect_rx();
         loop {
@@ -232,7 +230,7 @@ impl Fanout {
                         // Subscriptions are restored asynchronously after the reconnect; a
                         // second pass covers messages published before they were live.
                         let fanout = self.clone();
-                        tokio::spawn(async move {
+                        tasks.spawn(async move {
                             tokio::time::sleep(RESYNC_AGAIN_AFTER).await;
                             fanout.resync_rooms();
                         });
@@ -308,7 +306,7 @@ impl Fanout {
         if let Event::RoomRemoved(removed) = event {
             // The removed user's connections stop hearing the room at once.
             let fanout = self.clone();
-            tokio::spawn(async move {
+            self.inner.tasks.spawn(async move {
                 for outbox in conns {
                     fanout.leave(&removed.room_id, outbox.id()).await;
                 }

@@ -15,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    config.validate().context("invalid configuration")?;
     let telemetry = config.telemetry.init("chat-gateway")?;
 
     let shutdown = CancellationToken::new();
@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let app = Application::build(config, shutdown).await.context("gateway failed to start")?;
+    let app = Application::build(config).await.context("gateway failed to start")?;
     tracing::info!(addr = %app.local_addr()?, "gateway listening (HTTP + WebSocket on /ws)");
-    app.run_until_stopped().await
+    app.run_until_stopped(shutdown).await
 }

@@ -11,22 +11,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_common::channels::Channels;
-use chat_common::redis::RedisConfig;
-use chat_common::startup::Retry;
+use chat_common::events::EventBus;
 use chat_proto::v1::envelope::Event;
-use fred::prelude::{Client, ClientLike, Expiration, HashesInterface, KeysInterface, LuaInterface};
+use fred::prelude::{Client, Expiration, HashesInterface, KeysInterface, LuaInterface};
 use fred::prelude::{SetOptions, SetsInterface, SortedSetsInterface};
 use futures_util::StreamExt;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-use crate::publisher::Publisher;
+use crate::config::Config;
 use crate::stripes::Stripes;
 
 /// Lock stripes serialising presence updates per user within one gateway.
 const STRIPES: usize = 64;
+
+/// Deadline of presence's Redis commands (and of the gateway's publishes, which share
+/// the connection): a Redis outage must not stall connects and disconnects for long.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 // Each script touches one key (the user's hash), so it runs on a Redis Cluster too.
 const CONNECT: &str = r#"
@@ -68,7 +70,8 @@ pub struct Presence {
     /// Serialises this gateway's count and user-set updates per user (striped), so the
     /// set of users it counted never disagrees with its counts.
     stripes: Arc<Stripes>,
-    publisher: Publisher,
+    /// Where presence changes are announced.
+    events: EventBus,
     prefix: String,
     gateway_id: String,
     backend: Backend,
@@ -79,30 +82,20 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// Connects with bounded retries. `cap` is the per-user connection limit (0: none).
-    pub async fn connect(
-        redis: &RedisConfig,
-        prefix: &str,
-        backend: Backend,
-        cap: u32,
-        stale_after: Duration,
-        redis_errors: prometheus_client::metrics::counter::Counter,
-        retry: Retry,
-    ) -> anyhow::Result<Self> {
-        let client = redis.builder(Duration::from_secs(2), 32)?.build()?;
-        retry.run("Redis", || client.init()).await?;
+    /// Presence over a connected Redis `client`, announcing changes on `events`.
+    pub fn new(config: &Config, client: Client, backend: Backend, events: EventBus) -> Self {
         let gateway_id = format!("{:016x}", rand::rng().random::<u64>());
-        Ok(Self {
-            publisher: Publisher::new(redis.publisher(client.clone()), Channels::new(prefix), redis_errors),
+        Self {
             client,
-            cluster: redis.cluster,
+            cluster: config.backend.redis.cluster,
             stripes: Arc::new(Stripes::new(STRIPES)),
-            prefix: prefix.to_owned(),
+            events,
+            prefix: config.backend.redis_channel_prefix.clone(),
             gateway_id,
             backend,
-            cap,
-            stale_after,
-        })
+            cap: config.max_connections_per_user,
+            stale_after: config.presence_stale(),
+        }
     }
 
     fn user_key(&self, user: &str) -> String {
@@ -187,13 +180,10 @@ impl Presence {
                 user_id: user.to_owned(),
                 online,
             });
-            let _ = self.publisher.room(&room_id, event).await;
+            if let Err(err) = self.events.room(&room_id, event).await {
+                tracing::warn!(%err, "publish failed");
+            }
         }
-    }
-
-    /// The publisher on this presence connection, for events the gateway originates.
-    pub fn publisher(&self) -> &Publisher {
-        &self.publisher
     }
 
     /// The user's open connections across the cluster.

@@ -205,7 +205,7 @@ impl Session {
         }
         let event =
             pb::envelope::Event::Typing(pb::Typing { room_id: room.clone(), user_id: self.claims.sub.clone(), active });
-        self.state.presence().publisher().room(&room, event).await?;
+        self.state.events().room(&room, event).await?;
         Ok(server::ack(id))
     }
 

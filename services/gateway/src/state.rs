@@ -4,11 +4,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use chat_common::events::EventBus;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::backend::Backend;
+use crate::config::Config;
 use crate::devtoken::DevTokens;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
@@ -42,6 +45,7 @@ struct Shared {
     backend: Backend,
     fanout: Fanout,
     presence: Presence,
+    events: EventBus,
     limits: Limits,
     metrics: Metrics,
     settings: ConnSettings,
@@ -50,48 +54,51 @@ struct Shared {
     /// Open connections, told to reconnect and closed with 1012 after the drain delay.
     open: Registry,
     connections: TaskTracker,
+    /// Everything else spawned (dispatcher, room tasks, housekeeping, drain, presence
+    /// announcements, resyncs), waited for after the connections, since most of it serves them.
+    tasks: TaskTracker,
     next_conn: AtomicU64,
     backend_serving: AtomicBool,
     started: Instant,
 }
 
-/// The parts a gateway is assembled from.
-pub struct Parts {
-    pub verifier: Verifier,
-    pub backend: Backend,
-    pub fanout: Fanout,
-    pub presence: Presence,
-    pub limits: Limits,
-    pub metrics: Metrics,
-    pub settings: ConnSettings,
-    /// The dev-token signer, when `DEV_TOKENS` is on.
-    pub dev_tokens: Option<DevTokens>,
-    /// Cancelled when the gateway starts shutting down.
-    pub shutdown: CancellationToken,
-}
-
 impl AppState {
-    /// Shared state over connected backends.
-    pub fn new(parts: Parts) -> Self {
-        let Parts { verifier, backend, fanout, presence, limits, metrics, settings, dev_tokens, shutdown } = parts;
-        Self {
+    /// Connects to the message service and Redis (bounded retries) and builds the rest
+    /// from `config`. Its shutdown token is its own: the caller cancels it to drain.
+    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let verifier = config.verifier().context("invalid configuration")?;
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let backend = Backend::connect(config, metrics.clone(), shutdown.clone(), &tasks).await?;
+        let fanout = Fanout::connect(config, backend.clone(), metrics.clone(), tasks.clone()).await?;
+        let redis = config.backend.connect_redis(crate::presence::COMMAND_TIMEOUT).await?;
+        let events = EventBus::new(
+            config.backend.redis.publisher(redis.clone()),
+            config.backend.channels(),
+            metrics.redis_errors.clone(),
+        );
+        let presence = Presence::new(config, redis, backend.clone(), events.clone());
+        Ok(Self {
             inner: Arc::new(Shared {
                 verifier,
                 backend,
                 fanout,
                 presence,
-                limits,
+                events,
+                limits: Limits::new(config.rates()),
                 metrics,
-                settings,
-                dev_tokens,
+                settings: config.conn_settings(),
+                dev_tokens: config.dev_tokens(),
                 shutdown,
                 open: Registry::default(),
                 connections: TaskTracker::new(),
+                tasks,
                 next_conn: AtomicU64::new(1),
                 backend_serving: AtomicBool::new(true),
                 started: Instant::now(),
             }),
-        }
+        })
     }
 
     pub fn verifier(&self) -> &Verifier {
@@ -108,6 +115,11 @@ impl AppState {
 
     pub fn presence(&self) -> &Presence {
         &self.inner.presence
+    }
+
+    /// Publishes the events the gateway originates: typing, presence, admin pushes.
+    pub fn events(&self) -> &EventBus {
+        &self.inner.events
     }
 
     /// Prometheus metrics.
@@ -142,6 +154,11 @@ impl AppState {
     /// Tracks every WebSocket connection task, so shutdown can wait for them.
     pub fn connections(&self) -> &TaskTracker {
         &self.inner.connections
+    }
+
+    /// Tracks every other task the gateway spawns, so shutdown can wait for them too.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
     }
 
     /// A fresh connection id.

@@ -128,7 +128,7 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
     if admission == (Admission::Admitted { first: true }) {
         let presence = state.presence().clone();
         let user = claims.sub.clone();
-        tokio::spawn(async move { presence.announce(&user, true).await });
+        state.tasks().spawn(async move { presence.announce(&user, true).await });
     }
     let session = Box::new(Session::new(state.clone(), claims, outbox.clone()));
     state.open_connections().add(&outbox);
@@ -325,7 +325,7 @@ impl Connection {
         state.fanout().remove_user_conn(&user, self.outbox.id()).await;
         if state.presence().release(&user).await {
             let presence = state.presence().clone();
-            tokio::spawn(async move { presence.announce(&user, false).await });
+            state.tasks().spawn(async move { presence.announce(&user, false).await });
         }
     }
 

@@ -1,5 +1,6 @@
 //! The `chat.v1.ChatService` gRPC handlers: validate, store, publish.
 
+use chat_common::events::{EventBus, PublishError};
 use chat_proto::v1::chat_service_server::ChatService;
 use chat_proto::v1::envelope::Event;
 use chat_proto::v1::*;
@@ -7,17 +8,16 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
-use crate::publish::Publisher;
 use crate::store::{Committer, NewMessage, Page, Store};
 use crate::validate;
 
-/// The gRPC service: a store and a publisher.
+/// The gRPC service: a store and the event bus.
 #[derive(Clone)]
 pub struct ChatApi {
     store: Store,
     /// Group commit: stores every send.
     committer: Committer,
-    publisher: Publisher,
+    events: EventBus,
     /// Longest message text accepted, in characters.
     max_text_chars: usize,
     metrics: Metrics,
@@ -25,14 +25,8 @@ pub struct ChatApi {
 
 impl ChatApi {
     /// The service over its backends.
-    pub fn new(
-        store: Store,
-        committer: Committer,
-        publisher: Publisher,
-        max_text_chars: usize,
-        metrics: Metrics,
-    ) -> Self {
-        Self { store, committer, publisher, max_text_chars, metrics }
+    pub fn new(store: Store, committer: Committer, events: EventBus, max_text_chars: usize, metrics: Metrics) -> Self {
+        Self { store, committer, events, max_text_chars, metrics }
     }
 }
 
@@ -61,7 +55,7 @@ impl ChatService for ChatApi {
         let (room, created) = self.store.create_room(&caller, kind, name, members).await?;
         for member in room.members.iter().filter(|m| created && m.user_id != caller.user_id) {
             let event = Event::RoomAdded(RoomAdded { user_id: member.user_id.clone(), room: Some(room.clone()) });
-            self.publisher.user_event(&member.user_id, event).await;
+            self.events.user(&member.user_id, event).await.unwrap_or_else(not_published);
         }
         Ok(Response::new(CreateRoomResponse { room: Some(room) }))
     }
@@ -100,7 +94,7 @@ impl ChatService for ChatApi {
         tracing::Span::current().record("seq", message.seq);
         // Published after the commit, and again on a retry: a client retries when it did
         // not see the ack, which may also mean the first publish never happened.
-        self.publisher.message_created(&message).await;
+        self.events.message_created(&message).await.unwrap_or_else(not_published);
         Ok(Response::new(SendMessageResponse { message: Some(message), duplicate }))
     }
 
@@ -127,7 +121,7 @@ impl ChatService for ChatApi {
         let (room, added) = self.store.add_members(&caller, room_id, members).await?;
         for user_id in &added {
             let event = Event::RoomAdded(RoomAdded { user_id: user_id.clone(), room: Some(room.clone()) });
-            self.publisher.user_event(user_id, event).await;
+            self.events.user(user_id, event).await.unwrap_or_else(not_published);
         }
         Ok(Response::new(AddMembersResponse { room: Some(room), added }))
     }
@@ -141,7 +135,7 @@ impl ChatService for ChatApi {
         let removed = self.store.remove_member(&caller, room_id, &req.user_id).await?;
         if removed {
             let event = Event::RoomRemoved(RoomRemoved { user_id: req.user_id.clone(), room_id: req.room_id });
-            self.publisher.user_event(&req.user_id, event).await;
+            self.events.user(&req.user_id, event).await.unwrap_or_else(not_published);
         }
         Ok(Response::new(RemoveMemberResponse { removed }))
     }
@@ -161,7 +155,7 @@ impl ChatService for ChatApi {
         validate::text(&req.text, false, self.max_text_chars)?;
         let message = self.store.edit_message(&caller, message_id, &req.text).await?;
         let event = Event::MessageEdited(MessageEdited { message: Some(message.clone()) });
-        self.publisher.room_event(&message.room_id, event).await;
+        self.events.room(&message.room_id, event).await.unwrap_or_else(not_published);
         Ok(Response::new(EditMessageResponse { message: Some(message) }))
     }
 
@@ -175,7 +169,7 @@ impl ChatService for ChatApi {
         if changed {
             let event =
                 Event::MessageDeleted(MessageDeleted { room_id: room_id.clone(), message_id: req.message_id, seq });
-            self.publisher.room_event(&room_id, event).await;
+            self.events.room(&room_id, event).await.unwrap_or_else(not_published);
         }
         Ok(Response::new(DeleteMessageResponse { room_id, seq }))
     }
@@ -196,7 +190,7 @@ impl ChatService for ChatApi {
                 emoji: req.emoji,
                 added: req.add,
             });
-            self.publisher.room_event(&room_id, event).await;
+            self.events.room(&room_id, event).await.unwrap_or_else(not_published);
         }
         Ok(Response::new(ReactResponse { room_id, changed }))
     }
@@ -211,7 +205,7 @@ impl ChatService for ChatApi {
         }
         let read_seq = self.store.mark_read(&caller, room_id, req.seq).await?;
         let event = Event::Read(ReadReceipt { room_id: req.room_id.clone(), user_id: caller.user_id, seq: read_seq });
-        self.publisher.room_event(&req.room_id, event).await;
+        self.events.room(&req.room_id, event).await.unwrap_or_else(not_published);
         Ok(Response::new(MarkReadResponse { read_seq }))
     }
 
@@ -243,7 +237,7 @@ impl ChatService for ChatApi {
         let notifications = self.store.create_notifications(&req.user_ids, &req.title, &req.body, data).await?;
         for n in &notifications {
             let event = Event::Notification(NotificationCreated { notification: Some(n.clone()) });
-            self.publisher.user_event(&n.user_id, event).await;
+            self.events.user(&n.user_id, event).await.unwrap_or_else(not_published);
         }
         Ok(Response::new(CreateNotificationsResponse { notifications }))
     }
@@ -299,4 +293,10 @@ impl ChatService for ChatApi {
         let rooms = self.store.user_rooms(&req.get_ref().user_id).await?;
         Ok(Response::new(UserRoomsResponse { room_ids: rooms.into_iter().map(|id| id.to_string()).collect() }))
     }
+}
+
+/// Changes are stored before they are published, so a failed publish is logged, not
+/// returned: gateways repair lost messages from Postgres.
+fn not_published(err: PublishError) {
+    tracing::warn!(%err, "event stored but not published");
 }

@@ -3,13 +3,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chat_common::startup::Retry;
 use clap::Parser;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Configuration of the message service. Every flag can also be set through the
-/// environment variable named beside it.
+/// environment variable named beside it. `Debug` shows no password: the database URL is
+/// a secret.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "chat-message", version, about = "Chat message service (gRPC)")]
+#[command(mut_arg("startup_attempts", |a| a.help("Attempts to reach Postgres and Redis at start before giving up")))]
 pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "MESSAGE_ADDR", default_value = "127.0.0.1:50051")]
@@ -21,7 +23,7 @@ pub struct Config {
 
     /// Postgres connection URL. The database is created if it does not exist.
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://localhost/chat")]
-    pub database_url: String,
+    pub database_url: SecretString,
 
     /// Create the database named in DATABASE_URL when it is missing.
     #[arg(long, env = "CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -42,21 +44,9 @@ pub struct Config {
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = crate::validate::MAX_TEXT_CHARS)]
     pub max_text_chars: usize,
 
-    /// Redis (single server or cluster).
+    /// Redis, its channel prefix, and the start-up retries.
     #[command(flatten)]
-    pub redis: chat_common::redis::RedisConfig,
-
-    /// Prefix of every Redis channel name; gateways must use the same one.
-    #[arg(long, env = "REDIS_CHANNEL_PREFIX", default_value = "chat")]
-    pub redis_channel_prefix: String,
-
-    /// Attempts to reach Postgres and Redis at start before giving up.
-    #[arg(long, env = "STARTUP_ATTEMPTS", default_value_t = 20)]
-    pub startup_attempts: u32,
-
-    /// Milliseconds between those attempts.
-    #[arg(long, env = "STARTUP_RETRY_MS", default_value_t = 500)]
-    pub startup_retry_ms: u64,
+    pub backend: chat_common::config::BackendFlags,
 
     /// Seconds that in-flight RPCs get to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
@@ -67,25 +57,36 @@ pub struct Config {
     pub telemetry: chat_common::telemetry::TelemetryConfig,
 }
 
+/// A setting that parses but cannot work; the message names the setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Shared(#[from] chat_common::config::ConfigError),
+    #[error("DATABASE_URL must be a postgres:// URL")]
+    DatabaseUrl,
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("COMMIT_WORKERS must be between 1 and DB_MAX_CONNECTIONS (each holds a connection)")]
+    CommitWorkers,
+}
+
 impl Config {
     /// Rejects values that parse but cannot work, with a message naming the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
-        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
-            return Err("DATABASE_URL must be a postgres:// URL".into());
+        let url = self.database_url.expose_secret();
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err(ConfigError::DatabaseUrl);
         }
-        self.redis.validate()?;
+        self.backend.validate()?;
         if self.max_text_chars == 0 {
-            return Err("MAX_TEXT_CHARS must be at least 1".into());
+            return Err(ConfigError::Zero("MAX_TEXT_CHARS"));
         }
         if self.db_max_connections == 0 {
-            return Err("DB_MAX_CONNECTIONS must be at least 1".into());
+            return Err(ConfigError::Zero("DB_MAX_CONNECTIONS"));
         }
         if self.commit_workers == 0 || self.commit_workers > self.db_max_connections {
-            return Err("COMMIT_WORKERS must be between 1 and DB_MAX_CONNECTIONS (each holds a connection)".into());
-        }
-        if self.redis_channel_prefix.is_empty() || self.redis_channel_prefix.contains(['{', '}']) {
-            return Err("REDIS_CHANNEL_PREFIX must be non-empty and contain no braces".into());
+            return Err(ConfigError::CommitWorkers);
         }
         Ok(())
     }
@@ -94,24 +95,19 @@ impl Config {
     /// driver asks the OS, which in containers and minimal shells (no `USER`) yields a
     /// role that does not exist; libpq's habit is the login name, and failing that the
     /// conventional `postgres` superuser.
-    pub fn database_url(&self) -> String {
-        let url = &self.database_url;
-        let Some((scheme, rest)) = url.split_once("://") else { return url.clone() };
+    pub fn database_url(&self) -> SecretString {
+        let url = self.database_url.expose_secret();
+        let Some((scheme, rest)) = url.split_once("://") else { return self.database_url.clone() };
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
         if authority.contains('@') {
-            return url.clone();
+            return self.database_url.clone();
         }
         let user = ["PGUSER", "USER", "LOGNAME"]
             .iter()
             .filter_map(|v| std::env::var(v).ok())
             .find(|v| !v.is_empty())
             .unwrap_or_else(|| "postgres".to_owned());
-        format!("{scheme}://{user}@{rest}")
-    }
-
-    /// The start-up retry policy.
-    pub fn startup_retry(&self) -> Retry {
-        Retry { attempts: self.startup_attempts, delay: Duration::from_millis(self.startup_retry_ms) }
+        format!("{scheme}://{user}@{rest}").into()
     }
 
     /// The shutdown grace period.
@@ -131,15 +127,37 @@ mod tests {
     #[test]
     fn a_database_url_with_a_user_is_kept() {
         let c = with_url("postgres://app:pw@db:5432/chat");
-        assert_eq!(c.database_url(), "postgres://app:pw@db:5432/chat");
+        assert_eq!(c.database_url().expose_secret(), "postgres://app:pw@db:5432/chat");
     }
 
     #[test]
     fn a_database_url_without_a_user_gets_one() {
         let url = with_url("postgres://localhost/chat").database_url();
-        let (_, rest) = url.split_once("://").unwrap();
+        let (_, rest) = url.expose_secret().split_once("://").unwrap();
         let (user, host) = rest.split_once('@').expect("a user was filled in");
         assert!(!user.is_empty());
         assert_eq!(host, "localhost/chat");
+    }
+
+    #[test]
+    fn debug_output_does_not_show_the_database_password() {
+        let c = with_url("postgres://app:hunter2@db:5432/chat");
+        for debug in [format!("{c:?}"), format!("{:?}", c.database_url())] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_refusals_are_unchanged() {
+        let c = with_url("postgres://localhost/chat");
+        assert_eq!(c.backend.startup_attempts, 20);
+        assert_eq!(c.backend.redis_channel_prefix, "chat");
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            with_url("mysql://x").validate().map_err(|e| e.to_string()),
+            Err("DATABASE_URL must be a postgres:// URL".into())
+        );
+        let workers = Config::parse_from(["chat-message", "--db-max-connections", "5", "--commit-workers", "6"]);
+        assert_eq!(workers.validate(), Err(ConfigError::CommitWorkers));
     }
 }

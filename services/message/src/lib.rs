@@ -6,28 +6,26 @@ pub mod blobs;
 pub mod config;
 pub mod error;
 pub mod metrics;
-pub mod publish;
 pub mod store;
 pub mod validate;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chat_common::channels::Channels;
+use chat_common::events::EventBus;
+use chat_common::MAX_GRPC_MESSAGE;
 use chat_proto::v1::chat_service_server::ChatServiceServer;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use crate::api::ChatApi;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::publish::Publisher;
 use crate::store::{Committer, Store};
-
-/// Largest gRPC message: an attachment (10 MiB) plus its envelope.
-const MAX_GRPC_MESSAGE: usize = 11 * 1024 * 1024;
 
 /// The gRPC health service name that reports SERVING while the process runs (for
 /// liveness); the overall status ("") follows the backends (for readiness).
@@ -35,6 +33,9 @@ pub const LIVENESS: &str = "liveness";
 
 /// How often the health status is re-checked against Postgres and Redis.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Publishing is on the send path: a Redis outage must fail fast, not stall sends.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A message service with its backends connected and its port bound, ready to run.
 pub struct Application {
@@ -44,7 +45,7 @@ pub struct Application {
     max_text_chars: usize,
     commit_workers: u32,
     store: Store,
-    publisher: Publisher,
+    events: EventBus,
     grace: Duration,
 }
 
@@ -52,16 +53,21 @@ impl Application {
     /// Connects to Postgres (creating and migrating the database) and Redis, with
     /// bounded retries, and binds the gRPC port.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let retry = config.startup_retry();
+        let retry = config.backend.startup_retry();
+        let url = config.database_url();
         let store =
-            Store::connect(&config.database_url(), config.create_database, config.db_max_connections, retry).await?;
-        let publisher = Publisher::connect(&config.redis, Channels::new(&config.redis_channel_prefix), retry).await?;
+            Store::connect(url.expose_secret(), config.create_database, config.db_max_connections, retry).await?;
+        let redis = config.backend.connect_redis(PUBLISH_TIMEOUT).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let metrics_listener = metrics::bind(config.metrics_addr).await?;
         let metrics = Metrics::new();
-        let publisher = publisher.with_metrics(metrics.clone());
+        let events = EventBus::new(
+            config.backend.redis.publisher(redis),
+            config.backend.channels(),
+            metrics.redis_errors.clone(),
+        );
         Ok(Self {
             listener,
             metrics_listener,
@@ -69,7 +75,7 @@ impl Application {
             max_text_chars: config.max_text_chars,
             commit_workers: config.commit_workers,
             store,
-            publisher,
+            events,
             grace: config.shutdown_grace(),
         })
     }
@@ -85,47 +91,55 @@ impl Application {
     }
 
     /// Serves until `shutdown` is cancelled, then lets in-flight RPCs finish within the
-    /// grace period.
+    /// grace period, and the commits they queued after them.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // The workers hold `commit_workers` pooled connections; the rest serve reads and other writes.
-        let committer = Committer::start(self.store.clone(), self.commit_workers as usize);
-        let api = ChatApi::new(
-            self.store.clone(),
-            committer,
-            self.publisher.clone(),
-            self.max_text_chars,
-            self.metrics.clone(),
-        );
-        let health_task =
-            tokio::spawn(report_health(reporter, self.store.clone(), self.publisher.clone(), shutdown.clone()));
+        let committer = Committer::start(self.store.clone(), self.commit_workers as usize, &tasks);
+        let api =
+            ChatApi::new(self.store.clone(), committer, self.events.clone(), self.max_text_chars, self.metrics.clone());
+        tasks.spawn(report_health(reporter, self.store.clone(), self.events.clone(), shutdown.clone()));
+        tasks.spawn(self.metrics.clone().serve(self.metrics_listener, shutdown.clone()));
 
-        tokio::spawn(self.metrics.clone().serve(self.metrics_listener, shutdown.clone()));
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let stopped = shutdown.clone();
-        let server = tonic::transport::Server::builder()
-            .trace_fn(rpc_span)
-            .add_service(health_service)
-            .add_service(
-                ChatServiceServer::new(api)
-                    .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                    .max_encoding_message_size(MAX_GRPC_MESSAGE),
-            )
-            .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await });
-        tokio::pin!(server);
+        let mut server = Box::pin(
+            tonic::transport::Server::builder()
+                .trace_fn(rpc_span)
+                .add_service(health_service)
+                .add_service(
+                    ChatServiceServer::new(api)
+                        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                        .max_encoding_message_size(MAX_GRPC_MESSAGE),
+                )
+                .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await }),
+        );
 
-        tokio::select! {
-            res = &mut server => res?,
+        let deadline = tokio::select! {
+            res = &mut server => {
+                res?;
+                tokio::time::Instant::now() + self.grace
+            }
             _ = shutdown.cancelled() => {
                 // The server stops accepting at once and drains in-flight RPCs; bound that.
-                match tokio::time::timeout(self.grace, &mut server).await {
+                let deadline = tokio::time::Instant::now() + self.grace;
+                match tokio::time::timeout_at(deadline, &mut server).await {
                     Ok(res) => res?,
                     Err(_) => tracing::warn!(grace = ?self.grace, "in-flight RPCs still running after the grace period"),
                 }
+                deadline
             }
+        };
+        // Dropping the server drops the last committer handle: the workers finish what is
+        // queued and stop.
+        drop(server);
+        shutdown.cancel();
+        tasks.close();
+        if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks still running after the grace period");
         }
-        health_task.abort();
-        self.publisher.quit().await;
+        self.events.quit().await;
         tracing::info!("message service stopped");
         Ok(())
     }
@@ -153,12 +167,12 @@ fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
 
 /// Keeps the gRPC health status in step with the backends, so gateways and Kubernetes
 /// stop routing to a message service that cannot reach Postgres or Redis.
-async fn report_health(reporter: HealthReporter, store: Store, publisher: Publisher, shutdown: CancellationToken) {
+async fn report_health(reporter: HealthReporter, store: Store, events: EventBus, shutdown: CancellationToken) {
     // For liveness probes: the process answers, whatever its backends do.
     reporter.set_service_status(LIVENESS, tonic_health::ServingStatus::Serving).await;
     let mut serving = None;
     loop {
-        let healthy = publisher.is_connected() && store.is_healthy().await;
+        let healthy = events.is_connected() && store.is_healthy().await;
         if serving != Some(healthy) {
             if healthy {
                 reporter.set_serving::<ChatServiceServer<ChatApi>>().await;

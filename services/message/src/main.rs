@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    config.validate().context("invalid configuration")?;
     let telemetry = config.telemetry.init("chat-message")?;
 
     let shutdown = CancellationToken::new();

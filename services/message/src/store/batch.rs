@@ -48,12 +48,13 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts `workers` commit workers on `store` (each uses one pooled connection at a time).
-    pub fn start(store: Store, workers: usize) -> Self {
+    /// Starts `workers` commit workers on `store` (each uses one pooled connection at a time),
+    /// tracked by `tasks`; they stop once every handle is dropped and their queue is empty.
+    pub fn start(store: Store, workers: usize, tasks: &tokio_util::task::TaskTracker) -> Self {
         let workers: Vec<mpsc::Sender<Job>> = (0..workers.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                tokio::spawn(work(store.clone(), rx));
+                tasks.spawn(work(store.clone(), rx));
                 tx
             })
             .collect();

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use chat_common::startup::Retry;
 use chat_proto::v1::{Caller, Message, RoomKind};
 use sqlx::postgres::PgPoolOptions;
+use tokio_util::task::TaskTracker;
 
 use super::{Committer, NewMessage, Store};
 use crate::error::ServiceError;
@@ -107,7 +108,10 @@ async fn seqs_stay_gapless_under_concurrent_batches() -> Result<()> {
     }
     // Two committers, as in two replicas of the service, with two workers each: batches
     // of one room commit concurrently, and one worker's batches mix rooms.
-    let committers = [Committer::start(db.store.clone(), 2), Committer::start(db.store.clone(), 2)];
+    let committers = [
+        Committer::start(db.store.clone(), 2, &TaskTracker::new()),
+        Committer::start(db.store.clone(), 2, &TaskTracker::new()),
+    ];
     // Each sender sends one message after another, so batches stay small and many.
     let mut sends = tokio::task::JoinSet::new();
     for (n, sender) in senders.iter().enumerate() {
@@ -147,7 +151,7 @@ async fn seqs_stay_gapless_under_concurrent_batches() -> Result<()> {
 async fn a_retry_is_answered_with_the_stored_message() -> Result<()> {
     let db = TestDb::new().await?;
     let room_id = room(&db.store, "ann", &["bob"]).await?;
-    let committer = Committer::start(db.store.clone(), 1);
+    let committer = Committer::start(db.store.clone(), 1, &TaskTracker::new());
 
     let (first, duplicate) = stored(committer.submit(user("ann"), keyed(room_id, "hello", "c-1")).await)?;
     assert!(!duplicate);
@@ -176,7 +180,7 @@ async fn a_client_msg_id_reused_in_another_room_is_refused() -> Result<()> {
     let db = TestDb::new().await?;
     let first_room = room(&db.store, "ann", &[]).await?;
     let second_room = room(&db.store, "ann", &[]).await?;
-    let committer = Committer::start(db.store.clone(), 1);
+    let committer = Committer::start(db.store.clone(), 1, &TaskTracker::new());
 
     stored(committer.submit(user("ann"), keyed(first_room, "hello", "c-1")).await)?;
     let reused = committer.submit(user("ann"), keyed(second_room, "hello", "c-1")).await;
@@ -226,7 +230,7 @@ async fn an_attachment_send_returns_and_stores_its_attachments_in_order() -> Res
     .await?;
     assert_eq!(positions, ids.iter().copied().zip(1..).collect::<Vec<_>>());
 
-    let committer = Committer::start(db.store.clone(), 1);
+    let committer = Committer::start(db.store.clone(), 1, &TaskTracker::new());
     let (retry, duplicate) = stored(committer.submit(ann, with_files).await)?;
     assert!(duplicate);
     assert_eq!(retry, message, "a retry carries the files too");
@@ -238,7 +242,7 @@ async fn a_refused_request_does_not_fail_the_rest_of_its_batch() -> Result<()> {
     let db = TestDb::new().await?;
     let room_id = room(&db.store, "ann", &["bob"]).await?;
     let other_room = room(&db.store, "cyd", &[]).await?;
-    let committer = Committer::start(db.store.clone(), 1);
+    let committer = Committer::start(db.store.clone(), 1, &TaskTracker::new());
     let (elsewhere, _) = stored(committer.submit(user("cyd"), text(other_room, "elsewhere")).await)?;
     let elsewhere_id: i64 = elsewhere.id.parse()?;
 
