@@ -12,10 +12,10 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{Params, User};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::json;
+use crate::rest::{Params, User};
 use crate::state::AppState;
 
 /// Largest upload.

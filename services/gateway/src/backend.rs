@@ -205,23 +205,6 @@ impl Backend {
         Ok(call!(self, get_attachment, req))
     }
 
-    /// A room's newest seq (internal).
-    pub async fn room_seq(&self, room_id: String) -> Result<i64, CommandError> {
-        Ok(call!(self, room_seq, pb::RoomSeqRequest { room_id }).last_seq)
-    }
-
-    /// Messages with `after < seq < before`, ascending (internal).
-    pub async fn room_messages(
-        &self,
-        room_id: String,
-        after_seq: i64,
-        before_seq: i64,
-        limit: u32,
-    ) -> Result<Vec<pb::Message>, CommandError> {
-        let req = pb::RoomMessagesRequest { room_id, after_seq, before_seq, limit };
-        Ok(call!(self, room_messages, req).messages)
-    }
-
     /// The rooms a user belongs to (internal).
     pub async fn user_rooms(&self, user_id: String) -> Result<Vec<String>, CommandError> {
         Ok(call!(self, user_rooms, pb::UserRoomsRequest { user_id }).room_ids)
@@ -231,17 +214,18 @@ impl Backend {
 /// The room tasks read a room's stored messages from the message service.
 impl crate::room::RoomLog for Backend {
     async fn last_seq(&self, room_id: String) -> Result<i64, CommandError> {
-        self.room_seq(room_id).await
+        Ok(call!(self, room_seq, pb::RoomSeqRequest { room_id }).last_seq)
     }
 
     async fn messages(
         &self,
         room_id: String,
-        after: i64,
-        before: i64,
+        after_seq: i64,
+        before_seq: i64,
         limit: u32,
     ) -> Result<Vec<pb::Message>, CommandError> {
-        self.room_messages(room_id, after, before, limit).await
+        let req = pb::RoomMessagesRequest { room_id, after_seq, before_seq, limit };
+        Ok(call!(self, room_messages, req).messages)
     }
 }
 

@@ -11,11 +11,11 @@ use secrecy::{ExposeSecret, SecretSlice};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::Body;
 use crate::auth::MAX_SUB_CHARS;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::client::DevTokenRequest;
 use crate::protocol::json;
+use crate::rest::Body;
 use crate::state::AppState;
 
 /// Lifetime of a dev token: a working day, so a browser tab stays signed in.
@@ -78,7 +78,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn dev_token(State(state): State<AppState>, Body(req): Body<DevTokenRequest>) -> Result<Response, HttpError> {
     // The route is only mounted with a signer; without one it is an unknown path.
     let Some(signer) = state.dev_tokens() else {
-        return Err(crate::api::not_found().await);
+        return Err(crate::rest::not_found().await);
     };
     let minted = signer.mint(&req)?;
     tracing::info!(user = %minted.user_id, "dev token issued");

@@ -23,7 +23,7 @@ use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::{server, Close, Policy};
-use crate::room::{delivery_span, Joined, Listener, RoomHandle};
+use crate::room::{delivery_span, Joined, Listener, RoomHandle, RoomLog};
 use crate::stripes::Stripes;
 
 /// Events buffered between Redis and the dispatcher before the oldest are dropped
@@ -133,7 +133,7 @@ impl Fanout {
         self.inner.subscriber.subscribe(&channel).await.map_err(|e| self.unavailable(e))?;
         // Read the room's position only once the subscription is live: every later
         // message then arrives on the channel, every earlier one is in Postgres.
-        let last_seq = match self.inner.backend.room_seq(room.to_owned()).await {
+        let last_seq = match self.inner.backend.last_seq(room.to_owned()).await {
             Ok(seq) => seq,
             Err(err) => {
                 let _ = self.inner.subscriber.unsubscribe(&channel).await;

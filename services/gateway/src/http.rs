@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::json;
 use crate::state::AppState;
-use crate::{api, attachments, devtoken, web, ws};
+use crate::{attachments, devtoken, rest, web, ws};
 
 /// Every route the gateway serves. Each is registered with its OpenAPI description,
 /// so `/openapi.json` cannot miss one.
@@ -25,7 +25,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
         .routes(routes!(metrics))
-        .merge(api::router())
+        .merge(rest::router())
         .merge(attachments::router());
     if state.dev_tokens().is_some() {
         routes = routes.merge(devtoken::router());
@@ -34,7 +34,7 @@ pub fn router(state: AppState) -> Router {
     let openapi = Arc::new(openapi);
     router
         .merge(web::router())
-        .fallback(api::not_found)
+        .fallback(rest::not_found)
         .layer(Extension(openapi))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_headers))
         .with_state(state)

@@ -2,7 +2,6 @@
 //! forwards commands to the message service over gRPC, and pushes room events it hears
 //! on Redis to the local connections that joined those rooms.
 
-pub mod api;
 pub mod attachments;
 pub mod auth;
 pub mod backend;
@@ -17,6 +16,7 @@ pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod ratelimit;
+pub mod rest;
 pub mod room;
 pub mod session;
 pub mod state;

@@ -4,7 +4,6 @@ use anyhow::Context;
 use chat_gateway::config::Config;
 use chat_gateway::Application;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 /// A gateway holds tens of thousands of mostly idle connections whose small buffers
 /// come and go with traffic: mimalloc keeps that heap compact where glibc's per-thread
@@ -16,18 +15,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     config.validate().context("invalid configuration")?;
-    let telemetry = config.telemetry.init("chat-gateway")?;
-
-    let shutdown = CancellationToken::new();
-    tokio::spawn(chat_common::shutdown::cancel_on_signal(shutdown.clone()));
-
-    let result = run(&config, shutdown).await;
-    telemetry.shutdown().await;
-    result
-}
-
-async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let app = Application::build(config).await.context("gateway failed to start")?;
-    tracing::info!(addr = %app.local_addr()?, "gateway listening (HTTP + WebSocket on /ws)");
-    app.run_until_stopped(shutdown).await
+    let config = &config;
+    chat_common::service::run(&config.telemetry, "chat-gateway", |shutdown| async move {
+        let app = Application::build(config).await.context("gateway failed to start")?;
+        tracing::info!(addr = %app.local_addr()?, "gateway listening (HTTP + WebSocket on /ws)");
+        app.run_until_stopped(shutdown).await
+    })
+    .await
 }

@@ -52,7 +52,7 @@ async fn index() -> Response {
 async fn asset(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, content_type, body)) => respond(content_type, body),
-        None => crate::api::not_found().await.into_response(),
+        None => crate::rest::not_found().await.into_response(),
     }
 }
 

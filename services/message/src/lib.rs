@@ -1,10 +1,10 @@
 //! The message service: the one writer of rooms and messages. It stores each message in
 //! Postgres (gapless per-room seq) and then publishes it to Redis for the gateways.
 
-pub mod api;
 pub mod blobs;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod metrics;
 pub mod store;
 pub mod validate;
@@ -22,8 +22,8 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
-use crate::api::ChatApi;
 use crate::config::Config;
+use crate::grpc::GrpcHandlers;
 use crate::metrics::Metrics;
 use crate::store::{Committer, Store};
 
@@ -97,8 +97,13 @@ impl Application {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // The workers hold `commit_workers` pooled connections; the rest serve reads and other writes.
         let committer = Committer::start(self.store.clone(), self.commit_workers as usize, &tasks);
-        let api =
-            ChatApi::new(self.store.clone(), committer, self.events.clone(), self.max_text_chars, self.metrics.clone());
+        let api = GrpcHandlers::new(
+            self.store.clone(),
+            committer,
+            self.events.clone(),
+            self.max_text_chars,
+            self.metrics.clone(),
+        );
         tasks.spawn(report_health(reporter, self.store.clone(), self.events.clone(), shutdown.clone()));
         tasks.spawn(self.metrics.clone().serve(self.metrics_listener, shutdown.clone()));
 
@@ -175,11 +180,11 @@ async fn report_health(reporter: HealthReporter, store: Store, events: EventBus,
         let healthy = events.is_connected() && store.is_healthy().await;
         if serving != Some(healthy) {
             if healthy {
-                reporter.set_serving::<ChatServiceServer<ChatApi>>().await;
+                reporter.set_serving::<ChatServiceServer<GrpcHandlers>>().await;
                 reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
             } else {
                 tracing::warn!("a backend is unreachable; reporting NOT_SERVING");
-                reporter.set_not_serving::<ChatServiceServer<ChatApi>>().await;
+                reporter.set_not_serving::<ChatServiceServer<GrpcHandlers>>().await;
                 reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             }
             serving = Some(healthy);

@@ -13,7 +13,7 @@ use crate::validate;
 
 /// The gRPC service: a store and the event bus.
 #[derive(Clone)]
-pub struct ChatApi {
+pub struct GrpcHandlers {
     store: Store,
     /// Group commit: stores every send.
     committer: Committer,
@@ -23,7 +23,7 @@ pub struct ChatApi {
     metrics: Metrics,
 }
 
-impl ChatApi {
+impl GrpcHandlers {
     /// The service over its backends.
     pub fn new(store: Store, committer: Committer, events: EventBus, max_text_chars: usize, metrics: Metrics) -> Self {
         Self { store, committer, events, max_text_chars, metrics }
@@ -41,7 +41,7 @@ fn caller(caller: Option<Caller>) -> Result<Caller, ServiceError> {
 type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
-impl ChatService for ChatApi {
+impl ChatService for GrpcHandlers {
     #[tracing::instrument(skip_all, fields(user))]
     async fn create_room(&self, req: Request<CreateRoomRequest>) -> Reply<CreateRoomResponse> {
         let req = req.into_inner();

@@ -1,0 +1,23 @@
+//! How both services' `main` runs: logs and traces set up, a shutdown token cancelled
+//! by SIGINT/SIGTERM, and the traces flushed whatever the outcome.
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::shutdown::cancel_on_signal;
+use crate::telemetry::TelemetryConfig;
+
+/// Runs `body` with telemetry for `service` and the process's shutdown token.
+pub async fn run<F, Fut>(telemetry: &TelemetryConfig, service: &'static str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let telemetry = telemetry.init(service)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let result = body(shutdown).await;
+    telemetry.shutdown().await;
+    result
+}
