@@ -187,7 +187,7 @@ impl AppState {
 }
 
 /// What `/readyz` reports.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct Readiness {
     pub draining: bool,
     pub message_service: bool,
