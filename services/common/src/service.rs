@@ -6,13 +6,15 @@ use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use crate::shutdown::cancel_on_signal;
-use crate::telemetry::TelemetryConfig;
+use crate::telemetry::{TelemetryConfig, TelemetryError};
 
-/// Runs `body` with telemetry for `service` and the process's shutdown token.
-pub async fn run<F, Fut>(telemetry: &TelemetryConfig, service: &'static str, body: F) -> anyhow::Result<()>
+/// Runs `body` with telemetry for `service` and the process's shutdown token. The error
+/// is the body's own (`main`'s), so a telemetry failure must convert into it.
+pub async fn run<F, Fut, E>(telemetry: &TelemetryConfig, service: &'static str, body: F) -> Result<(), E>
 where
     F: FnOnce(CancellationToken) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    Fut: Future<Output = Result<(), E>>,
+    E: From<TelemetryError>,
 {
     let telemetry = telemetry.init(service)?;
     let shutdown = CancellationToken::new();

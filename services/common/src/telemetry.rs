@@ -60,13 +60,22 @@ impl TelemetryConfig {
     }
 
     /// Installs logging and, when an endpoint is set, trace export for `service`.
-    pub fn init(&self, service: &'static str) -> anyhow::Result<Telemetry> {
+    pub fn init(&self, service: &'static str) -> Result<Telemetry, TelemetryError> {
         init(service, self.log_format == LogFormat::Json, self.endpoint())
     }
 
     fn endpoint(&self) -> Option<&str> {
         self.otlp_endpoint.as_deref().map(str::trim).filter(|s| !s.is_empty())
     }
+}
+
+/// Trace export could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The exporter's reason is already part of the message, so it is not also a
+    /// `source()`: the `Caused by:` chain printed at start-up would repeat it.
+    #[error("cannot set up the OTLP exporter for {endpoint}: {cause}")]
+    Exporter { endpoint: String, cause: opentelemetry_otlp::ExporterBuildError },
 }
 
 /// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
@@ -96,7 +105,7 @@ impl Telemetry {
 /// Installs the global subscriber: filter, log format and, when an endpoint is given,
 /// the OpenTelemetry layer. Call it once, inside the Tokio runtime (the exporter's gRPC
 /// channel lives there).
-pub fn init(service: &'static str, json_logs: bool, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+pub fn init(service: &'static str, json_logs: bool, otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
     let provider = otlp_endpoint.map(|endpoint| tracer_provider(service, endpoint)).transpose()?;
     // Traces and logs are filtered apart: quiet logs (`RUST_LOG=warn`) must not empty the
     // traces, and tracing at info must not flood the logs.
@@ -128,12 +137,12 @@ fn env_filter(var: &str) -> EnvFilter {
     EnvFilter::builder().with_default_directive(tracing::Level::INFO.into()).with_env_var(var).from_env_lossy()
 }
 
-fn tracer_provider(service: &'static str, endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+fn tracer_provider(service: &'static str, endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
         .build()
-        .map_err(|e| anyhow::anyhow!("cannot set up the OTLP exporter for {endpoint}: {e}"))?;
+        .map_err(|cause| TelemetryError::Exporter { endpoint: endpoint.to_owned(), cause })?;
     Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource(service)).build())
 }
 
@@ -240,6 +249,14 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn an_unusable_otlp_endpoint_is_named_in_the_error() {
+        let Err(err) = tracer_provider("test", "http://bad host") else { panic!("a URI with a space was accepted") };
+        let message = err.to_string();
+        assert!(message.starts_with("cannot set up the OTLP exporter for http://bad host: "), "{message}");
+        assert!(std::error::Error::source(&err).is_none(), "the cause is in the message already");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::discovery;
 use crate::error::CommandError;
 use crate::metrics::{MethodLabels, Metrics};
+use crate::StartupError;
 
 /// Calls a ChatService method on a clone of the shared client, inside a client span
 /// whose trace context travels in the request metadata, recording its latency by
@@ -66,7 +67,7 @@ impl Backend {
         metrics: Metrics,
         shutdown: CancellationToken,
         tasks: &TaskTracker,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StartupError> {
         let targets = config.message_targets()?;
         let (refresh, timeout) = (config.dns_refresh(), config.grpc_timeout());
         let label = format!("message service at {targets}");

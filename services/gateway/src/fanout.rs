@@ -25,6 +25,7 @@ use crate::outbox::Outbox;
 use crate::protocol::{server, Close, Policy};
 use crate::room::{delivery_span, Joined, Listener, RoomHandle, RoomLog};
 use crate::stripes::Stripes;
+use crate::StartupError;
 
 /// Events buffered between Redis and the dispatcher before the oldest are dropped
 /// (and message events later repaired from Postgres).
@@ -82,7 +83,7 @@ impl Fanout {
         backend: Backend,
         metrics: Metrics,
         tasks: TaskTracker,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StartupError> {
         let (redis, channels) = (&config.backend.redis, config.backend.channels());
         let client = redis.builder(Duration::from_secs(2), REDIS_BUFFER)?.build_subscriber_client()?;
         config.backend.startup_retry().run("Redis", || client.init()).await?;

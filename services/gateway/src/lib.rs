@@ -19,6 +19,7 @@ pub mod ratelimit;
 pub mod rest;
 pub mod room;
 pub mod session;
+pub mod startup_error;
 pub mod state;
 pub mod stripes;
 pub mod web;
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+pub use crate::startup_error::StartupError;
 use crate::state::AppState;
 
 /// How often the message service's health is checked for `/readyz`.
@@ -50,11 +52,11 @@ pub struct Application {
 
 impl Application {
     /// Connects to the message service and Redis (bounded retries) and binds the port.
-    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+    pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let state = AppState::connect(config).await?;
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            .map_err(|cause| StartupError::Listen { addr: config.listen, cause })?;
         Ok(Self { listener, state, grace: config.shutdown_grace(), drain_delay: config.drain_delay() })
     }
 
@@ -65,7 +67,7 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled; then every connection is told to reconnect
     /// and closed with 1012, within the grace period, and background work is waited for.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let state = self.state;
         let tasks = state.tasks().clone();
         // The state was built before the caller's token existed; it follows that token.

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
     chat_common::service::run(&config.telemetry, "chat-gateway", |shutdown| async move {
         let app = Application::build(config).await.context("gateway failed to start")?;
         tracing::info!(addr = %app.local_addr()?, "gateway listening (HTTP + WebSocket on /ws)");
-        app.run_until_stopped(shutdown).await
+        Ok(app.run_until_stopped(shutdown).await?)
     })
     .await
 }

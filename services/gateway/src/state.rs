@@ -4,7 +4,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use chat_common::events::EventBus;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Registry;
 use crate::presence::Presence;
 use crate::ratelimit::Limits;
+use crate::StartupError;
 
 /// Per-connection limits and timings, from the config.
 #[derive(Debug, Clone)]
@@ -65,8 +65,8 @@ struct Shared {
 impl AppState {
     /// Connects to the message service and Redis (bounded retries) and builds the rest
     /// from `config`. Its shutdown token is its own: the caller cancels it to drain.
-    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
-        let verifier = config.verifier().context("invalid configuration")?;
+    pub async fn connect(config: &Config) -> Result<Self, StartupError> {
+        let verifier = config.verifier()?;
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod startup_error;
 pub mod store;
 pub mod validate;
 
@@ -25,6 +26,7 @@ use tonic_health::server::HealthReporter;
 use crate::config::Config;
 use crate::grpc::GrpcHandlers;
 use crate::metrics::Metrics;
+pub use crate::startup_error::StartupError;
 use crate::store::{Committer, Store};
 
 /// The gRPC health service name that reports SERVING while the process runs (for
@@ -52,7 +54,7 @@ pub struct Application {
 impl Application {
     /// Connects to Postgres (creating and migrating the database) and Redis, with
     /// bounded retries, and binds the gRPC port.
-    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+    pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let retry = config.backend.startup_retry();
         let url = config.database_url();
         let store =
@@ -60,7 +62,7 @@ impl Application {
         let redis = config.backend.connect_redis(PUBLISH_TIMEOUT).await?;
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            .map_err(|cause| StartupError::Listen { addr: config.listen, cause })?;
         let metrics_listener = metrics::bind(config.metrics_addr).await?;
         let metrics = Metrics::new();
         let events = EventBus::new(
@@ -92,7 +94,7 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then lets in-flight RPCs finish within the
     /// grace period, and the commits they queued after them.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
         let tasks = TaskTracker::new();
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // The workers hold `commit_workers` pooled connections; the rest serve reads and other writes.

@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
     chat_common::service::run(&config.telemetry, "chat-message", |shutdown| async move {
         let app = Application::build(config).await.context("message service failed to start")?;
         tracing::info!(addr = %app.local_addr()?, "message service listening (gRPC)");
-        app.run_until_stopped(shutdown).await
+        Ok(app.run_until_stopped(shutdown).await?)
     })
     .await
 }

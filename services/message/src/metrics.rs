@@ -10,6 +10,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::StartupError;
+
 /// Postgres operations that failed. Process-wide because every store error passes
 /// through one conversion (`From<sqlx::Error>`), which has no handle to carry.
 pub static POSTGRES_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
@@ -75,6 +77,6 @@ impl Default for Metrics {
 }
 
 /// Binds the metrics port with a clear error.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} (METRICS_ADDR): {e}"))
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr).await.map_err(|cause| StartupError::MetricsListen { addr, cause })
 }

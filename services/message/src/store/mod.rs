@@ -28,6 +28,7 @@ use sqlx::{PgPool, Postgres};
 
 use crate::blobs::{BlobStore, PgBlobStore};
 use crate::error::ServiceError;
+use crate::StartupError;
 
 /// Handle to the database; cheap to clone (the pool is shared).
 #[derive(Clone)]
@@ -39,7 +40,7 @@ pub struct Store {
 impl Store {
     /// Connects (creating the database if asked and missing), with bounded retries,
     /// and applies the embedded migrations.
-    pub async fn connect(url: &str, create: bool, max_connections: u32, retry: Retry) -> anyhow::Result<Self> {
+    pub async fn connect(url: &str, create: bool, max_connections: u32, retry: Retry) -> Result<Self, StartupError> {
         let options: PgConnectOptions = url.parse()?;
         if create {
             retry
