@@ -37,6 +37,9 @@ async fn an_empty_jwt_secret_is_rejected_by_validation() -> Result<()> {
     let out = run(cmd).await?;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("JWT_SECRET"), "{}", stderr(&out));
+    // Operators and runbooks match this line: the setting and the reason on one line.
+    let line = "Error: invalid configuration: JWT_SECRET must be set (and not empty) for HS256 tokens";
+    assert!(stderr(&out).lines().any(|l| l == line), "{}", stderr(&out));
     Ok(())
 }
 

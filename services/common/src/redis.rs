@@ -15,7 +15,7 @@ use tracing::Instrument;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedisConfig {
     /// Redis URL: `redis://host:port` (with `REDIS_CLUSTER`, any one node of the cluster).
-    #[arg(long = "redis-url", env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(long = "redis-url", env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub url: String,
 
     /// `true` for a Redis Cluster: nodes are discovered from the URL's node, and pub/sub

@@ -163,8 +163,8 @@ pub enum ConfigError {
     NoJwtSecret,
     #[error("JWT_PUBLIC_KEY_FILE must be set for {0} tokens")]
     NoPublicKeyFile(JwtAlgorithm),
-    #[error("cannot read JWT_PUBLIC_KEY_FILE {}: {source}", path.display())]
-    UnreadablePublicKey { path: PathBuf, source: std::io::Error },
+    #[error("cannot read JWT_PUBLIC_KEY_FILE {}: {cause}", path.display())]
+    UnreadablePublicKey { path: PathBuf, cause: std::io::Error },
     #[error(transparent)]
     PublicKey(#[from] KeyError),
     #[error(
@@ -226,7 +226,7 @@ impl Config {
     pub fn jwt_keys(&self) -> Result<KeyConfig, ConfigError> {
         let pem = || {
             let path = self.jwt_public_key_file.as_ref().ok_or(ConfigError::NoPublicKeyFile(self.jwt_algorithm))?;
-            std::fs::read(path).map_err(|source| ConfigError::UnreadablePublicKey { path: path.clone(), source })
+            std::fs::read(path).map_err(|cause| ConfigError::UnreadablePublicKey { path: path.clone(), cause })
         };
         Ok(match self.jwt_algorithm {
             JwtAlgorithm::Rs256 => KeyConfig::Rs256 { public_pem: pem()? },

@@ -57,7 +57,6 @@ struct Inner {
     /// concurrent join, while different channels' (un)subscribes go out together: when a
     /// gateway dies, thousands of users arrive at once, each needing its user channel.
     transitions: Stripes,
-    /// Every room task, so shutdown can wait for them.
     /// The gateway's background tasks: room tasks, and the resyncs and leaves the
     /// dispatcher starts; shutdown waits for them.
     tasks: TaskTracker,

@@ -38,9 +38,10 @@ use crate::state::AppState;
 /// How often the message service's health is checked for `/readyz`.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How long shutdown waits for background work once the connections are gone: the
-/// dispatcher's and presence's last Redis commands, announcements in flight.
-const TASKS_GRACE: Duration = Duration::from_secs(5);
+/// Background work (the dispatcher's and presence's last Redis commands, announcements
+/// in flight) gets what is left of the grace period once the connections are gone, and
+/// at least this: the whole stop must stay inside the pod's termination grace period.
+const TASKS_GRACE_MIN: Duration = Duration::from_secs(1);
 
 /// A gateway with its backends connected and its port bound, ready to run.
 pub struct Application {
@@ -110,14 +111,16 @@ impl Application {
         shutdown.cancel();
         served?;
 
+        let deadline = tokio::time::Instant::now() + self.grace;
         state.connections().close();
-        if tokio::time::timeout(self.grace, state.connections().wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, state.connections().wait()).await.is_err() {
             tracing::warn!(grace = ?self.grace, "connections still open after the grace period");
         }
         dispatcher_stop.cancel();
         tasks.close();
-        if tokio::time::timeout(TASKS_GRACE, tasks.wait()).await.is_err() {
-            tracing::warn!(grace = ?TASKS_GRACE, "background tasks still running after their grace period");
+        let deadline = deadline.max(tokio::time::Instant::now() + TASKS_GRACE_MIN);
+        if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks still running after the grace period");
         }
         tracing::info!("gateway stopped");
         Ok(())

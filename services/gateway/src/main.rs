@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    config.validate().context("invalid configuration")?;
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let config = &config;
     chat_common::service::run(&config.telemetry, "chat-gateway", |shutdown| async move {
         let app = Application::build(config).await.context("gateway failed to start")?;

@@ -243,12 +243,12 @@ async fn push(State(state): State<AppState>, Admin(admin): Admin, Body(req): Bod
         return Err(HttpError::bad_request(format!("event must be 1 to {MAX_EVENT_CHARS} characters")));
     }
     let push = pb::Push { event: req.event, data_json: req.data.to_string() };
-    let publisher = state.events();
+    let events = state.events();
     match (req.all, req.user_ids) {
-        (true, None) => publisher.everyone(pb::envelope::Event::Push(push)).await?,
+        (true, None) => events.everyone(pb::envelope::Event::Push(push)).await?,
         (false, Some(users)) if !users.is_empty() => {
             for user in &users {
-                publisher.user(user, pb::envelope::Event::Push(push.clone())).await?;
+                events.user(user, pb::envelope::Event::Push(push.clone())).await?;
             }
         }
         _ => return Err(HttpError::bad_request("give either a non-empty user_ids or all: true")),

@@ -5,13 +5,18 @@ use std::net::SocketAddr;
 
 use chat_common::startup::Unreachable;
 
+use crate::auth::KeyError;
 use crate::config::ConfigError;
 
 /// A start-up failure of the gateway: configuration, a backend, or its port.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("invalid configuration")]
-    Config(#[from] ConfigError),
+    /// One line, as operators have always read it: the setting's message carries its cause.
+    #[error("invalid configuration: {0}")]
+    Config(ConfigError),
+    /// A key file that was read but holds no usable key.
+    #[error(transparent)]
+    PublicKey(KeyError),
     /// The message service or Redis, after the bounded retries.
     #[error(transparent)]
     Unreachable(#[from] Unreachable),
@@ -25,6 +30,16 @@ pub enum StartupError {
     /// the `Caused by:` chain would print it twice.
     #[error("cannot listen on {addr}: {cause}")]
     Listen { addr: SocketAddr, cause: std::io::Error },
+}
+
+impl From<ConfigError> for StartupError {
+    fn from(err: ConfigError) -> Self {
+        match err {
+            // Its own line, as before: the file was read, its content is wrong.
+            ConfigError::PublicKey(key) => Self::PublicKey(key),
+            other => Self::Config(other),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -42,10 +57,14 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_setting_reads_as_invalid_configuration_caused_by_the_setting() {
-        let err = StartupError::from(ConfigError::NoJwtSecret);
-        assert_eq!(err.to_string(), "invalid configuration");
-        let cause = err.source().map(ToString::to_string);
-        assert_eq!(cause.as_deref(), Some("JWT_SECRET must be set (and not empty) for HS256 tokens"));
+    fn a_bad_setting_reads_as_invalid_configuration_on_one_line() {
+        let path = std::path::PathBuf::from("/nonexistent");
+        let unreadable = ConfigError::UnreadablePublicKey { path, cause: std::io::ErrorKind::NotFound.into() };
+        let err = StartupError::Config(unreadable);
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: cannot read JWT_PUBLIC_KEY_FILE /nonexistent: entity not found"
+        );
+        assert!(err.source().is_none(), "the cause is in the message already");
     }
 }

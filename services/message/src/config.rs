@@ -22,7 +22,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
 
     /// Postgres connection URL. The database is created if it does not exist.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://localhost/chat")]
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://localhost/chat", hide_env_values = true)]
     pub database_url: SecretString,
 
     /// Create the database named in DATABASE_URL when it is missing.
@@ -144,6 +144,16 @@ mod tests {
         let c = with_url("postgres://app:hunter2@db:5432/chat");
         for debug in [format!("{c:?}"), format!("{:?}", c.database_url())] {
             assert!(!debug.contains("hunter2"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn help_never_prints_the_urls_credentials_from_the_environment() {
+        let command = <Config as clap::CommandFactory>::command();
+        for env in ["DATABASE_URL", "REDIS_URL"] {
+            let arg = command.get_arguments().find(|a| a.get_env().is_some_and(|e| e == env));
+            let arg = arg.unwrap_or_else(|| panic!("no argument reads {env}"));
+            assert!(arg.is_hide_env_values_set(), "{env} shows its environment value in --help");
         }
     }
 

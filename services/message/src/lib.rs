@@ -99,7 +99,7 @@ impl Application {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // The workers hold `commit_workers` pooled connections; the rest serve reads and other writes.
         let committer = Committer::start(self.store.clone(), self.commit_workers as usize, &tasks);
-        let api = GrpcHandlers::new(
+        let handlers = GrpcHandlers::new(
             self.store.clone(),
             committer,
             self.events.clone(),
@@ -116,7 +116,7 @@ impl Application {
                 .trace_fn(rpc_span)
                 .add_service(health_service)
                 .add_service(
-                    ChatServiceServer::new(api)
+                    ChatServiceServer::new(handlers)
                         .max_decoding_message_size(MAX_GRPC_MESSAGE)
                         .max_encoding_message_size(MAX_GRPC_MESSAGE),
                 )

@@ -8,7 +8,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    config.validate().context("invalid configuration")?;
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let config = &config;
     chat_common::service::run(&config.telemetry, "chat-message", |shutdown| async move {
         let app = Application::build(config).await.context("message service failed to start")?;
