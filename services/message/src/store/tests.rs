@@ -7,54 +7,25 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use chat_common::startup::Retry;
 use chat_proto::v1::{Caller, Message, RoomKind};
-use sqlx::postgres::PgPoolOptions;
 use tokio_util::task::TaskTracker;
 
 use super::{Committer, NewMessage, Store};
 use crate::error::ServiceError;
 
-/// A uniquely named database with the service's schema, dropped on drop.
+/// A fresh database (the end-to-end harness's, dropped with it) with the service's schema.
 struct TestDb {
-    base: String,
-    name: String,
+    // Declared first: the pool closes before the database is dropped.
     store: Store,
+    _db: chat_tests::TestDb,
 }
 
 impl TestDb {
     async fn new() -> Result<Self> {
-        // Same convention as the end-to-end tests: a server URL without a database name.
-        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        let name = unique_name();
+        let db = chat_tests::TestDb::new();
         let retry = Retry { attempts: 1, delay: Duration::ZERO };
-        let store = Store::connect(&format!("{base}/{name}"), true, 8, retry).await?;
-        Ok(Self { base, name, store })
+        let store = Store::connect(&db.url, true, 8, retry).await?;
+        Ok(Self { store, _db: db })
     }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let admin = format!("{}/postgres", self.base);
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-        // Drop may run on a runtime that is shutting down: use a private one.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async {
-                let pool = PgPoolOptions::new().max_connections(1).connect(&admin).await?;
-                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await?;
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .join();
-    }
-}
-
-fn unique_name() -> String {
-    // Tests of one binary run in parallel and may read the same clock value: the counter
-    // keeps them apart, the clock keeps apart runs that reuse a pid.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    format!("chat_store_test_{}_{n}_{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 fn user(id: &str) -> Caller {
