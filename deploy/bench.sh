@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 BIN=${BENCH_BIN:-target/release}
 OUT=target/bench
 RESULTS=$OUT/results.jsonl
-SECRET=bench-secret
+SECRET=bench-secret-at-least-32-bytes-long
 PREFIX="bench$$"
 DB=chat_bench_$$
 PG_BASE="${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"

@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 /// The secret every test cluster signs tokens with.
-pub const SECRET: &str = "e2e-test-secret";
+pub const SECRET: &str = "e2e-test-secret-at-least-32-bytes";
 
 /// A token for `sub`, valid for an hour.
 pub fn token(sub: &str) -> String {

@@ -4,7 +4,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::Result;
-use chat_tests::{bin, free_port, redis_url, TestDb};
+use chat_tests::{bin, free_port, redis_url, TestDb, SECRET};
 use tokio::process::Command;
 
 /// A binary with none of this process's environment, so only what a test sets counts.
@@ -74,7 +74,7 @@ async fn the_message_service_gives_up_on_an_unreachable_redis() -> Result<()> {
 #[tokio::test]
 async fn a_gateway_gives_up_on_an_unreachable_message_service() -> Result<()> {
     let mut cmd = command("chat-gateway");
-    cmd.env("JWT_SECRET", "s")
+    cmd.env("JWT_SECRET", SECRET)
         .env("MESSAGE_SERVICE_URL", format!("http://127.0.0.1:{}", free_port()))
         .env("REDIS_URL", redis_url())
         .env("STARTUP_ATTEMPTS", "2")
@@ -91,13 +91,25 @@ async fn dev_tokens_are_refused_in_the_production_environment() -> Result<()> {
     // Production is the default: turning dev tokens on without saying otherwise is refused.
     for env in [None, Some("production")] {
         let mut cmd = command("chat-gateway");
-        cmd.env("JWT_SECRET", "s3cret").env("DEV_TOKENS", "true");
+        cmd.env("JWT_SECRET", SECRET).env("DEV_TOKENS", "true");
         if let Some(env) = env {
             cmd.env("ENVIRONMENT", env);
         }
         let out = run(cmd).await?;
         assert!(!out.status.success());
         assert!(stderr(&out).contains("DEV_TOKENS is refused with ENVIRONMENT=production"), "{}", stderr(&out));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn production_refuses_a_published_or_short_jwt_secret() -> Result<()> {
+    for secret in ["dev-secret-change-me", "dev-only-not-a-secret", "only-31-bytes-long-xxxxxxxxxxxx"] {
+        let mut cmd = command("chat-gateway");
+        cmd.env("JWT_SECRET", secret).env("GATEWAY_ADDR", format!("127.0.0.1:{}", free_port()));
+        let out = run(cmd).await?;
+        assert!(!out.status.success(), "{secret}");
+        assert!(stderr(&out).contains("refused with ENVIRONMENT=production"), "{}", stderr(&out));
     }
     Ok(())
 }

@@ -174,6 +174,11 @@ pub enum ConfigError {
     DevTokensInProduction,
     #[error("DEV_TOKENS needs JWT_ALGORITHM=HS256: the gateway signs dev tokens with JWT_SECRET")]
     DevTokensNeedHs256,
+    #[error(
+        "JWT_SECRET is {0}; refused with ENVIRONMENT=production (the default). Use at least 32 \
+         random bytes (e.g. `openssl rand -base64 48`), or set ENVIRONMENT=development for a local cluster"
+    )]
+    WeakSecret(&'static str),
     #[error("MESSAGE_SERVICE_URL: {0}")]
     MessageServiceUrl(String),
     #[error("{setting} must be at least {min}")]
@@ -195,6 +200,11 @@ impl Config {
                 return Err(ConfigError::NoPublicKeyFile(alg));
             }
             _ => {}
+        }
+        if self.environment == Environment::Production && self.jwt_algorithm == JwtAlgorithm::Hs256 {
+            if let Some(weakness) = secret_weakness(self.hs256_secret()) {
+                return Err(ConfigError::WeakSecret(weakness));
+            }
         }
         if self.dev_tokens {
             if self.environment == Environment::Production {
@@ -295,6 +305,25 @@ impl Config {
     }
 }
 
+/// The shortest HS256 secret accepted in production: RFC 7518 §3.2 asks for a key at least
+/// as long as the hash output (256 bits).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
+/// Secrets shipped in this repository's local and dev set-ups: public, so anyone could
+/// sign tokens with them.
+const KNOWN_DEV_SECRETS: &[&str] = &["dev-secret-change-me", "dev-only-not-a-secret"];
+
+/// Why an HS256 secret is unfit for production, if it is.
+fn secret_weakness(secret: &str) -> Option<&'static str> {
+    if KNOWN_DEV_SECRETS.contains(&secret) {
+        Some("a published development placeholder")
+    } else if secret.len() < MIN_HS256_SECRET_BYTES {
+        Some("shorter than 32 bytes")
+    } else {
+        None
+    }
+}
+
 fn at_least(setting: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {
     if value < min {
         return Err(ConfigError::TooSmall { setting, min });
@@ -306,13 +335,15 @@ fn at_least(setting: &'static str, value: u64, min: u64) -> Result<(), ConfigErr
 mod tests {
     use super::*;
 
+    const STRONG: &str = "0123456789abcdef0123456789abcdef";
+
     fn parse(args: &[&str]) -> Config {
         Config::parse_from(std::iter::once("chat-gateway").chain(args.iter().copied()))
     }
 
     #[test]
     fn defaults_are_hs256_in_production_with_text_logs_and_40_startup_attempts() {
-        let config = parse(&["--jwt-secret", "s3cret"]);
+        let config = parse(&["--jwt-secret", STRONG]);
         assert_eq!(config.jwt_algorithm, JwtAlgorithm::Hs256);
         assert_eq!(config.environment, Environment::Production);
         assert_eq!(config.telemetry.log_format, chat_common::telemetry::LogFormat::Text);
@@ -338,15 +369,27 @@ mod tests {
         assert_eq!(message(&[]), "JWT_SECRET must be set (and not empty) for HS256 tokens");
         assert_eq!(message(&["--jwt-algorithm", "RS256"]), "JWT_PUBLIC_KEY_FILE must be set for RS256 tokens");
         assert_eq!(
-            message(&["--jwt-secret", "s", "--dev-tokens"]),
+            message(&["--jwt-secret", STRONG, "--dev-tokens"]),
             "DEV_TOKENS is refused with ENVIRONMENT=production (the default): anyone could sign in as anyone. Set \
              ENVIRONMENT=development for a local cluster"
         );
-        assert_eq!(message(&["--jwt-secret", "s", "--heartbeat-ms", "99"]), "HEARTBEAT_MS must be at least 100");
+        assert_eq!(message(&["--jwt-secret", STRONG, "--heartbeat-ms", "99"]), "HEARTBEAT_MS must be at least 100");
         assert_eq!(
-            message(&["--jwt-secret", "s", "--redis-channel-prefix", "a{b}"]),
+            message(&["--jwt-secret", STRONG, "--redis-channel-prefix", "a{b}"]),
             "REDIS_CHANNEL_PREFIX must be non-empty and contain no braces"
         );
+    }
+
+    #[test]
+    fn production_refuses_a_short_or_published_hs256_secret() {
+        let message = |args: &[&str]| parse(args).validate().map_err(|e| e.to_string());
+        let short = "s".repeat(MIN_HS256_SECRET_BYTES - 1);
+        for weak in ["dev-secret-change-me", "dev-only-not-a-secret", short.as_str()] {
+            let refused = message(&["--jwt-secret", weak]).unwrap_err();
+            assert!(refused.starts_with("JWT_SECRET is ") && refused.contains("ENVIRONMENT=production"), "{refused}");
+            assert!(message(&["--jwt-secret", weak, "--environment", "development"]).is_ok(), "{weak}");
+        }
+        assert!(message(&["--jwt-secret", &"s".repeat(MIN_HS256_SECRET_BYTES)]).is_ok());
     }
 
     #[test]
