@@ -200,9 +200,13 @@ async fn one_users_nul_sends_never_fail_other_users_sends() -> Result<()> {
         }
     }
 
-    assert!(failed.is_empty(), "{acked} acked; the others' failed sends by code: {failed:?} (hostile: {hostile_codes:?})");
+    assert!(
+        failed.is_empty(),
+        "{acked} acked; the others' failed sends by code: {failed:?} (hostile: {hostile_codes:?})"
+    );
     assert!(hostile_codes.get("bad_request").is_some_and(|n| *n > 0), "the poison was sent: {hostile_codes:?}");
-    let unexpected: Vec<&String> = hostile_codes.keys().filter(|c| *c != "bad_request" && *c != "rate_limited").collect();
+    let unexpected: Vec<&String> =
+        hostile_codes.keys().filter(|c| *c != "bad_request" && *c != "rate_limited").collect();
     assert!(unexpected.is_empty(), "the poisoned sends are bad_request (or over the rate): {hostile_codes:?}");
     Ok(())
 }

@@ -71,7 +71,7 @@ impl Store {
             results[only] = Some(Err(batch_err));
             return;
         }
-        tracing::warn!(error = %batch_err, open = open.len(), "group commit failed; storing its sends one by one");
+        tracing::warn!(error = ?batch_err, open = open.len(), "group commit failed; storing its sends one by one");
         let mut unavailable: Option<ServiceError> = None;
         for i in open {
             if let Some(err) = &unavailable {
