@@ -156,7 +156,22 @@ impl Store {
         let numbered = number_fresh(requests, &open, &stored, &mut last_seqs);
         let inserted = insert(&mut tx, requests, &numbered.fresh, &last_seqs).await?;
         tx.commit().await?;
-        let stored = self.decorate(stored.into_values().collect()).await?;
+        // Committed: no error may fail the batch from here on, or the one-by-one fallback
+        // would store its new messages again. Failing to read back the stored messages'
+        // reactions and files fails only the retries that answer with them.
+        let retried: HashSet<Key> = stored.keys().cloned().collect();
+        let stored = match self.decorate(stored.into_values().collect()).await {
+            Ok(stored) => stored,
+            Err(err) => {
+                for &i in &open {
+                    if key(&requests[i]).is_some_and(|k| retried.contains(&k)) {
+                        results[i] = Some(Err(err.clone()));
+                    }
+                }
+                Vec::new()
+            }
+        };
+        let open: Vec<usize> = open.into_iter().filter(|&i| results[i].is_none()).collect();
         answer(requests, &open, &numbered, inserted, stored, results);
         Ok(())
     }
