@@ -37,8 +37,12 @@ pub enum AuthError {
     Expired,
     #[error("token is larger than {MAX_TOKEN_BYTES} bytes")]
     TooLarge,
-    #[error("token has no usable sub (1 to {MAX_SUB_CHARS} characters)")]
+    #[error("token has no usable sub (1 to {MAX_SUB_CHARS} characters, no U+0000)")]
     BadSubject,
+    /// The `name` is stored with every message its user sends, and no stored string may
+    /// hold U+0000; refused here so the user learns why at once, not at each send.
+    #[error("token name must not contain U+0000")]
+    BadName,
     #[error("invalid token: {0}")]
     Invalid(String),
 }
@@ -140,8 +144,11 @@ impl Verifier {
         })?;
         let claims = data.claims;
         let n = claims.sub.chars().count();
-        if n == 0 || n > MAX_SUB_CHARS {
+        if n == 0 || n > MAX_SUB_CHARS || claims.sub.contains('\0') {
             return Err(AuthError::BadSubject);
+        }
+        if claims.name.as_deref().is_some_and(|name| name.contains('\0')) {
+            return Err(AuthError::BadName);
         }
         Ok(claims)
     }
@@ -204,6 +211,18 @@ mod tests {
         assert_eq!(verifier().verify(&empty), Err(AuthError::BadSubject));
         let long = sign(json!({"sub": "x".repeat(129), "exp": now() + 60}));
         assert_eq!(verifier().verify(&long), Err(AuthError::BadSubject));
+    }
+
+    #[test]
+    fn a_sub_or_name_holding_nul_is_refused() {
+        let sub = sign(json!({"sub": "al\u{0}ice", "exp": now() + 60}));
+        assert_eq!(verifier().verify(&sub), Err(AuthError::BadSubject));
+        let name = sign(json!({"sub": "alice", "name": "Al\u{0}ice", "exp": now() + 60}));
+        assert_eq!(verifier().verify(&name), Err(AuthError::BadName));
+        assert_eq!(AuthError::BadName.to_string(), "token name must not contain U+0000");
+        // Other control characters are stored as given, like in every other string.
+        let tab = sign(json!({"sub": "alice", "name": "Al\tice\u{1}", "exp": now() + 60}));
+        assert_eq!(verifier().verify(&tab).map(|c| c.name), Ok(Some("Al\tice\u{1}".to_owned())));
     }
 
     #[test]

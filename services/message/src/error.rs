@@ -41,6 +41,12 @@ impl From<sqlx::Error> for ServiceError {
             sqlx::Error::Database(ref db) if is_transient(db.code().as_deref()) => {
                 ServiceError::Unavailable(Arc::new(err))
             }
+            sqlx::Error::Database(ref db) if is_data_exception(db.code().as_deref()) => {
+                // The request's own value, not the service, is at fault: the client hears
+                // `bad_request`; the cause names the column only in the log.
+                tracing::info!(error = %err, "Postgres refused a value");
+                ServiceError::InvalidArgument("the request holds a value that cannot be stored".into())
+            }
             _ => ServiceError::Internal(Arc::new(err)),
         }
     }
@@ -51,6 +57,13 @@ impl From<sqlx::Error> for ServiceError {
 /// and deadlocks (40).
 fn is_transient(code: Option<&str>) -> bool {
     matches!(code.map(|c| &c[..2.min(c.len())]), Some("08" | "53" | "57" | "40"))
+}
+
+/// SQLSTATE class 22, data exceptions: a value Postgres cannot take (U+0000 in `text` or
+/// `jsonb`, invalid JSON, a number out of range). Validation refuses the known ones first;
+/// this keeps any other from reading as a server fault.
+fn is_data_exception(code: Option<&str>) -> bool {
+    code.is_some_and(|c| c.starts_with("22"))
 }
 
 impl From<ServiceError> for Status {
@@ -109,5 +122,15 @@ mod tests {
         assert!(is_transient(Some("40001")));
         assert!(!is_transient(Some("23505")));
         assert!(!is_transient(None));
+    }
+
+    #[test]
+    fn data_exception_sqlstates_are_the_requests_fault() {
+        assert!(is_data_exception(Some("22021")));
+        assert!(is_data_exception(Some("22P05")));
+        assert!(is_data_exception(Some("22P02")));
+        assert!(!is_data_exception(Some("23503")));
+        assert!(!is_data_exception(Some("08006")));
+        assert!(!is_data_exception(None));
     }
 }

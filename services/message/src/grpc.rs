@@ -34,6 +34,7 @@ impl GrpcHandlers {
 fn caller(caller: Option<Caller>) -> Result<Caller, ServiceError> {
     let caller = caller.ok_or_else(|| ServiceError::InvalidArgument("caller is required".into()))?;
     validate::user_id(&caller.user_id)?;
+    validate::sender_name(caller.name.as_deref())?;
     tracing::Span::current().record("user", caller.user_id.as_str());
     Ok(caller)
 }
@@ -232,8 +233,8 @@ impl ChatService for GrpcHandlers {
         if !caller.admin {
             return Err(ServiceError::Forbidden("only admins send notifications").into());
         }
-        validate::notification(&req.user_ids, &req.title, &req.body)?;
         let data = if req.data_json.is_empty() { "null" } else { req.data_json.as_str() };
+        validate::notification(&req.user_ids, &req.title, &req.body, data)?;
         let notifications = self.store.create_notifications(&req.user_ids, &req.title, &req.body, data).await?;
         for n in &notifications {
             let event = Event::Notification(NotificationCreated { notification: Some(n.clone()) });
@@ -275,7 +276,8 @@ impl ChatService for GrpcHandlers {
         if req.data.len() > validate::MAX_ATTACHMENT_BYTES {
             return Err(ServiceError::InvalidArgument("attachments are at most 10 MiB".into()).into());
         }
-        let name = validate::file_name(&req.name);
+        let name = validate::file_name(&req.name)?;
+        validate::content_type(&req.content_type)?;
         let attachment = self.store.create_attachment(&caller, &name, &req.content_type, &req.data).await?;
         Ok(Response::new(UploadAttachmentResponse { attachment: Some(attachment) }))
     }

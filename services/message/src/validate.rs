@@ -18,6 +18,37 @@ fn invalid(msg: impl Into<String>) -> ServiceError {
     ServiceError::InvalidArgument(msg.into())
 }
 
+/// Every string this service stores passes here first. Postgres `text` (and `jsonb`)
+/// cannot hold U+0000: let through, one such string fails its statement, and in a group
+/// commit the whole batch with it. Other control characters are stored as given:
+/// Postgres holds them and JSON escapes them on the way out.
+pub fn storable(what: &str, value: &str) -> Result<(), ServiceError> {
+    if value.contains('\0') {
+        return Err(invalid(format!("{what} must not contain U+0000")));
+    }
+    Ok(())
+}
+
+/// JSON text to be stored as `jsonb`: no `\u0000` escape in any string or key (`jsonb`
+/// refuses it as `text` refuses the raw character).
+fn storable_json(what: &str, json: &str) -> Result<(), ServiceError> {
+    storable(what, json)?;
+    // Outside strings valid JSON has no backslash, so every backslash starts an escape;
+    // stepping over each escaped character keeps `\\u0000` (a backslash, then `u0000`)
+    // apart from a real `\u0000`.
+    let mut rest = json;
+    while let Some(at) = rest.find('\\') {
+        let escape = &rest[at + 1..];
+        if escape.starts_with("u0000") {
+            return Err(invalid(format!("{what} must not contain U+0000")));
+        }
+        let mut escaped = escape.chars();
+        escaped.next();
+        rest = escaped.as_str();
+    }
+    Ok(())
+}
+
 /// Parses a room id. Ids are opaque strings to clients; one that is not ours names no room.
 pub fn room_id(raw: &str) -> Result<i64, ServiceError> {
     raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or(ServiceError::NotFound("room"))
@@ -34,7 +65,12 @@ pub fn user_id(id: &str) -> Result<(), ServiceError> {
     if n == 0 || n > MAX_USER_ID_CHARS {
         return Err(invalid(format!("user ids must be 1 to {MAX_USER_ID_CHARS} characters")));
     }
-    Ok(())
+    storable("user ids", id)
+}
+
+/// The caller's display name (the token's `name`), stored with each message they send.
+pub fn sender_name(name: Option<&str>) -> Result<(), ServiceError> {
+    name.map_or(Ok(()), |name| storable("the token's name", name))
 }
 
 /// The members named at room creation, without duplicates and without the creator.
@@ -60,6 +96,7 @@ pub fn room_name(name: Option<String>) -> Result<Option<String>, ServiceError> {
     if name.chars().count() > MAX_ROOM_NAME_CHARS {
         return Err(invalid(format!("room names are at most {MAX_ROOM_NAME_CHARS} characters")));
     }
+    storable("room names", &name)?;
     Ok(Some(name))
 }
 
@@ -72,7 +109,7 @@ pub fn text(text: &str, has_attachments: bool, max: usize) -> Result<(), Service
     if n == 0 && !has_attachments {
         return Err(invalid("text must not be empty"));
     }
-    Ok(())
+    storable("text", text)
 }
 
 /// Message kind: `text` (the default), `image` or `file`.
@@ -91,7 +128,8 @@ pub fn client_msg_id(id: Option<&str>) -> Result<(), ServiceError> {
         Some(id) if id.is_empty() || id.chars().count() > MAX_CLIENT_MSG_ID_CHARS => {
             Err(invalid(format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID_CHARS} characters")))
         }
-        _ => Ok(()),
+        Some(id) => storable("client_msg_id", id),
+        None => Ok(()),
     }
 }
 
@@ -104,15 +142,15 @@ pub fn emoji(emoji: &str) -> Result<(), ServiceError> {
     if n == 0 || n > MAX_EMOJI_CHARS || emoji.trim() != emoji {
         return Err(invalid(format!("emoji must be 1 to {MAX_EMOJI_CHARS} characters without spaces around")));
     }
-    Ok(())
+    storable("emoji", emoji)
 }
 
 /// Longest notification title.
 pub const MAX_TITLE_CHARS: usize = 200;
 
 /// A notification: 1..=1000 recipients, a title of 1..=200 characters, a body of at
-/// most 4000.
-pub fn notification(user_ids: &[String], title: &str, body: &str) -> Result<(), ServiceError> {
+/// most 4000, and its `data` as JSON text.
+pub fn notification(user_ids: &[String], title: &str, body: &str, data_json: &str) -> Result<(), ServiceError> {
     if user_ids.is_empty() || user_ids.len() > MAX_CREATE_MEMBERS {
         return Err(invalid(format!("user_ids must name 1 to {MAX_CREATE_MEMBERS} users")));
     }
@@ -124,7 +162,9 @@ pub fn notification(user_ids: &[String], title: &str, body: &str) -> Result<(), 
     if body.chars().count() > MAX_TEXT_CHARS {
         return Err(invalid(format!("body is at most {MAX_TEXT_CHARS} characters")));
     }
-    Ok(())
+    storable("title", title)?;
+    storable("body", body)?;
+    storable_json("data", data_json)
 }
 
 /// Parses a notification id (`bad_request` when it is not one of ours).
@@ -153,16 +193,19 @@ pub fn attachment_ids(ids: &[String]) -> Result<Vec<i64>, ServiceError> {
 }
 
 /// A file name safe to store and to echo in headers: no path, no control characters,
-/// at most 255 characters; `file` when nothing is left.
-pub fn file_name(name: &str) -> String {
+/// at most 255 characters; `file` when nothing is left. U+0000 is refused like in every
+/// stored string, not dropped with the other control characters.
+pub fn file_name(name: &str) -> Result<String, ServiceError> {
+    storable("attachment names", name)?;
     let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
     let clean: String = base.chars().filter(|c| !c.is_control()).take(255).collect();
     let clean = clean.trim().trim_start_matches('.').to_owned();
-    if clean.is_empty() {
-        "file".to_owned()
-    } else {
-        clean
-    }
+    Ok(if clean.is_empty() { "file".to_owned() } else { clean })
+}
+
+/// An attachment's content type (the gateway sends an allowlisted one).
+pub fn content_type(content_type: &str) -> Result<(), ServiceError> {
+    storable("content_type", content_type)
 }
 
 /// A history page size: 1..=100, 0 meaning the default 50.
@@ -205,12 +248,14 @@ mod tests {
 
     #[test]
     fn file_names_lose_paths_and_control_characters() {
-        assert_eq!(file_name("../../etc/passwd"), "passwd");
-        assert_eq!(file_name("C:\\Users\\x\\report.pdf"), "report.pdf");
-        assert_eq!(file_name("a\nb\r.txt"), "ab.txt");
-        assert_eq!(file_name(""), "file");
-        assert_eq!(file_name(".."), "file");
-        assert_eq!(file_name(&"n".repeat(300)).len(), 255);
+        let name = |n: &str| file_name(n).unwrap();
+        assert_eq!(name("../../etc/passwd"), "passwd");
+        assert_eq!(name("C:\\Users\\x\\report.pdf"), "report.pdf");
+        assert_eq!(name("a\nb\r.txt"), "ab.txt");
+        assert_eq!(name(""), "file");
+        assert_eq!(name(".."), "file");
+        assert_eq!(name(&"n".repeat(300)).len(), 255);
+        assert!(file_name("a\0b.txt").is_err());
     }
 
     #[test]
@@ -243,5 +288,46 @@ mod tests {
         assert!(client_msg_id(Some(&"c".repeat(65))).is_err());
         assert!(client_msg_id(Some("c-1")).is_ok());
         assert!(client_msg_id(None).is_ok());
+    }
+
+    #[test]
+    fn every_stored_string_refuses_nul() {
+        let nul = "a\0b";
+        let refused =
+            |r: Result<(), ServiceError>| matches!(r, Err(ServiceError::InvalidArgument(m)) if m.contains("U+0000"));
+        assert!(refused(text(nul, false, MAX_TEXT_CHARS)));
+        assert!(refused(room_name(Some(nul.into())).map(drop)));
+        assert!(refused(client_msg_id(Some(nul))));
+        assert!(refused(emoji(nul)));
+        assert!(refused(user_id(nul)));
+        assert!(refused(members("alice", vec![nul.into()]).map(drop)));
+        assert!(refused(sender_name(Some(nul))));
+        assert!(refused(notification(&["bob".into()], nul, "", "null")));
+        assert!(refused(notification(&["bob".into()], "t", nul, "null")));
+        assert!(refused(file_name(nul).map(drop)));
+        assert!(refused(content_type(nul)));
+    }
+
+    #[test]
+    fn notification_data_refuses_an_escaped_nul_anywhere() {
+        let data = |json: &str| notification(&["bob".into()], "t", "b", json);
+        assert!(data(r#"{"k":"a\u0000b"}"#).is_err());
+        assert!(data(r#"{"a\u0000":1}"#).is_err());
+        assert!(data(r#"["x", {"deep": ["\u0000"]}]"#).is_err());
+        // An escaped backslash followed by `u0000` is six ordinary characters.
+        assert!(data(r#"{"k":"\\u0000"}"#).is_ok());
+        assert!(data(r#"{"k":"\\\u0000"}"#).is_err());
+        assert!(data(r#"{"k":"\u0001 \"quoted\" \n"}"#).is_ok());
+        assert!(data("null").is_ok());
+    }
+
+    #[test]
+    fn other_control_characters_are_stored_as_given() {
+        let controls = "tab\t nl\n cr\r bell\u{7} esc\u{1b} us\u{1f} del\u{7f} c1\u{85} end";
+        assert!(text(controls, false, MAX_TEXT_CHARS).is_ok());
+        assert_eq!(room_name(Some(controls.into())).unwrap().as_deref(), Some(controls));
+        assert!(client_msg_id(Some("c\u{1}")).is_ok());
+        assert!(emoji("\u{1}").is_ok());
+        assert!(notification(&["bob".into()], controls, controls, r#""\u001f""#).is_ok());
     }
 }

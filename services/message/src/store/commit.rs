@@ -5,7 +5,8 @@
 //! already stored (they are answered with the stored message, as a retry), numbers only
 //! the new messages from each locked `last_seq`, inserts them (and their attachment links)
 //! in one statement each and moves each room's `last_seq` by exactly its count before
-//! committing.
+//! committing. A batch that fails as a whole is stored again one request per
+//! transaction, so one bad send never fails another.
 
 use std::collections::{HashMap, HashSet};
 
@@ -35,23 +36,56 @@ struct Numbered {
 }
 
 impl Store {
-    /// Stores a batch of sends; one result per request, in order. A failure of the batch
-    /// answers every request it leaves unanswered.
+    /// Stores a batch of sends; one result per request, in order. Each is answered on its
+    /// own merits: when the batch fails as a whole, its open requests are stored again one
+    /// by one, so only the one at fault gets the error.
     pub(super) async fn insert_batch(&self, requests: &[Request]) -> Vec<Reply> {
         let mut results: Vec<Option<Reply>> = vec![None; requests.len()];
-        let outcome = match self.screen(requests, &mut results).await {
-            Ok(()) => self.commit_retrying(requests, &mut results).await,
-            Err(err) => Err(err),
-        };
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| match &outcome {
-                    Err(err) => Err(err.clone()),
-                    Ok(()) => Err(ServiceError::Conflict("retry".into())),
-                })
-            })
-            .collect()
+        match self.store_together(requests, &mut results).await {
+            Ok(()) => {}
+            // An unavailable database is no request's fault, and a commit cut off on the
+            // way may have landed: storing again could store a send without a
+            // `client_msg_id` twice. Every open request hears `unavailable`; clients retry.
+            Err(err @ ServiceError::Unavailable(_)) => {
+                results.iter_mut().filter(|r| r.is_none()).for_each(|r| *r = Some(Err(err.clone())));
+            }
+            Err(err) => self.store_one_by_one(requests, &mut results, err).await,
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(ServiceError::Conflict("retry".into())))).collect()
+    }
+
+    /// Screens the requests, then stores the rest in one transaction.
+    async fn store_together(&self, requests: &[Request], results: &mut [Option<Reply>]) -> Result<(), ServiceError> {
+        self.screen(requests, results).await?;
+        self.commit_retrying(requests, results).await
+    }
+
+    /// After `batch_err` failed the batch: each open request in its own transaction, in
+    /// arrival order (so seqs keep it). Validation keeps known poison (U+0000) out of
+    /// batches; this is for whatever it does not know. A request that fails alone gets its
+    /// own error. Should the database become unavailable meanwhile, the rest would only
+    /// fail in turn, each after its own wait: the first to meet it answers them all.
+    async fn store_one_by_one(&self, requests: &[Request], results: &mut [Option<Reply>], batch_err: ServiceError) {
+        let open: Vec<usize> = (0..requests.len()).filter(|&i| results[i].is_none()).collect();
+        if let [only] = open[..] {
+            results[only] = Some(Err(batch_err));
+            return;
+        }
+        tracing::warn!(error = ?batch_err, open = open.len(), "group commit failed; storing its sends one by one");
+        let mut unavailable: Option<ServiceError> = None;
+        for i in open {
+            if let Some(err) = &unavailable {
+                results[i] = Some(Err(err.clone()));
+                continue;
+            }
+            let result = &mut results[i..=i];
+            if let Err(err) = self.store_together(&requests[i..=i], result).await {
+                if matches!(err, ServiceError::Unavailable(_)) {
+                    unavailable = Some(err.clone());
+                }
+                result[0] = Some(Err(err));
+            }
+        }
     }
 
     /// A unique violation means a batch of other rooms (another worker's, here or in
@@ -122,7 +156,22 @@ impl Store {
         let numbered = number_fresh(requests, &open, &stored, &mut last_seqs);
         let inserted = insert(&mut tx, requests, &numbered.fresh, &last_seqs).await?;
         tx.commit().await?;
-        let stored = self.decorate(stored.into_values().collect()).await?;
+        // Committed: no error may fail the batch from here on, or the one-by-one fallback
+        // would store its new messages again. Failing to read back the stored messages'
+        // reactions and files fails only the retries that answer with them.
+        let retried: HashSet<Key> = stored.keys().cloned().collect();
+        let stored = match self.decorate(stored.into_values().collect()).await {
+            Ok(stored) => stored,
+            Err(err) => {
+                for &i in &open {
+                    if key(&requests[i]).is_some_and(|k| retried.contains(&k)) {
+                        results[i] = Some(Err(err.clone()));
+                    }
+                }
+                Vec::new()
+            }
+        };
+        let open: Vec<usize> = open.into_iter().filter(|&i| results[i].is_none()).collect();
         answer(requests, &open, &numbered, inserted, stored, results);
         Ok(())
     }

@@ -236,22 +236,58 @@ async fn a_refused_request_does_not_fail_the_rest_of_its_batch() -> Result<()> {
     Ok(())
 }
 
+/// The texts stored in a room, in seq order.
+async fn stored_texts(store: &Store, room_id: i64) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT body FROM messages WHERE room_id = $1 ORDER BY seq")
+        .bind(room_id)
+        .fetch_all(&store.pool)
+        .await?)
+}
+
 #[tokio::test]
-async fn a_failed_batch_answers_every_request_and_stores_nothing() -> Result<()> {
+async fn a_send_the_database_refuses_fails_alone_and_the_others_keep_gapless_seqs() -> Result<()> {
     let db = TestDb::new().await?;
     let room_id = room(&db.store, "ann", &["bob"]).await?;
-    // An attachment id no row has (the handler checks ownership first, so only a file
-    // gone since then could do this) fails the batch's transaction.
+    let other_room = room(&db.store, "cyd", &[]).await?;
+    // Each poison passes the batch's screening and fails its transaction: U+0000 in a
+    // text or a sender's name (the handlers refuse both before they get here), and an
+    // attachment id no row has (a file gone since the handler checked it).
+    let named = Caller { name: Some("nul\0name".into()), ..user("bob") };
     let batch = [
         (user("ann"), text(room_id, "one")),
+        (user("bob"), text(room_id, "a\0b")),
+        (user("cyd"), text(other_room, "elsewhere")),
         (user("bob"), NewMessage { attachments: vec![i64::MAX], ..text(room_id, "") }),
+        (user("ann"), keyed(room_id, "two", "c-2")),
+        (named, text(room_id, "from a bad name")),
         (user("bob"), text(room_id, "three")),
     ];
     let replies = db.store.insert_batch(&batch).await;
-    for reply in &replies {
-        assert!(matches!(reply, Err(ServiceError::Internal(_))), "{reply:?}");
+    let seq = |i: usize| stored(replies[i].clone()).map(|(m, _)| m.seq);
+    assert_eq!(seq(0)?, 1);
+    assert_eq!(seq(2)?, 1, "another room's send");
+    assert_eq!(seq(4)?, 2);
+    assert_eq!(seq(6)?, 3);
+    // A value Postgres cannot take is the request's fault: `bad_request`, not `internal`.
+    assert!(matches!(&replies[1], Err(ServiceError::InvalidArgument(_))), "{:?}", replies[1]);
+    assert!(matches!(&replies[5], Err(ServiceError::InvalidArgument(_))), "{:?}", replies[5]);
+    assert!(matches!(&replies[3], Err(ServiceError::Internal(_))), "{:?}", replies[3]);
+
+    assert_eq!(stored_texts(&db.store, room_id).await?, ["one", "two", "three"], "the culprits store nothing");
+    assert_eq!(stored_seqs(&db.store, room_id).await?, vec![1, 2, 3]);
+    assert_eq!(db.store.room_seq(room_id).await?, 3);
+    assert_eq!(stored_seqs(&db.store, other_room).await?, vec![1]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unavailable_database_answers_every_send_unavailable() -> Result<()> {
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &["bob"]).await?;
+    db.store.pool.close().await;
+    let batch = [(user("ann"), text(room_id, "one")), (user("bob"), text(room_id, "two"))];
+    for reply in db.store.insert_batch(&batch).await {
+        assert!(matches!(reply, Err(ServiceError::Unavailable(_))), "{reply:?}");
     }
-    assert_eq!(stored_seqs(&db.store, room_id).await?, Vec::<i64>::new());
-    assert_eq!(db.store.room_seq(room_id).await?, 0);
     Ok(())
 }
