@@ -47,6 +47,10 @@ impl DevTokens {
         if name.is_some_and(|n| n.chars().count() > MAX_NAME_CHARS) {
             return Err(HttpError::bad_request(format!("name must be at most {MAX_NAME_CHARS} characters")));
         }
+        // The gateway refuses such a token at sign-in (U+0000 cannot be stored): say so now.
+        if user_id.contains('\0') || name.is_some_and(|n| n.contains('\0')) {
+            return Err(HttpError::bad_request("user_id and name must not contain U+0000"));
+        }
         let role = req.role.as_deref().filter(|r| !r.is_empty());
         let who =
             Identity { sub: user_id, name, role, issuer: self.issuer.as_deref(), audience: self.audience.as_deref() };
@@ -111,5 +115,13 @@ mod tests {
         let signer = DevTokens::new(b"s3cret", None, None);
         assert!(signer.mint(&request("  ", None)).is_err());
         assert!(signer.mint(&request(&"x".repeat(MAX_SUB_CHARS + 1), None)).is_err());
+    }
+
+    #[test]
+    fn a_nul_in_the_user_id_or_name_is_refused_before_signing() {
+        let signer = DevTokens::new(b"s3cret", None, None);
+        assert!(signer.mint(&request("a\0b", None)).is_err());
+        let named = DevTokenRequest { user_id: "alice".into(), name: Some("A\0".into()), role: None };
+        assert!(signer.mint(&named).is_err());
     }
 }
