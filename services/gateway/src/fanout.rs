@@ -400,9 +400,12 @@ impl Fanout {
         let hub = read(&self.inner.rooms).get(room).cloned();
         let fanout = self.clone();
         let (user, room) = (user.to_owned(), room.to_owned());
-        for &conn in &evicted {
-            if !hub.as_ref().is_some_and(|hub| hub.evict(conn)) {
-                tracing::warn!(%user, %room, conn, "room queue full; eviction waits for room");
+        // No room task: a join in flight, whose mark is struck and which will refuse.
+        if let Some(hub) = hub {
+            for &conn in &evicted {
+                if !hub.evict(conn) {
+                    tracing::warn!(%user, %room, conn, "room queue full; the eviction waits its turn");
+                }
             }
         }
         // Stops the room task (and unsubscribes) when nobody is left, and retries an
