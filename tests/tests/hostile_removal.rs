@@ -48,8 +48,9 @@ async fn an_id_spelled_otherwise_names_nothing_and_only_the_issued_one_removes()
         assert_eq!(history["code"], "not_found", "history {spelled:?}: {history}");
         // REST alike (the path is percent-encoded where the spelling needs it).
         let path = spelled.replace(' ', "%20").replace('+', "%2B");
-        let get = http_json(&cluster.gateways[0], "GET", &format!("/v1/rooms/{path}/messages"), Some(&token("alice")), None)
-            .await?;
+        let get =
+            http_json(&cluster.gateways[0], "GET", &format!("/v1/rooms/{path}/messages"), Some(&token("alice")), None)
+                .await?;
         assert_eq!((get.status, &get.body["error"]["code"]), (404, &json!("not_found")), "GET {spelled:?}");
         let post = http_json(
             &cluster.gateways[0],

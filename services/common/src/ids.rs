@@ -6,9 +6,7 @@
 
 /// The number an id names, if `raw` is an id exactly as the server spells it.
 pub fn parse(raw: &str) -> Option<i64> {
-    let canonical = !raw.is_empty()
-        && raw.bytes().all(|b| b.is_ascii_digit())
-        && !raw.starts_with('0');
+    let canonical = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) && !raw.starts_with('0');
     if !canonical {
         return None;
     }
@@ -24,9 +22,22 @@ mod tests {
     fn only_the_issued_spelling_names_an_id() {
         assert_eq!(parse("42"), Some(42));
         assert_eq!(parse("9223372036854775807"), Some(i64::MAX));
-        for other in
-            ["042", "0042", "+42", "-42", " 42", "42 ", "4.2e1", "42.0", "0x2a", "0", "00", "", "٤٢", "9223372036854775808"]
-        {
+        for other in [
+            "042",
+            "0042",
+            "+42",
+            "-42",
+            " 42",
+            "42 ",
+            "4.2e1",
+            "42.0",
+            "0x2a",
+            "0",
+            "00",
+            "",
+            "٤٢",
+            "9223372036854775808",
+        ] {
             assert_eq!(parse(other), None, "{other:?}");
         }
     }

@@ -125,7 +125,11 @@ impl Listening {
     /// that had it, whose listeners must stop.
     pub fn strike(&self, conns: &[u64], room: &str) -> Vec<u64> {
         let mut state = self.state();
-        conns.iter().copied().filter(|conn| state.conns.get_mut(conn).is_some_and(|c| c.rooms.remove(room).is_some())).collect()
+        conns
+            .iter()
+            .copied()
+            .filter(|conn| state.conns.get_mut(conn).is_some_and(|c| c.rooms.remove(room).is_some()))
+            .collect()
     }
 
     /// True when `conn` has joined `room` (a join still checking does not count).

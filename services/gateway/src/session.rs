@@ -139,8 +139,13 @@ impl Session {
             }
             Command::History { room, before_seq, after_seq, limit } => {
                 let limit = client::page_limit(limit)?;
-                let req =
-                    pb::HistoryRequest { caller: self.who(), room_id: room.into_string(), before_seq, after_seq, limit };
+                let req = pb::HistoryRequest {
+                    caller: self.who(),
+                    room_id: room.into_string(),
+                    before_seq,
+                    after_seq,
+                    limit,
+                };
                 Ok(server::page_ack(id, &backend.history(req).await?))
             }
             Command::AddMembers { room, members } => {

@@ -125,14 +125,16 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
     // disconnect, and a removal would not reach its joins: refuse it, and let the
     // client retry (1013) rather than admit it half-working.
     if let Err(err) = state.fanout().add_user_conn(&claims.sub, &outbox).await {
-        // Counted but never announced online: only a count it kept from going to zero
+        // Uncounted in the background: with Redis down it would keep the client waiting.
+        // Counted but never announced online, so only a count it kept from going to zero
         // (another connection that closed meanwhile) still owes an offline.
         let first = admission == (Admission::Admitted { first: true });
-        if state.presence().release(&claims.sub).await && !first {
-            let presence = state.presence().clone();
-            let user = claims.sub.clone();
-            state.tasks().spawn(async move { presence.announce(&user, false).await });
-        }
+        let (presence, user) = (state.presence().clone(), claims.sub.clone());
+        state.tasks().spawn(async move {
+            if presence.release(&user).await && !first {
+                presence.announce(&user, false).await;
+            }
+        });
         refuse(&mut socket, server::error(auth_id.as_deref(), &err), Close::Unavailable).await;
         return None;
     }

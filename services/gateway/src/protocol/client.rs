@@ -220,7 +220,9 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     };
     match serde_json::from_str::<Command>(text) {
         Ok(command) => Ok(ClientFrame { id, command }),
-        Err(e) if names_nothing(&e) => Err(FrameError { id, error: CommandError::new(ErrorCode::NotFound, describe(e)) }),
+        Err(e) if names_nothing(&e) => {
+            Err(FrameError { id, error: CommandError::new(ErrorCode::NotFound, describe(e)) })
+        }
         Err(e) => Err(FrameError { id, error: CommandError::bad_request(describe(e)) }),
     }
 }
