@@ -137,7 +137,10 @@ impl Fanout {
     /// The join is marked before `admit` runs, so a removal that lands while the check
     /// is in flight, or before the listener is registered, makes it refuse (`forbidden`)
     /// rather than leave the removed user listening. The user's channel is subscribed
-    /// (`add_user_conn`) for the whole connection, so that removal is always heard here.
+    /// (`add_user_conn`) for the whole connection, so that removal is always heard here
+    /// (or, when Redis loses it, made up by the membership re-check). One instant stays
+    /// open: a removal landing while the room task registers the listener stops it right
+    /// after, and a room event dispatched within that instant may still reach it.
     pub async fn join<T>(
         &self,
         room: &str,
