@@ -239,6 +239,17 @@ impl Cluster {
         terminate(&mut self.message).await
     }
 
+    /// Starts one more gateway that calls the message service at `message_url` (a proxy
+    /// in front of it, say) instead of the cluster's own, and waits until it is ready;
+    /// its index. (`restart_gateway` brings it back on the cluster's own URLs.)
+    pub async fn add_gateway(&mut self, message_url: &str) -> Result<usize> {
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.gateway_procs.push(spawn_gateway(&addr, message_url, &self.wiring)?);
+        self.gateways.push(addr.clone());
+        self.wait_ready(&addr).await?;
+        Ok(self.gateways.len() - 1)
+    }
+
     /// The `ws://` URL of gateway `i`.
     pub fn ws_url(&self, i: usize) -> String {
         format!("ws://{}/ws", self.gateways[i])

@@ -1,11 +1,12 @@
 //! What the gateway and the message service truly share: Redis channel naming and the
 //! event bus, the flags both take, telemetry initialisation and trace-context
-//! propagation, bounded start-up retries, the shutdown signal and how each `main` runs,
-//! and minting dev tokens.
+//! propagation, the one spelling of an id, bounded start-up retries, the shutdown
+//! signal and how each `main` runs, and minting dev tokens.
 
 pub mod channels;
 pub mod config;
 pub mod events;
+pub mod ids;
 pub mod propagation;
 pub mod redis;
 pub mod service;

@@ -1,25 +1,32 @@
 //! Redis fan-out: subscribes this gateway to the channels of the rooms and users it
 //! has local connections for, and routes each event to its room task or to the
-//! user's local connections.
+//! user's local connections. It also keeps removals binding: a removed user's
+//! connections stop listening at once, a join racing a removal refuses, and after a
+//! Redis outage (when `room_removed` events may have been lost) every joined room's
+//! local listeners have their membership checked again.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use chat_common::channels::Channels;
 use chat_common::redis::PubSub;
-use chat_proto::v1::{envelope::Event, Envelope};
+use chat_proto::v1::{self as pb, envelope::Event, Envelope};
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface};
 use fred::types::Message as RedisMessage;
+use futures_util::StreamExt;
 use prost::Message as _;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{CommandError, ErrorCode};
+use crate::listening::{Abandoned, Listening};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::{server, Close, Policy};
@@ -37,6 +44,10 @@ const TRANSITION_STRIPES: usize = 256;
 /// Delay of the second resync after a Redis reconnect.
 const RESYNC_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
+/// Membership checks in flight at once after a Redis outage: one per (room, user) with a
+/// local listener, so a gateway with many rooms spreads them instead of a burst of RPCs.
+const MEMBERSHIP_CHECKS_IN_FLIGHT: usize = 8;
+
 /// Handle to this gateway's subscriptions; cheap to clone.
 #[derive(Clone)]
 pub struct Fanout {
@@ -52,6 +63,11 @@ struct Inner {
     rooms: RwLock<HashMap<String, RoomHandle>>,
     /// User id → that user's local connections, for per-user events.
     users: RwLock<HashMap<String, HashMap<u64, Outbox>>>,
+    /// Which rooms each local connection has joined or is joining.
+    listening: Listening,
+    /// Wakes the membership re-check (after a Redis reconnect, or events lost to lag).
+    /// A `Notify` keeps one pending wake-up, so outages during a check coalesce into one more.
+    recheck: Notify,
     /// Serialises subscribe/unsubscribe per channel (striped), so a join never returns
     /// before its room's subscription is live and a leave never unsubscribes under a
     /// concurrent join, while different channels' (un)subscribes go out together: when a
@@ -67,6 +83,10 @@ impl Fanout {
         self.inner.metrics.redis_errors.inc();
         unavailable(err)
     }
+}
+
+fn removed_while_joining() -> CommandError {
+    CommandError::new(ErrorCode::Forbidden, "removed from the room while joining")
 }
 
 fn unavailable(err: fred::error::Error) -> CommandError {
@@ -97,6 +117,8 @@ impl Fanout {
                 metrics,
                 rooms: RwLock::new(HashMap::new()),
                 users: RwLock::new(HashMap::new()),
+                listening: Listening::default(),
+                recheck: Notify::new(),
                 transitions: Stripes::new(TRANSITION_STRIPES),
                 tasks,
             }),
@@ -108,9 +130,76 @@ impl Fanout {
         self.inner.subscriber.client().is_connected()
     }
 
-    /// Starts delivering `room` to `listener`, after replaying what it missed since
-    /// `since` (if given). Subscribes the gateway to the room first if needed.
-    pub async fn join(&self, room: &str, listener: Listener, since: Option<i64>) -> Result<Joined, CommandError> {
+    /// Joins `listener`'s connection to `room` once `admit` (the membership check) says
+    /// it may, then delivers the room to it, after replaying what it missed since `since`
+    /// (if given). Subscribes the gateway to the room first if needed.
+    ///
+    /// The join is marked before `admit` runs, so a removal that lands while the check
+    /// is in flight, or before the listener is registered, makes it refuse (`forbidden`)
+    /// rather than leave the removed user listening. The user's channel is subscribed
+    /// (`add_user_conn`) for the whole connection, so that removal is always heard here
+    /// (or, when Redis loses it, made up by the membership re-check). One instant stays
+    /// open: a removal landing while the room task registers the listener stops it right
+    /// after, and a room event dispatched within that instant may still reach it.
+    pub async fn join<T>(
+        &self,
+        room: &str,
+        listener: Listener,
+        caller: pb::Caller,
+        since: Option<i64>,
+        admit: impl Future<Output = Result<T, CommandError>>,
+    ) -> Result<(Joined, T), CommandError> {
+        let conn = listener.outbox.id();
+        let listening = &self.inner.listening;
+        let ticket = listening.begin(conn, room, caller);
+        let admitted = match admit.await {
+            Ok(admitted) if listening.still_joining(&ticket) => admitted,
+            Ok(_) => return Err(removed_while_joining()),
+            Err(err) => {
+                let still_member = !matches!(err.code, ErrorCode::Forbidden | ErrorCode::NotFound);
+                if listening.abandon(ticket, still_member) == Abandoned::StopListening {
+                    self.unlisten(room, conn).await;
+                }
+                return Err(err);
+            }
+        };
+        let joined = match self.listen(room, listener, since).await {
+            Ok(joined) => joined,
+            Err(err) => {
+                if listening.abandon(ticket, true) == Abandoned::StopListening {
+                    self.unlisten(room, conn).await;
+                }
+                return Err(err);
+            }
+        };
+        if !listening.settle(&ticket) {
+            // The removal came while the listener was being registered: its eviction may
+            // have run before the registration, so stop it here.
+            self.unlisten(room, conn).await;
+            return Err(removed_while_joining());
+        }
+        Ok((joined, admitted))
+    }
+
+    /// True when connection `conn` has joined `room` (and no removal has evicted it).
+    pub fn is_joined(&self, conn: u64, room: &str) -> bool {
+        self.inner.listening.is_joined(conn, room)
+    }
+
+    /// How many rooms connection `conn` has joined (or is joining).
+    pub fn joined_count(&self, conn: u64) -> usize {
+        self.inner.listening.count(conn)
+    }
+
+    /// Stops delivering every room to connection `conn`; called once when it closes.
+    pub async fn leave_all(&self, conn: u64) {
+        for room in self.inner.listening.remove_conn(conn) {
+            self.unlisten(&room, conn).await;
+        }
+    }
+
+    /// Registers `listener` with the room's task (starting it if needed).
+    async fn listen(&self, room: &str, listener: Listener, since: Option<i64>) -> Result<Joined, CommandError> {
         loop {
             let hub = self.room_hub(room).await?;
             match hub.join(listener.clone(), since).await {
@@ -146,9 +235,18 @@ impl Fanout {
         Ok(hub)
     }
 
-    /// Stops delivering `room` to connection `conn`; the last local listener's leave
+    /// Stops delivering `room` to connection `conn`; false when it had not joined it.
+    pub async fn leave(&self, room: &str, conn: u64) -> bool {
+        let joined = self.inner.listening.leave(conn, room);
+        if joined {
+            self.unlisten(room, conn).await;
+        }
+        joined
+    }
+
+    /// Removes `conn`'s listener from the room's task; the last local listener's leave
     /// stops the room task and unsubscribes the gateway.
-    pub async fn leave(&self, room: &str, conn: u64) {
+    async fn unlisten(&self, room: &str, conn: u64) {
         let Some(hub) = read(&self.inner.rooms).get(room).cloned() else { return };
         if hub.leave(conn).await > 0 {
             return;
@@ -211,6 +309,7 @@ impl Fanout {
     /// the connection was down are lost. Work it starts runs on the gateway's tracker.
     pub async fn run_dispatcher(self, shutdown: CancellationToken) {
         let tasks = &self.inner.tasks;
+        tasks.spawn(self.clone().run_membership_checks(shutdown.clone()));
         let mut rx = self.inner.subscriber.client().message_rx();
         let mut reconnects = self.inner.subscriber.client().reconnect_rx();
         loop {
@@ -220,6 +319,8 @@ impl Fanout {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(dropped = n, "fan-out fell behind Redis; resyncing rooms");
                         self.resync_rooms();
+                        // A dropped `room_removed` is as lost as one published during an outage.
+                        self.inner.recheck.notify_one();
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
@@ -233,6 +334,10 @@ impl Fanout {
                         tasks.spawn(async move {
                             tokio::time::sleep(RESYNC_AGAIN_AFTER).await;
                             fanout.resync_rooms();
+                            // `room_removed` events published while Redis was down, or before
+                            // the users' channels were subscribed again, are lost: ask the
+                            // message service, once those subscriptions are back.
+                            fanout.inner.recheck.notify_one();
                         });
                     }
                 }
@@ -248,6 +353,71 @@ impl Fanout {
         for hub in read(&self.inner.rooms).values() {
             hub.resync();
         }
+    }
+
+    /// Re-checks memberships each time `recheck` is notified, until `shutdown`.
+    async fn run_membership_checks(self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.inner.recheck.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                () = self.check_memberships() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Asks the message service whether each user with a joined local connection may
+    /// still read that room, and evicts those who may not, with `room_removed`, as if
+    /// the lost event had arrived. A check that fails (backend down) keeps the listener:
+    /// the next outage's check, or the user's next join, decides.
+    async fn check_memberships(&self) {
+        let pairs = self.inner.listening.joined_pairs();
+        tracing::info!(checks = pairs.len(), "re-checking local listeners' room memberships");
+        futures_util::stream::iter(pairs)
+            .for_each_concurrent(MEMBERSHIP_CHECKS_IN_FLIGHT, |(room, caller)| async move {
+                let user = caller.user_id.clone();
+                match self.inner.backend.join_room(caller, room.clone()).await {
+                    Ok(_) => {}
+                    Err(err) if matches!(err.code, ErrorCode::Forbidden | ErrorCode::NotFound) => {
+                        tracing::info!(%user, %room, "membership gone while Redis was away; evicting");
+                        let removed = Event::RoomRemoved(pb::RoomRemoved { user_id: user.clone(), room_id: room });
+                        self.deliver_to_user(&user, removed);
+                    }
+                    Err(err) => tracing::warn!(%user, %room, %err, "membership re-check failed; keeping the listener"),
+                }
+            })
+            .await;
+    }
+
+    /// Stops `user`'s local connections listening to `room`, behind every event of the
+    /// room already handed to its task, so none queued after the removal reaches them.
+    fn evict(&self, user: &str, room: &str, conns: &[Outbox]) {
+        let ids: Vec<u64> = conns.iter().map(Outbox::id).collect();
+        let evicted = self.inner.listening.strike(&ids, room);
+        if evicted.is_empty() {
+            return;
+        }
+        let hub = read(&self.inner.rooms).get(room).cloned();
+        let fanout = self.clone();
+        let (user, room) = (user.to_owned(), room.to_owned());
+        // No room task: a join in flight, whose mark is struck and which will refuse.
+        if let Some(hub) = hub {
+            for &conn in &evicted {
+                if !hub.evict(conn) {
+                    tracing::warn!(%user, %room, conn, "room queue full; the eviction waits its turn");
+                }
+            }
+        }
+        // Stops the room task (and unsubscribes) when nobody is left, and retries an
+        // eviction the full queue refused.
+        self.inner.tasks.spawn(async move {
+            for conn in evicted {
+                fanout.unlisten(&room, conn).await;
+            }
+        });
     }
 
     fn dispatch(&self, msg: RedisMessage) {
@@ -304,13 +474,9 @@ impl Fanout {
             outbox.push_event(WsMessage::Text(frame.clone()));
         }
         if let Event::RoomRemoved(removed) = event {
-            // The removed user's connections stop hearing the room at once.
-            let fanout = self.clone();
-            self.inner.tasks.spawn(async move {
-                for outbox in conns {
-                    fanout.leave(&removed.room_id, outbox.id()).await;
-                }
-            });
+            // The removed user's connections stop hearing the room at once, joins in
+            // flight included.
+            self.evict(user, &removed.room_id, &conns);
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod error;
 pub mod fanout;
 pub mod http;
+pub mod listening;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;

@@ -15,7 +15,7 @@ use crate::auth::{self, Claims};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::client::{self, CreateRoom, MarkRead, NotifyReq, PushReq, SendReq};
-use crate::protocol::json;
+use crate::protocol::{json, Id};
 use crate::state::AppState;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -153,10 +153,11 @@ async fn history(
     Path(room): Path<String>,
     Params(q): Params<HistoryQuery>,
 ) -> ApiResult<Response> {
+    let room = Id::parse(room)?;
     let limit = client::page_limit(q.limit)?;
     let req = pb::HistoryRequest {
         caller: Some(caller(&user)),
-        room_id: room,
+        room_id: room.into_string(),
         before_seq: q.before_seq,
         after_seq: q.after_seq,
         limit,
@@ -175,9 +176,10 @@ async fn send(
     Path(room): Path<String>,
     Body(req): Body<SendReq>,
 ) -> ApiResult<Response> {
+    let room = Id::parse(room)?;
     let req = pb::SendMessageRequest {
         caller: Some(caller(&user)),
-        room_id: room,
+        room_id: room.into_string(),
         text: req.text,
         kind: req.kind,
         attachment_ids: req.attachments,

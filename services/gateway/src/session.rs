@@ -2,7 +2,6 @@
 //! service, reply. Commands of one connection run one at a time, in order, so a
 //! client's sends are stored in the order it sent them.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use chat_proto::v1 as pb;
@@ -13,7 +12,7 @@ use crate::auth::{self, Claims};
 use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode};
 use crate::outbox::Outbox;
-use crate::protocol::{client, server, Close, Command, Policy};
+use crate::protocol::{client, server, Close, Command, Id, Policy};
 use crate::ratelimit::{ConnLimiter, Verdict};
 use crate::room::Listener;
 use crate::state::AppState;
@@ -23,7 +22,6 @@ pub struct Session {
     state: AppState,
     claims: Claims,
     listener: Listener,
-    joined: HashSet<String>,
     expires_at: Instant,
     limiter: ConnLimiter,
 }
@@ -40,7 +38,7 @@ impl Session {
         let listener = Listener { outbox, user_id: Arc::from(claims.sub.as_str()) };
         let expires_at = token_deadline(claims.exp);
         let limiter = state.limits().connect(&claims.sub);
-        Self { state, claims, listener, joined: HashSet::new(), expires_at, limiter }
+        Self { state, claims, listener, expires_at, limiter }
     }
 
     /// The verified claims.
@@ -122,15 +120,15 @@ impl Session {
             }
             Command::Join { room, since_seq } => self.join(id, room, since_seq).await,
             Command::Leave { room } => {
-                if self.joined.remove(&room) {
-                    self.state.fanout().leave(&room, self.listener.outbox.id()).await;
-                }
+                // Idempotent, like the contract's `leave`: a room never joined (or one a
+                // removal already took away) is left already.
+                self.state.fanout().leave(room.as_str(), self.conn()).await;
                 Ok(server::ack(id))
             }
             Command::Send { room, text, kind, attachments, reply_to, client_msg_id } => {
                 let req = pb::SendMessageRequest {
                     caller: self.who(),
-                    room_id: room,
+                    room_id: room.into_string(),
                     text,
                     kind,
                     attachment_ids: attachments,
@@ -141,68 +139,86 @@ impl Session {
             }
             Command::History { room, before_seq, after_seq, limit } => {
                 let limit = client::page_limit(limit)?;
-                let req = pb::HistoryRequest { caller: self.who(), room_id: room, before_seq, after_seq, limit };
+                let req = pb::HistoryRequest {
+                    caller: self.who(),
+                    room_id: room.into_string(),
+                    before_seq,
+                    after_seq,
+                    limit,
+                };
                 Ok(server::page_ack(id, &backend.history(req).await?))
             }
             Command::AddMembers { room, members } => {
-                let req = pb::AddMembersRequest { caller: self.who(), room_id: room, members };
+                let req = pb::AddMembersRequest { caller: self.who(), room_id: room.into_string(), members };
                 let reply = backend.add_members(req).await?;
                 Ok(server::members_added_ack(id, &reply.room.unwrap_or_default(), &reply.added))
             }
             Command::RemoveMember { room, user_id } => {
-                backend.remove_member(pb::RemoveMemberRequest { caller: self.who(), room_id: room, user_id }).await?;
+                let req = pb::RemoveMemberRequest { caller: self.who(), room_id: room.into_string(), user_id };
+                backend.remove_member(req).await?;
                 Ok(server::ack(id))
             }
             Command::Rooms {} => Ok(server::rooms_ack(id, &backend.list_rooms(caller(&self.claims)).await?)),
             Command::Edit { message_id, text } => {
-                let req = pb::EditMessageRequest { caller: self.who(), message_id, text };
+                let req = pb::EditMessageRequest { caller: self.who(), message_id: message_id.into_string(), text };
                 Ok(server::message_ack(id, &backend.edit_message(req).await?))
             }
             Command::Delete { message_id } => {
-                backend.delete_message(pb::DeleteMessageRequest { caller: self.who(), message_id }).await?;
+                let req = pb::DeleteMessageRequest { caller: self.who(), message_id: message_id.into_string() };
+                backend.delete_message(req).await?;
                 Ok(server::ack(id))
             }
             Command::React { message_id, emoji } => {
+                let message_id = message_id.into_string();
                 backend.react(pb::ReactRequest { caller: self.who(), message_id, emoji, add: true }).await?;
                 Ok(server::ack(id))
             }
             Command::Unreact { message_id, emoji } => {
+                let message_id = message_id.into_string();
                 backend.react(pb::ReactRequest { caller: self.who(), message_id, emoji, add: false }).await?;
                 Ok(server::ack(id))
             }
             Command::Typing { room, active } => self.typing(id, room, active).await,
             Command::Read { room, seq } => {
-                let req = pb::MarkReadRequest { caller: self.who(), room_id: room, seq };
+                let req = pb::MarkReadRequest { caller: self.who(), room_id: room.into_string(), seq };
                 Ok(server::read_ack(id, backend.mark_read(req).await?))
             }
             Command::Presence { room } => {
-                let info = backend.join_room(caller(&self.claims), room).await?;
+                let info = backend.join_room(caller(&self.claims), room.into_string()).await?;
                 Ok(server::online_ack(id, &self.state.presence().online(&info.members).await))
             }
             Command::RefreshToken { token } => self.refresh(id, &token),
         }
     }
 
-    async fn join(&mut self, id: Option<&str>, room: String, since_seq: Option<i64>) -> Result<String, CommandError> {
-        let max = self.state.settings().max_rooms;
-        if !self.joined.contains(&room) && self.joined.len() >= max {
+    fn conn(&self) -> u64 {
+        self.listener.outbox.id()
+    }
+
+    async fn join(&mut self, id: Option<&str>, room: Id, since_seq: Option<i64>) -> Result<String, CommandError> {
+        let (fanout, conn, max) = (self.state.fanout(), self.conn(), self.state.settings().max_rooms);
+        if !fanout.is_joined(conn, room.as_str()) && fanout.joined_count(conn) >= max {
             return Err(CommandError::new(
                 ErrorCode::Forbidden,
                 format!("a connection may join at most {max} rooms; leave one first"),
             ));
         }
-        let info = self.state.backend().join_room(caller(&self.claims), room.clone()).await?;
-        let joined = self.state.fanout().join(&room, self.listener.clone(), since_seq).await?;
-        self.joined.insert(room.clone());
+        // The membership check runs inside the fan-out's join, which is what lets a
+        // removal landing during the check refuse the join instead of being missed.
+        let check = self.state.backend().join_room(caller(&self.claims), room.to_string());
+        let (joined, info) =
+            fanout.join(room.as_str(), self.listener.clone(), caller(&self.claims), since_seq, check).await?;
         let online = self.state.presence().online(&info.members).await;
-        Ok(server::joined_ack(id, &room, joined.last_seq, &online, joined.truncated))
+        Ok(server::joined_ack(id, room.as_str(), joined.last_seq, &online, joined.truncated))
     }
 
-    async fn typing(&mut self, id: Option<&str>, room: String, active: bool) -> Result<String, CommandError> {
-        if !self.joined.contains(&room) {
-            // Typing needs membership, not a join: check it like a join would.
-            self.state.backend().join_room(caller(&self.claims), room.clone()).await?;
+    async fn typing(&mut self, id: Option<&str>, room: Id, active: bool) -> Result<String, CommandError> {
+        if !self.state.fanout().is_joined(self.conn(), room.as_str()) {
+            // Typing needs membership, not a join: check it like a join would. A removal
+            // unjoins the connection at once, so a removed user lands here and is refused.
+            self.state.backend().join_room(caller(&self.claims), room.to_string()).await?;
         }
+        let room = room.into_string();
         let event =
             pb::envelope::Event::Typing(pb::Typing { room_id: room.clone(), user_id: self.claims.sub.clone(), active });
         self.state.events().room(&room, event).await?;
@@ -225,9 +241,7 @@ impl Session {
 
     /// Leaves every joined room; called once when the connection ends.
     pub async fn end(self) {
-        for room in &self.joined {
-            self.state.fanout().leave(room, self.listener.outbox.id()).await;
-        }
+        self.state.fanout().leave_all(self.conn()).await;
         self.state.limits().disconnect(&self.claims.sub, self.limiter);
     }
 }

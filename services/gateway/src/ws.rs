@@ -120,11 +120,25 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
         refuse(&mut socket, error, Close::Policy(Policy::TooManyConnections)).await;
         return None;
     }
-    state.metrics().connections.inc();
     let (outbox, queue) = Outbox::new(conn_id, settings.outbound_queue, state.metrics().outbound_drops.clone());
+    // Without its user's channel a connection never hears `room_removed` or an admin
+    // disconnect, and a removal would not reach its joins: refuse it, and let the
+    // client retry (1013) rather than admit it half-working.
     if let Err(err) = state.fanout().add_user_conn(&claims.sub, &outbox).await {
-        tracing::warn!(%err.message, "per-user events unavailable for this connection");
+        // Uncounted in the background: with Redis down it would keep the client waiting.
+        // Counted but never announced online, so only a count it kept from going to zero
+        // (another connection that closed meanwhile) still owes an offline.
+        let first = admission == (Admission::Admitted { first: true });
+        let (presence, user) = (state.presence().clone(), claims.sub.clone());
+        state.tasks().spawn(async move {
+            if presence.release(&user).await && !first {
+                presence.announce(&user, false).await;
+            }
+        });
+        refuse(&mut socket, server::error(auth_id.as_deref(), &err), Close::Unavailable).await;
+        return None;
     }
+    state.metrics().connections.inc();
     if admission == (Admission::Admitted { first: true }) {
         let presence = state.presence().clone();
         let user = claims.sub.clone();

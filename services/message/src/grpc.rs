@@ -286,7 +286,7 @@ impl ChatService for GrpcHandlers {
     async fn get_attachment(&self, req: Request<GetAttachmentRequest>) -> Reply<GetAttachmentResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
-        let id = req.attachment_id.parse::<i64>().map_err(|_| ServiceError::NotFound("attachment"))?;
+        let id = validate::attachment_id(&req.attachment_id)?;
         let (attachment, data) = self.store.attachment(&caller, id).await?;
         Ok(Response::new(GetAttachmentResponse { attachment: Some(attachment), data }))
     }

@@ -1,6 +1,8 @@
 //! Input rules of the contract, checked here because the message service is the one
 //! authority every path (WebSocket, REST) goes through.
 
+use chat_common::ids;
+
 use crate::error::ServiceError;
 
 /// Default longest message text, in Unicode scalar values (`MAX_TEXT_CHARS`).
@@ -49,14 +51,20 @@ fn storable_json(what: &str, json: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// Parses a room id. Ids are opaque strings to clients; one that is not ours names no room.
+/// Parses a room id. Ids are opaque strings to clients: only the exact spelling we
+/// issued names a room (`chat_common::ids`), so `"042"` is no room, not room 42.
 pub fn room_id(raw: &str) -> Result<i64, ServiceError> {
-    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or(ServiceError::NotFound("room"))
+    ids::parse(raw).ok_or(ServiceError::NotFound("room"))
 }
 
 /// Parses a message id the same way.
 pub fn message_id(raw: &str) -> Result<i64, ServiceError> {
-    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or(ServiceError::NotFound("message"))
+    ids::parse(raw).ok_or(ServiceError::NotFound("message"))
+}
+
+/// Parses an attachment id the same way.
+pub fn attachment_id(raw: &str) -> Result<i64, ServiceError> {
+    ids::parse(raw).ok_or(ServiceError::NotFound("attachment"))
 }
 
 /// A user id must be 1..=128 characters.
@@ -167,9 +175,10 @@ pub fn notification(user_ids: &[String], title: &str, body: &str, data_json: &st
     storable_json("data", data_json)
 }
 
-/// Parses a notification id (`bad_request` when it is not one of ours).
+/// Parses a notification id (`bad_request` when it is not one of ours, spelled as we
+/// issued it).
 pub fn notification_id(raw: &str) -> Result<i64, ServiceError> {
-    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| invalid("not a notification id"))
+    ids::parse(raw).ok_or_else(|| invalid("not a notification id"))
 }
 
 /// Largest attachment.
@@ -184,7 +193,7 @@ pub fn attachment_ids(ids: &[String]) -> Result<Vec<i64>, ServiceError> {
     }
     let mut out: Vec<i64> = Vec::with_capacity(ids.len());
     for id in ids {
-        let id = id.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| invalid("unknown attachment id"))?;
+        let id = ids::parse(id).ok_or_else(|| invalid("unknown attachment id"))?;
         if !out.contains(&id) {
             out.push(id);
         }
@@ -244,6 +253,13 @@ mod tests {
         assert!(matches!(room_id("abc"), Err(ServiceError::NotFound("room"))));
         assert!(matches!(room_id("0"), Err(ServiceError::NotFound("room"))));
         assert!(matches!(message_id("-3"), Err(ServiceError::NotFound("message"))));
+        for other in ["042", "+42", " 42", "4.2e1"] {
+            assert!(matches!(room_id(other), Err(ServiceError::NotFound("room"))), "{other:?}");
+            assert!(matches!(message_id(other), Err(ServiceError::NotFound("message"))), "{other:?}");
+            assert!(matches!(attachment_id(other), Err(ServiceError::NotFound("attachment"))), "{other:?}");
+            assert!(notification_id(other).is_err(), "{other:?}");
+            assert!(attachment_ids(&[other.to_owned()]).is_err(), "{other:?}");
+        }
     }
 
     #[test]

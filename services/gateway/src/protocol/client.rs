@@ -7,7 +7,8 @@ use chat_proto::v1 as pb;
 use serde::{Deserialize, Deserializer};
 use utoipa::ToSchema;
 
-use crate::error::CommandError;
+use super::id::{names_nothing, Id};
+use crate::error::{CommandError, ErrorCode};
 
 /// Longest request `id`.
 pub const MAX_ID_CHARS: usize = 64;
@@ -41,18 +42,15 @@ pub enum Command {
         members: Vec<String>,
     },
     Join {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
         #[serde(default)]
         since_seq: Option<i64>,
     },
     Leave {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
     },
     Send {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
         #[serde(default)]
         text: String,
         #[serde(default)]
@@ -65,8 +63,7 @@ pub enum Command {
         client_msg_id: Option<String>,
     },
     History {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
         #[serde(default)]
         before_seq: Option<i64>,
         #[serde(default)]
@@ -76,50 +73,41 @@ pub enum Command {
     },
     Ping {},
     AddMembers {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
         #[serde(deserialize_with = "id_list")]
         members: Vec<String>,
     },
     RemoveMember {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
         #[serde(deserialize_with = "id_string")]
         user_id: String,
     },
     Rooms {},
     Edit {
-        #[serde(deserialize_with = "id_string")]
-        message_id: String,
+        message_id: Id,
         text: String,
     },
     Delete {
-        #[serde(deserialize_with = "id_string")]
-        message_id: String,
+        message_id: Id,
     },
     React {
-        #[serde(deserialize_with = "id_string")]
-        message_id: String,
+        message_id: Id,
         emoji: String,
     },
     Unreact {
-        #[serde(deserialize_with = "id_string")]
-        message_id: String,
+        message_id: Id,
         emoji: String,
     },
     Typing {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
         active: bool,
     },
     Read {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
         seq: i64,
     },
     Presence {
-        #[serde(deserialize_with = "id_string")]
-        room: String,
+        room: Id,
     },
     RefreshToken {
         token: String,
@@ -232,6 +220,9 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     };
     match serde_json::from_str::<Command>(text) {
         Ok(command) => Ok(ClientFrame { id, command }),
+        Err(e) if names_nothing(&e) => {
+            Err(FrameError { id, error: CommandError::new(ErrorCode::NotFound, describe(e)) })
+        }
         Err(e) => Err(FrameError { id, error: CommandError::bad_request(describe(e)) }),
     }
 }
@@ -333,6 +324,10 @@ mod tests {
     use super::*;
     use crate::error::ErrorCode;
 
+    fn room_id(raw: &str) -> Id {
+        Id::parse(raw).unwrap()
+    }
+
     fn parse_ok(text: &str) -> ClientFrame {
         parse(text).unwrap_or_else(|e| panic!("{text}: {e:?}"))
     }
@@ -344,7 +339,7 @@ mod tests {
         assert_eq!(
             f.command,
             Command::Send {
-                room: "7".into(),
+                room: room_id("7"),
                 text: "hi".into(),
                 kind: None,
                 attachments: vec![],
@@ -355,18 +350,31 @@ mod tests {
         assert_eq!(parse_ok(r#"{"type":"ping"}"#).command, Command::Ping {});
         assert_eq!(
             parse_ok(r#"{"type":"join","room":"3","since_seq":5}"#).command,
-            Command::Join { room: "3".into(), since_seq: Some(5) }
+            Command::Join { room: room_id("3"), since_seq: Some(5) }
         );
     }
 
     #[test]
     fn numeric_ids_are_read_as_strings() {
-        assert_eq!(parse_ok(r#"{"type":"leave","room":12}"#).command, Command::Leave { room: "12".into() });
+        assert_eq!(parse_ok(r#"{"type":"leave","room":12}"#).command, Command::Leave { room: room_id("12") });
         let f = parse_ok(r#"{"type":"create_room","kind":"group","members":["bob",7]}"#);
         assert_eq!(
             f.command,
             Command::CreateRoom { kind: RoomKind::Group, name: None, members: vec!["bob".into(), "7".into()] }
         );
+    }
+
+    #[test]
+    fn an_id_spelled_other_than_issued_is_not_found() {
+        for room in [r#""042""#, r#""+42""#, r#"" 42""#, r#""4.2e1""#, "-42"] {
+            let e = parse(&format!(r#"{{"type":"join","id":"j1","room":{room}}}"#)).unwrap_err();
+            assert_eq!((e.id.as_deref(), e.error.code), (Some("j1"), ErrorCode::NotFound), "{room}");
+        }
+        let e = parse(r#"{"type":"edit","id":"e1","message_id":"007","text":"x"}"#).unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::NotFound);
+        // Anything else wrong with the frame is still a bad request.
+        let e = parse(r#"{"type":"join","id":"j2","room":true}"#).unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::BadRequest);
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum Close {
     /// 1013: the client reads slower than its rooms produce ("try again later": it
     /// may reconnect and recover with `since_seq`).
     SlowConsumer,
+    /// 1013: refused at connect because a backend it needs (the user's event channel in
+    /// Redis) is unreachable; "try again later" is the code reconnecting clients retry.
+    Unavailable,
     /// 4001: the token expired and was not refreshed.
     TokenExpired,
 }
@@ -48,7 +51,7 @@ impl Close {
             Close::Policy(_) => 1008,
             Close::TooBig => 1009,
             Close::Restart => 1012,
-            Close::SlowConsumer => 1013,
+            Close::SlowConsumer | Close::Unavailable => 1013,
             Close::TokenExpired => 4001,
         }
     }
@@ -65,6 +68,7 @@ impl Close {
             Close::TooBig => "message too big",
             Close::Restart => "server restart",
             Close::SlowConsumer => "slow consumer",
+            Close::Unavailable => "service unavailable; retry",
             Close::TokenExpired => "token expired",
         }
     }
@@ -101,6 +105,7 @@ mod tests {
             (Close::TooBig, 1009, "message too big"),
             (Close::Restart, 1012, "server restart"),
             (Close::SlowConsumer, 1013, "slow consumer"),
+            (Close::Unavailable, 1013, "service unavailable; retry"),
             (Close::TokenExpired, 4001, "token expired"),
         ];
         for (close, code, reason) in all {

@@ -137,6 +137,14 @@ impl RoomHandle {
         rx.await.unwrap_or(0)
     }
 
+    /// Removes a listener without waiting, behind the events already queued, so a
+    /// removal is ordered with the room's events; false when the queue is full (or
+    /// the task is gone), and the caller falls back to `leave`.
+    pub fn evict(&self, conn: u64) -> bool {
+        let (reply, _) = oneshot::channel();
+        self.tx.try_send(Mail::Leave { conn, reply }).is_ok()
+    }
+
     /// Stops the task if nobody listens; true when it stopped (or was already gone).
     pub async fn stop_if_empty(&self) -> bool {
         let (reply, rx) = oneshot::channel();
