@@ -81,7 +81,12 @@ async fn browser_origins_outside_the_allowlist_are_refused() -> Result<()> {
 
 #[tokio::test]
 async fn over_the_rate_limit_commands_are_refused_and_sustained_abuse_is_disconnected() -> Result<()> {
-    let cluster = Cluster::builder().env("RATE_CONN_PER_SEC", "2").env("RATE_CONN_BURST", "5").start().await?;
+    let cluster = Cluster::builder()
+        .env("RATE_CONN_PER_SEC", "2")
+        .env("RATE_CONN_BURST", "5")
+        .env("RATE_ABUSE_AFTER_SECS", "1")
+        .start()
+        .await?;
     let mut alice = cluster.client(0, "alice").await?;
     for _ in 0..5 {
         assert_eq!(alice.request(json!({"type": "ping"})).await?["type"], "pong");

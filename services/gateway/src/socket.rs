@@ -109,6 +109,18 @@ impl Socket {
     }
 }
 
+/// A socket dropped while a write to it is stuck is reset rather than closed: a plain
+/// close would leave the kernel holding its send buffer (up to megabytes) for minutes,
+/// retrying a client that reads nothing. Only a client that stopped reading loses the
+/// unsent bytes.
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if self.stalled.is_some() {
+            let _ = self.tcp.set_zero_linger();
+        }
+    }
+}
+
 impl AsyncRead for Socket {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)

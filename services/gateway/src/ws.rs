@@ -428,8 +428,10 @@ impl Connection {
     async fn close(&mut self) {
         let reason = self.outbox.close_reason().unwrap_or(Close::Normal);
         self.outbox.close(reason);
-        if reason == Close::Abnormal {
-            return;
+        match reason {
+            Close::Abnormal => return,
+            Close::WriteStalled => tracing::warn!(conn = self.outbox.id(), "socket write stalled; disconnecting"),
+            _ => {}
         }
         let sent = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             if !reason.abandons_queue() {
