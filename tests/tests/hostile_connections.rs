@@ -142,8 +142,9 @@ async fn a_flooder_is_closed_with_1008_and_reads_it_while_still_writing() -> Res
 }
 
 /// Sends a POST /v1/attachments of `len` bytes as a browser does (no `Expect:
-/// 100-continue`: the whole body follows the headers), then reads the response until
-/// the gateway closes the connection; the response text.
+/// 100-continue`: the whole body follows the headers, and a reset while sending it is
+/// a failed request), then reads the response until the gateway closes the
+/// connection; the response text.
 async fn upload_without_expect(addr: &str, len: usize) -> Result<String> {
     let mut tcp = TcpStream::connect(addr).await?;
     let head = format!(
@@ -156,10 +157,9 @@ async fn upload_without_expect(addr: &str, len: usize) -> Result<String> {
     let mut left = len;
     while left > 0 {
         let n = left.min(chunk.len());
-        // The gateway may have answered and stopped reading: what matters is the response.
-        if tcp.write_all(&chunk[..n]).await.is_err() {
-            break;
-        }
+        // A browser (like curl) gives up on a request whose upload is reset and shows
+        // the reset, not the response that may already have arrived.
+        tcp.write_all(&chunk[..n]).await.map_err(|err| anyhow!("the upload was cut with {} bytes left: {err}", left))?;
         left -= n;
     }
     let mut response = Vec::new();
