@@ -159,7 +159,9 @@ async fn upload_without_expect(addr: &str, len: usize) -> Result<String> {
         let n = left.min(chunk.len());
         // A browser (like curl) gives up on a request whose upload is reset and shows
         // the reset, not the response that may already have arrived.
-        tcp.write_all(&chunk[..n]).await.map_err(|err| anyhow!("the upload was cut with {} bytes left: {err}", left))?;
+        tcp.write_all(&chunk[..n])
+            .await
+            .map_err(|err| anyhow!("the upload was cut with {} bytes left: {err}", left))?;
         left -= n;
     }
     let mut response = Vec::new();
