@@ -187,3 +187,59 @@ impl AsyncWrite for Socket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+
+    /// A connected pair: our `Socket` (accepted) and the peer, whose receive buffer is small.
+    async fn pair(stall: Duration) -> (Socket, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpSocket::new_v4().unwrap();
+        peer.set_recv_buffer_size(4096).unwrap();
+        let (peer, accepted) = tokio::join!(peer.connect(listener.local_addr().unwrap()), listener.accept());
+        (Socket::new(accepted.unwrap().0, stall), peer.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_write_to_a_peer_that_reads_nothing_fails_once_it_makes_no_progress() {
+        let (mut socket, _peer) = pair(Duration::from_millis(200)).await;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0usize;
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(10), socket.write_all(&chunk)).await {
+                Ok(Ok(())) => written += chunk.len(),
+                Ok(Err(err)) => break err,
+                Err(_) => panic!("the write waited past the stall timeout"),
+            }
+            assert!(written < 256 * 1024 * 1024, "never stalled");
+        };
+        assert!(is_write_stall(&err), "{err}");
+        assert!(socket.stalled.is_none(), "the timer is re-armed only by the next blocked write");
+    }
+
+    #[tokio::test]
+    async fn a_closing_socket_drains_the_peer_so_it_reads_our_last_bytes() {
+        let (mut socket, mut peer) = pair(Duration::from_secs(10)).await;
+        // The peer is still sending (an upload we refused) when we answer and close.
+        peer.write_all(&[1u8; 32 * 1024]).await.unwrap();
+        socket.write_all(b"HTTP/1.1 413 Payload Too Large\r\n\r\n").await.unwrap();
+        let closing = tokio::spawn(async move { socket.shutdown().await });
+        peer.write_all(&[1u8; 1024 * 1024]).await.expect("no reset while the client still sends");
+        let mut response = Vec::new();
+        peer.read_to_end(&mut response).await.expect("our FIN, not a reset");
+        assert!(response.starts_with(b"HTTP/1.1 413"));
+        drop(peer);
+        closing.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_closes_is_let_go_after_the_linger_time() {
+        let (mut socket, _peer) = pair(Duration::from_secs(10)).await;
+        let started = tokio::time::Instant::now();
+        socket.shutdown().await.unwrap();
+        assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
+    }
+}
