@@ -141,6 +141,18 @@ pub struct Config {
     #[arg(long, env = "DEV_TOKENS")]
     pub dev_tokens: bool,
 
+    /// Seconds a connection may go on being refused by the rate limit, without pausing
+    /// for the `retry_after_ms` it was told, before it is closed with 1008. A burst is
+    /// refused for its excess, never closed (docs/protocol.md, "Rate limits").
+    #[arg(long, env = "RATE_ABUSE_AFTER_SECS", default_value_t = 10)]
+    pub rate_abuse_after_secs: u64,
+
+    /// Milliseconds a socket write may make no progress (the client's receive window
+    /// stays shut) before the connection is closed: a WebSocket with 1013, an HTTP
+    /// response by dropping it. Each stalled socket pins kernel send buffer.
+    #[arg(long, env = "WRITE_STALL_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_stall_timeout_ms: u64,
+
     /// Log format and trace export.
     #[command(flatten)]
     pub telemetry: chat_common::telemetry::TelemetryConfig,
@@ -222,6 +234,8 @@ impl Config {
         at_least("PRESENCE_STALE_MS", self.presence_stale_ms, 600)?;
         at_least("MAX_HEADER_BYTES", self.max_header_bytes as u64, 1024)?;
         at_least("MAX_FRAME_BYTES", self.max_frame_bytes as u64, 1024)?;
+        at_least("RATE_ABUSE_AFTER_SECS", self.rate_abuse_after_secs, 1)?;
+        at_least("WRITE_STALL_TIMEOUT_MS", self.write_stall_timeout_ms, 100)?;
         Ok(())
     }
 
@@ -276,6 +290,7 @@ impl Config {
             conn_burst: self.rate_conn_burst,
             user_per_sec: self.rate_user_per_sec,
             user_burst: self.rate_user_burst,
+            abuse_after: Duration::from_secs(self.rate_abuse_after_secs),
         }
     }
 
@@ -297,6 +312,11 @@ impl Config {
     /// Between readiness turning 503 and connections being told to reconnect.
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(self.drain_delay_ms)
+    }
+
+    /// How long a socket write may make no progress before the connection is closed.
+    pub fn write_stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_stall_timeout_ms)
     }
 
     /// What open connections get to close after SIGTERM.
@@ -374,6 +394,14 @@ mod tests {
              ENVIRONMENT=development for a local cluster"
         );
         assert_eq!(message(&["--jwt-secret", STRONG, "--heartbeat-ms", "99"]), "HEARTBEAT_MS must be at least 100");
+        assert_eq!(
+            message(&["--jwt-secret", STRONG, "--rate-abuse-after-secs", "0"]),
+            "RATE_ABUSE_AFTER_SECS must be at least 1"
+        );
+        assert_eq!(
+            message(&["--jwt-secret", STRONG, "--write-stall-timeout-ms", "99"]),
+            "WRITE_STALL_TIMEOUT_MS must be at least 100"
+        );
         assert_eq!(
             message(&["--jwt-secret", STRONG, "--redis-channel-prefix", "a{b}"]),
             "REDIS_CHANNEL_PREFIX must be non-empty and contain no braces"

@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod rest;
 pub mod room;
 pub mod session;
+pub mod socket;
 pub mod startup_error;
 pub mod state;
 pub mod stripes;
@@ -50,6 +51,7 @@ pub struct Application {
     state: AppState,
     grace: Duration,
     drain_delay: Duration,
+    write_stall: Duration,
 }
 
 impl Application {
@@ -59,7 +61,13 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|cause| StartupError::Listen { addr: config.listen, cause })?;
-        Ok(Self { listener, state, grace: config.shutdown_grace(), drain_delay: config.drain_delay() })
+        Ok(Self {
+            listener,
+            state,
+            grace: config.shutdown_grace(),
+            drain_delay: config.drain_delay(),
+            write_stall: config.write_stall_timeout(),
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -101,7 +109,7 @@ impl Application {
         let app = http::router(state.clone());
         let stopped = shutdown.clone();
         let drain_delay = self.drain_delay;
-        let served = axum::serve(self.listener, app)
+        let served = axum::serve(socket::Listener::new(self.listener, self.write_stall), app)
             .with_graceful_shutdown(async move {
                 stopped.cancelled().await;
                 // Keep answering /readyz (503) while the load balancer notices.

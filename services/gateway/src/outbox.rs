@@ -145,6 +145,22 @@ impl Receiver {
         .await
     }
 
+    /// Resolves once the queue has overflowed. The connection's task races every socket
+    /// write against this: a write blocked on a client that stopped reading must not
+    /// keep a slow consumer open. Other close reasons wait for the write, which may
+    /// carry what the client should read before the close (a `reconnect` notice).
+    pub async fn overflowed(&self) {
+        poll_fn(|cx| {
+            self.shared.waker.register(cx.waker());
+            if self.shared.reason.get() == Some(&Close::SlowConsumer) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// Moves every queued entry, oldest first, to the back of `into`. Swapping buffers
     /// keeps the lock short and lets both sides reuse their allocations.
     pub fn take(&self, into: &mut VecDeque<Queued>) {
@@ -252,6 +268,19 @@ mod tests {
         let mut taken = VecDeque::new();
         rx.take(&mut taken);
         assert_eq!(texts(&taken), ["a", "b", "c"], "the queue never holds more than its capacity");
+    }
+
+    #[tokio::test]
+    async fn a_write_in_progress_hears_of_an_overflow_but_not_of_other_closes() {
+        let (outbox, rx) = Outbox::new(1, 1, Default::default());
+        let mut overflowed = std::pin::pin!(rx.overflowed());
+        assert!(futures_util::poll!(overflowed.as_mut()).is_pending());
+        let (other, other_rx) = Outbox::new(2, 1, Default::default());
+        other.close(Close::Restart);
+        assert!(tokio::time::timeout(Duration::from_millis(50), other_rx.overflowed()).await.is_err());
+        outbox.push_event(Message::Text("a".into()));
+        outbox.push_event(Message::Text("b".into()));
+        tokio::time::timeout(Duration::from_secs(5), overflowed).await.expect("woken by the overflow");
     }
 
     #[tokio::test]

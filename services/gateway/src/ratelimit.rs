@@ -1,6 +1,10 @@
 //! Token buckets for commands: one per connection and one per user on this gateway
 //! (shared by that user's connections), so neither one noisy socket nor many sockets of
-//! one user can flood the cluster.
+//! one user can flood the cluster; and when refusals amount to abuse.
+//!
+//! A burst is not abuse: an SDK flushing its offline queue after a reconnect writes
+//! hundreds of commands before it can read the first refusal. Only a client that goes
+//! on being refused for `abuse_after` without ever pausing as told is closed (1008).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,9 +46,32 @@ impl TokenBucket {
 pub struct ConnLimiter {
     own: Option<TokenBucket>,
     user: Option<Arc<Mutex<TokenBucket>>>,
-    /// Commands refused since the last one accepted.
-    refused_in_a_row: u32,
+    abuse_after: Duration,
+    /// The refusals since the client last paused as told, if any.
+    streak: Option<Streak>,
 }
+
+/// A run of refusals the client has not paused for.
+#[derive(Debug, Clone, Copy)]
+struct Streak {
+    /// The first refusal of the run.
+    since: Instant,
+    /// The latest refusal.
+    last_refused: Instant,
+    /// The latest command, refused or not.
+    last_command: Instant,
+    /// How long the client must then send nothing to show it honours `retry_after_ms`:
+    /// the wait told at the first refusal after its latest accepted command. Not the
+    /// latest wait told: that shrinks towards zero as a token refills, and a flooder
+    /// who sends every millisecond would seem to pause before each new token.
+    quiet: Duration,
+    /// Whether the latest command was accepted.
+    last_allowed: bool,
+}
+
+/// A run of refusals ends once no command has been refused for this long: the client
+/// is back under its rate, whatever its pace.
+const STREAK_GAP: Duration = Duration::from_secs(1);
 
 /// What to do with a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,36 +79,59 @@ pub enum Verdict {
     Allow,
     /// Refuse with `rate_limited`; the client may retry after this long.
     Refuse(Duration),
-    /// The client keeps sending while refused: close the connection (1008).
+    /// The client has kept sending while refused for `abuse_after`: close the
+    /// connection (1008).
     Abuse,
 }
 
-/// Refused commands in a row that count as abuse.
-pub const ABUSE_AFTER: u32 = 100;
-
 impl ConnLimiter {
-    /// Checks one command against both buckets.
+    /// Checks one command, arriving at `now`, against both buckets.
     pub fn check(&mut self, now: Instant) -> Verdict {
+        if let Some(streak) = self.streak {
+            let paused = now.saturating_duration_since(streak.last_command) >= streak.quiet;
+            let calm = now.saturating_duration_since(streak.last_refused) >= STREAK_GAP;
+            if paused || calm {
+                self.streak = None;
+            }
+        }
         let own = self.own.as_mut().map_or(Ok(()), |b| b.take(now));
         let user = match (&own, &self.user) {
             // A command the connection's own bucket refuses does not spend the user's.
             (Ok(()), Some(user)) => user.lock().unwrap_or_else(|e| e.into_inner()).take(now),
             _ => Ok(()),
         };
-        match own.and(user) {
-            Ok(()) => {
-                self.refused_in_a_row = 0;
-                Verdict::Allow
-            }
+        let verdict = match own.and(user) {
+            // An accepted command does not end a run: a flooder gets one whenever a token
+            // refills, and must still count as sending without pause.
+            Ok(()) => Verdict::Allow,
             Err(wait) => {
-                self.refused_in_a_row += 1;
-                if self.refused_in_a_row >= ABUSE_AFTER {
+                // Told in whole milliseconds, rounded up: a client that waits as told
+                // must find a token, not be refused again for a fraction of one.
+                let wait =
+                    Duration::from_millis(u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX));
+                let streak = self.streak.get_or_insert(Streak {
+                    since: now,
+                    last_refused: now,
+                    last_command: now,
+                    quiet: wait,
+                    last_allowed: false,
+                });
+                if streak.last_allowed {
+                    streak.quiet = wait;
+                }
+                streak.last_refused = now;
+                if now.saturating_duration_since(streak.since) >= self.abuse_after {
                     Verdict::Abuse
                 } else {
                     Verdict::Refuse(wait)
                 }
             }
+        };
+        if let Some(streak) = self.streak.as_mut() {
+            streak.last_command = now;
+            streak.last_allowed = verdict == Verdict::Allow;
         }
+        verdict
     }
 }
 
@@ -92,6 +142,9 @@ pub struct Rates {
     pub conn_burst: u32,
     pub user_per_sec: u32,
     pub user_burst: u32,
+    /// How long refusals must go on, without the client pausing as told, before the
+    /// connection is closed as abusive.
+    pub abuse_after: Duration,
 }
 
 /// Hands out limiters and keeps the per-user buckets of this gateway.
@@ -118,7 +171,7 @@ impl Limits {
                 .or_insert_with(|| Arc::new(Mutex::new(TokenBucket::new(r.user_per_sec, r.user_burst, now))))
                 .clone()
         });
-        ConnLimiter { own, user, refused_in_a_row: 0 }
+        ConnLimiter { own, user, abuse_after: r.abuse_after, streak: None }
     }
 
     /// Forgets the user's bucket once none of their connections holds it.
@@ -150,7 +203,13 @@ mod tests {
 
     #[test]
     fn the_users_bucket_is_shared_by_their_connections() {
-        let limits = Limits::new(Rates { conn_per_sec: 0, conn_burst: 0, user_per_sec: 1, user_burst: 2 });
+        let limits = Limits::new(Rates {
+            conn_per_sec: 0,
+            conn_burst: 0,
+            user_per_sec: 1,
+            user_burst: 2,
+            abuse_after: Duration::from_secs(10),
+        });
         let mut a = limits.connect("u");
         let mut b = limits.connect("u");
         let now = Instant::now();
@@ -164,15 +223,150 @@ mod tests {
         assert!(!limits.users.lock().unwrap().contains_key("u"));
     }
 
+    const TEN_SECS: Duration = Duration::from_secs(10);
+
+    fn one_connection(per_sec: u32, burst: u32) -> ConnLimiter {
+        let rates =
+            Rates { conn_per_sec: per_sec, conn_burst: burst, user_per_sec: 0, user_burst: 0, abuse_after: TEN_SECS };
+        Limits::new(rates).connect("u")
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     #[test]
-    fn refusing_without_pause_becomes_abuse() {
-        let limits = Limits::new(Rates { conn_per_sec: 1, conn_burst: 1, user_per_sec: 0, user_burst: 0 });
-        let mut c = limits.connect("u");
-        let now = Instant::now();
-        assert_eq!(c.check(now), Verdict::Allow);
-        for _ in 1..ABUSE_AFTER {
-            assert!(matches!(c.check(now), Verdict::Refuse(_)));
+    fn a_burst_of_any_size_is_refused_for_its_excess_but_is_not_abuse() {
+        let mut c = one_connection(100, 200);
+        let t0 = Instant::now();
+        let verdicts: Vec<Verdict> = (0..5_000).map(|_| c.check(t0)).collect();
+        assert!(verdicts[..200].iter().all(|v| *v == Verdict::Allow));
+        assert!(verdicts[200..].iter().all(|v| matches!(v, Verdict::Refuse(_))), "no abuse within one burst");
+    }
+
+    #[test]
+    fn a_burst_followed_by_a_client_that_waits_as_told_is_never_closed() {
+        let mut c = one_connection(100, 200);
+        let t0 = Instant::now();
+        let mut backlog = 500;
+        // The whole backlog is written at once (the SDK reads no reply until then) ...
+        let mut now = t0;
+        let mut wait = Duration::ZERO;
+        for _ in 0..500 {
+            match c.check(now) {
+                Verdict::Allow => backlog -= 1,
+                Verdict::Refuse(w) => wait = w,
+                Verdict::Abuse => panic!("a burst is not abuse"),
+            }
+            now += Duration::from_micros(20);
         }
+        // ... then it resends one at a time, pausing after a refusal for as long as told,
+        // for far longer than the abuse period.
+        now += wait;
+        let end = t0 + 3 * TEN_SECS;
+        while now < end {
+            match c.check(now) {
+                Verdict::Allow => {
+                    backlog = (backlog - 1).max(0);
+                    now += Duration::from_micros(300);
+                }
+                Verdict::Refuse(w) => now += w.max(ms(1)),
+                Verdict::Abuse => panic!("closed at {:?} though it waited as told", now - t0),
+            }
+        }
+        assert_eq!(backlog, 0, "the backlog went through at the rate");
+    }
+
+    #[test]
+    fn the_wait_told_is_whole_milliseconds_and_enough() {
+        let mut c = one_connection(3, 1);
+        let t0 = Instant::now();
+        assert_eq!(c.check(t0), Verdict::Allow);
+        let Verdict::Refuse(wait) = c.check(t0) else { panic!("refused") };
+        assert_eq!(wait, ms(334), "a third of a second, rounded up");
+        assert_eq!(c.check(t0 + wait), Verdict::Allow);
+    }
+
+    #[test]
+    fn a_flooder_that_never_pauses_is_closed_once_refused_for_the_whole_period() {
+        let mut c = one_connection(100, 200);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut accepted = 0;
+        let closed_at = loop {
+            match c.check(now) {
+                Verdict::Allow => accepted += 1,
+                Verdict::Refuse(_) => {}
+                Verdict::Abuse => break now,
+            }
+            assert!(now < t0 + 2 * TEN_SECS, "never closed");
+            // A command every millisecond: ten times the rate, yet it gets a token each
+            // time one refills.
+            now += ms(1);
+        };
+        // The burst of 200 runs out after about 220 ms; the period counts from there.
+        assert!(closed_at >= t0 + ms(200) + TEN_SECS, "closed after {:?}", closed_at - t0);
+        assert!(closed_at <= t0 + ms(250) + TEN_SECS, "closed after {:?}", closed_at - t0);
+        assert!(accepted > 1_000, "tokens that refill still go to it: {accepted}");
+    }
+
+    #[test]
+    fn a_run_of_refusals_ends_when_the_client_gets_back_under_its_rate() {
+        let mut c = one_connection(10, 1);
+        let t0 = Instant::now();
+        assert_eq!(c.check(t0), Verdict::Allow);
+        // Refused without pause for most of the period ...
+        let mut now = t0;
+        while now < t0 + ms(9_000) {
+            now += ms(1);
+            assert_ne!(c.check(now), Verdict::Abuse);
+        }
+        // ... then commands at under the rate: never refused, so the run is over.
+        for _ in 0..50 {
+            now += ms(150);
+            assert_eq!(c.check(now), Verdict::Allow);
+        }
+        // A new run starts from its own first refusal.
+        now += ms(150);
+        assert_eq!(c.check(now), Verdict::Allow);
+        assert!(matches!(c.check(now), Verdict::Refuse(_)), "a fresh refusal, not abuse");
+    }
+
+    #[test]
+    fn a_pause_shorter_than_the_wait_told_does_not_end_the_run() {
+        let mut c = one_connection(1, 1);
+        let t0 = Instant::now();
+        assert_eq!(c.check(t0), Verdict::Allow);
+        let mut now = t0;
+        let verdict = loop {
+            now += ms(400);
+            match c.check(now) {
+                Verdict::Abuse => break now,
+                _ => assert!(now < t0 + 2 * TEN_SECS, "never closed"),
+            }
+        };
+        // Told to wait up to a second, it came back every 400 ms: that is not pausing.
+        assert!(verdict >= t0 + TEN_SECS, "{:?}", verdict - t0);
+    }
+
+    #[test]
+    fn refusing_without_pause_becomes_abuse_after_the_period_not_a_count() {
+        let rates = Rates { conn_per_sec: 1, conn_burst: 1, user_per_sec: 0, user_burst: 0, abuse_after: ms(2_000) };
+        let mut c = Limits::new(rates).connect("u");
+        let t0 = Instant::now();
+        assert_eq!(c.check(t0), Verdict::Allow);
+        for _ in 0..10_000 {
+            assert!(
+                matches!(c.check(t0 + ms(10)), Verdict::Refuse(_)),
+                "ten thousand refusals in a row are no abuse yet"
+            );
+        }
+        let mut now = t0 + ms(10);
+        while now < t0 + ms(2_000) {
+            now += ms(10);
+            assert_ne!(c.check(now), Verdict::Abuse, "at {:?}", now - t0);
+        }
+        now += ms(10);
         assert_eq!(c.check(now), Verdict::Abuse);
     }
 }

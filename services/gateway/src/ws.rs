@@ -147,8 +147,8 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
     let session = Box::new(Session::new(state.clone(), claims, outbox.clone()));
     state.open_connections().add(&outbox);
     let mut conn = Connection { socket, queue, outbox, pending: VecDeque::new(), published: Vec::new(), state };
-    if !conn.write(Message::Text(welcome.into())).await {
-        conn.outbox.close(Close::Abnormal);
+    if let Err(close) = conn.write(Message::Text(welcome.into())).await {
+        conn.outbox.close(close);
     }
     Some((conn, session))
 }
@@ -163,8 +163,44 @@ pub fn restart(outbox: &Outbox) {
 
 /// Sends an error frame and a close frame to a client that is not let in.
 async fn refuse(socket: &mut WebSocket, error: String, close: Close) {
-    let _ = socket.send(Message::Text(error.into())).await;
-    let _ = socket.send(Message::Close(Some(close_frame(close)))).await;
+    let sent = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+        socket.send(Message::Text(error.into())).await?;
+        socket.send(Message::Close(Some(close_frame(close)))).await
+    })
+    .await;
+    if let Ok(Ok(())) = sent {
+        linger(socket).await;
+    }
+}
+
+/// After our close frame: reads and discards what the client still sends until its
+/// close frame or EOF, within `socket::LINGER` and `socket::LINGER_MAX_BYTES`. Dropping
+/// the socket with unread bytes would reset it, and the reset would make the client's
+/// kernel discard our close frame unread: the client would see 1006, not our code.
+async fn linger(socket: &mut WebSocket) {
+    let deadline = Instant::now() + crate::socket::LINGER;
+    let mut discarded = 0;
+    while discarded < crate::socket::LINGER_MAX_BYTES {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => discarded += text.len(),
+            Ok(Some(Ok(Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes)))) => {
+                discarded += bytes.len()
+            }
+            // Its close frame (the handshake is complete), EOF, a broken socket, or time up.
+            Ok(Some(Ok(Message::Close(_))) | None | Some(Err(_))) | Err(_) => return,
+        }
+    }
+}
+
+/// Runs one socket write to its end, unless the outbox overflows meanwhile: a client
+/// whose window stays shut must not keep a slow consumer open. (A write that makes no
+/// progress at all fails by itself after the stall timeout: see `socket.rs`.)
+async fn guarded(queue: &Receiver, write: impl Future<Output = Result<(), axum::Error>>) -> Result<(), Close> {
+    tokio::select! {
+        biased;
+        () = queue.overflowed() => Err(Close::SlowConsumer),
+        written = write => written.map_err(|err| Close::after_write_error(&err)),
+    }
 }
 
 fn close_frame(close: Close) -> CloseFrame {
@@ -250,7 +286,8 @@ impl Connection {
                                 None,
                                 &CommandError::bad_request("binary frames are not supported; send JSON text frames"),
                             );
-                            if !self.reply(error).await {
+                            if let Err(close) = self.reply(error).await {
+                                self.outbox.close(close);
                                 break;
                             }
                             continue;
@@ -277,7 +314,8 @@ impl Connection {
                         timer.as_mut().reset(next_ping.min(expires_at));
                     }
                     idle = Some(session);
-                    if !self.reply(reply).await {
+                    if let Err(close) = self.reply(reply).await {
+                        self.outbox.close(close);
                         break;
                     }
                 }
@@ -285,8 +323,8 @@ impl Connection {
                     if self.queue.close_reason().is_some() {
                         break;
                     }
-                    if !self.flush_queue().await {
-                        self.outbox.close(Close::Abnormal);
+                    if let Err(close) = self.flush_queue().await {
+                        self.outbox.close(close);
                         break;
                     }
                 }
@@ -303,8 +341,8 @@ impl Connection {
                         self.outbox.close(Close::HeartbeatTimeout);
                         break;
                     }
-                    if !self.write(Message::Ping(Default::default())).await {
-                        self.outbox.close(Close::Abnormal);
+                    if let Err(close) = self.write(Message::Ping(Default::default())).await {
+                        self.outbox.close(close);
                         break;
                     }
                 }
@@ -317,7 +355,7 @@ impl Connection {
             // else, and the session is needed to leave its rooms.
             (None, Some(running)) => {
                 let (session, reply) = running.await;
-                if !matches!(self.outbox.close_reason(), Some(Close::Abnormal | Close::SlowConsumer)) {
+                if !self.outbox.close_reason().is_some_and(|c| c == Close::Abnormal || c.abandons_queue()) {
                     // Bounded like the close frame: a client that stopped reading can't hold us.
                     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.reply(reply)).await;
                 }
@@ -343,74 +381,82 @@ impl Connection {
         }
     }
 
-    /// Writes a command's reply after every frame queued before it; false when the
-    /// socket is gone.
-    async fn reply(&mut self, reply: String) -> bool {
-        self.flush_queue().await && self.write(Message::Text(reply.into())).await
+    /// Writes a command's reply after every frame queued before it; the close to end
+    /// with when that fails.
+    async fn reply(&mut self, reply: String) -> Result<(), Close> {
+        self.flush_queue().await?;
+        self.write(Message::Text(reply.into())).await
     }
 
-    /// Writes one frame and flushes; false when the socket is gone.
-    async fn write(&mut self, frame: Message) -> bool {
-        self.socket.send(frame).await.is_ok()
+    /// Writes one frame and flushes; the close to end with when that fails.
+    async fn write(&mut self, frame: Message) -> Result<(), Close> {
+        guarded(&self.queue, self.socket.send(frame)).await
     }
 
-    /// Writes every queued frame with one flush; false when the socket is gone.
-    async fn flush_queue(&mut self) -> bool {
+    /// Writes every queued frame with one flush; the close to end with when that fails.
+    async fn flush_queue(&mut self) -> Result<(), Close> {
         self.queue.take(&mut self.pending);
         if self.pending.is_empty() {
-            return true;
+            return Ok(());
         }
-        while let Some(item) = self.pending.pop_front() {
-            let ok = match item {
-                Queued::One(frame) => self.socket.feed(frame).await.is_ok(),
-                Queued::Timed(frame, at) => {
-                    self.published.push(at);
-                    self.socket.feed(frame).await.is_ok()
-                }
-                Queued::Many(frames) => {
-                    let mut ok = true;
-                    for frame in frames {
-                        if self.socket.feed(frame).await.is_err() {
-                            ok = false;
-                            break;
-                        }
-                    }
-                    ok
-                }
-            };
-            if !ok {
-                self.pending.clear();
-                self.published.clear();
-                return false;
-            }
+        let written = self.write_pending().await;
+        if written.is_err() {
+            self.pending.clear();
+            self.published.clear();
         }
-        if self.socket.flush().await.is_err() {
-            return false;
-        }
+        written?;
         if !self.published.is_empty() {
             let now_us = chrono::Utc::now().timestamp_micros();
             for at in self.published.drain(..) {
                 self.state.metrics().fanout_latency.observe((now_us - at).max(0) as f64 / 1e6);
             }
         }
-        true
+        Ok(())
+    }
+
+    /// Feeds the entries taken from the queue to the socket, then flushes.
+    async fn write_pending(&mut self) -> Result<(), Close> {
+        let Self { socket, queue, pending, published, .. } = self;
+        while let Some(item) = pending.pop_front() {
+            match item {
+                Queued::One(frame) => guarded(queue, socket.feed(frame)).await?,
+                Queued::Timed(frame, at) => {
+                    published.push(at);
+                    guarded(queue, socket.feed(frame)).await?
+                }
+                Queued::Many(frames) => {
+                    for frame in frames {
+                        guarded(queue, socket.feed(frame)).await?;
+                    }
+                }
+            }
+        }
+        guarded(queue, socket.flush()).await
     }
 
     /// Ends the connection: frames already queued (an error reply, a `reconnect`
-    /// notice) go out before the close frame, except to a slow consumer, whose queue
-    /// is what we are giving up on.
+    /// notice) go out before the close frame, except to a client that stopped reading
+    /// (a slow consumer, a stalled write), whose queue is what we are giving up on.
+    /// The writes are bounded; once the close frame is out, the connection lingers
+    /// for the client's reply.
     async fn close(&mut self) {
         let reason = self.outbox.close_reason().unwrap_or(Close::Normal);
         self.outbox.close(reason);
-        if reason == Close::Abnormal {
-            return;
+        match reason {
+            Close::Abnormal => return,
+            Close::WriteStalled => tracing::warn!(conn = self.outbox.id(), "socket write stalled; disconnecting"),
+            _ => {}
         }
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
-            if reason == Close::SlowConsumer || self.flush_queue().await {
-                let _ = self.socket.send(Message::Close(Some(close_frame(reason)))).await;
+        let sent = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+            if !reason.abandons_queue() {
+                self.flush_queue().await.map_err(|_| ())?;
             }
+            self.socket.send(Message::Close(Some(close_frame(reason)))).await.map_err(|_| ())
         })
         .await;
+        if let Ok(Ok(())) = sent {
+            linger(&mut self.socket).await;
+        }
     }
 }
 

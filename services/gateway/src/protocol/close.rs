@@ -26,6 +26,9 @@ pub enum Close {
     Unavailable,
     /// 4001: the token expired and was not refreshed.
     TokenExpired,
+    /// 1013: a write made no progress for the stall timeout (the client stopped reading
+    /// its socket). Same code as a slow consumer, and the same recovery.
+    WriteStalled,
 }
 
 /// The rules whose breach closes a connection with 1008.
@@ -51,7 +54,7 @@ impl Close {
             Close::Policy(_) => 1008,
             Close::TooBig => 1009,
             Close::Restart => 1012,
-            Close::SlowConsumer | Close::Unavailable => 1013,
+            Close::SlowConsumer | Close::Unavailable | Close::WriteStalled => 1013,
             Close::TokenExpired => 4001,
         }
     }
@@ -69,7 +72,27 @@ impl Close {
             Close::Restart => "server restart",
             Close::SlowConsumer => "slow consumer",
             Close::Unavailable => "service unavailable; retry",
+            Close::WriteStalled => "write stalled",
             Close::TokenExpired => "token expired",
+        }
+    }
+
+    /// Whether frames still queued are given up rather than written before the close
+    /// frame: the client is not reading them.
+    pub fn abandons_queue(self) -> bool {
+        matches!(self, Close::SlowConsumer | Close::WriteStalled)
+    }
+
+    /// How a connection ends after writing to its socket failed: 1013 when the write
+    /// made no progress for the stall timeout, the socket gone for anything else.
+    pub fn after_write_error(err: &(dyn Error + 'static)) -> Close {
+        let stalled = std::iter::successors(Some(err), |e| (*e).source())
+            .filter_map(|e| e.downcast_ref::<std::io::Error>())
+            .any(crate::socket::is_write_stall);
+        if stalled {
+            Close::WriteStalled
+        } else {
+            Close::Abnormal
         }
     }
 
@@ -106,6 +129,7 @@ mod tests {
             (Close::Restart, 1012, "server restart"),
             (Close::SlowConsumer, 1013, "slow consumer"),
             (Close::Unavailable, 1013, "service unavailable; retry"),
+            (Close::WriteStalled, 1013, "write stalled"),
             (Close::TokenExpired, 4001, "token expired"),
         ];
         for (close, code, reason) in all {
@@ -121,6 +145,20 @@ mod tests {
         assert_eq!(Close::after_read_error(&axum::Error::new(headers)), Close::TooBig);
         let unwrapped = tungstenite::Error::Capacity(CapacityError::TooManyHeaders);
         assert_eq!(Close::after_read_error(&unwrapped), Close::TooBig);
+    }
+
+    #[test]
+    fn a_stalled_write_closes_with_1013_and_any_other_write_error_means_the_socket_is_gone() {
+        let stall = std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            crate::socket::WriteStalled(std::time::Duration::from_secs(10)),
+        );
+        let wrapped = axum::Error::new(tungstenite::Error::Io(stall));
+        assert_eq!(Close::after_write_error(&wrapped), Close::WriteStalled);
+        let timed_out = tungstenite::Error::Io(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_eq!(Close::after_write_error(&axum::Error::new(timed_out)), Close::Abnormal, "only our stall timer");
+        let reset = tungstenite::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(Close::after_write_error(&axum::Error::new(reset)), Close::Abnormal);
     }
 
     #[test]

@@ -1,0 +1,245 @@
+//! The gateway's TCP sockets, below HTTP and WebSocket alike: a write that makes no
+//! progress for the stall timeout fails rather than waiting forever, and closing drains
+//! what the client is still sending, so the client reads our last bytes, not a reset.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
+
+/// How long a closing socket goes on reading (and discarding) what the client still
+/// sends. Closing a socket with unread bytes makes the kernel answer with a reset, and
+/// a reset makes the client's kernel throw away what it had received but not yet read:
+/// the 413 or the close frame we just sent. Two seconds is ample for a client to read
+/// a response that is already in its buffer.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// How many bytes a closing socket discards at most: a refused 10 MiB upload sent
+/// whole, with some to spare. Past it the socket is closed even if that resets it.
+pub const LINGER_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// Discarded bytes are read in chunks of this size, on the stack.
+const DRAIN_CHUNK: usize = 8 * 1024;
+
+/// Accepts TCP connections and wraps each in a [`Socket`].
+pub struct Listener {
+    tcp: TcpListener,
+    stall: Duration,
+}
+
+impl Listener {
+    /// Serves `tcp`; a write that makes no progress for `stall` fails.
+    pub fn new(tcp: TcpListener, stall: Duration) -> Self {
+        Self { tcp, stall }
+    }
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Socket;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Socket, SocketAddr) {
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp).await;
+        (Socket::new(tcp, self.stall), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// One accepted connection. hyper writes its responses and WebSocket frames through
+/// it, and calls `poll_shutdown` when it ends an HTTP connection (not an upgraded
+/// one: `ws.rs` lingers over the WebSocket itself).
+pub struct Socket {
+    tcp: TcpStream,
+    stall: Duration,
+    /// Armed while a write waits for the client's receive window, dropped as soon as a
+    /// write goes through. Boxed and only then, so an idle connection holds no timer.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Set once closing has begun.
+    closing: Option<Box<Linger>>,
+}
+
+struct Linger {
+    deadline: Pin<Box<Sleep>>,
+    write_shut: bool,
+    drained: usize,
+}
+
+/// The error of a write that made no progress for the stall timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no write progress for {0:?}: the client stopped reading")]
+pub struct WriteStalled(pub Duration);
+
+/// Whether `err` is a stalled write (see [`WriteStalled`]).
+pub fn is_write_stall(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::TimedOut && err.get_ref().is_some_and(|inner| inner.is::<WriteStalled>())
+}
+
+impl Socket {
+    fn new(tcp: TcpStream, stall: Duration) -> Self {
+        Self { tcp, stall, stalled: None, closing: None }
+    }
+
+    /// After a write that is not ready: pending while the stall timer runs, the stall
+    /// error once it has run out. The timer restarts after any write goes through.
+    fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let stall = self.stall;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        ready!(timer.as_mut().poll(cx));
+        self.stalled = None;
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, WriteStalled(stall))))
+    }
+
+    fn wrote<T>(&mut self, result: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Pending => self.poll_stall(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+/// A socket dropped while a write to it is stuck is reset rather than closed: a plain
+/// close would leave the kernel holding its send buffer (up to megabytes) for minutes,
+/// retrying a client that reads nothing. Only a client that stopped reading loses the
+/// unsent bytes.
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if self.stalled.is_some() {
+            let _ = self.tcp.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        this.wrote(result, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        this.wrote(result, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    /// A lingering close: half-close (the client reads our FIN after the response),
+    /// then read and discard until the client closes too, [`LINGER`] has passed or
+    /// [`LINGER_MAX_BYTES`] have been read, whichever comes first.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let linger = this.closing.get_or_insert_with(|| {
+            Box::new(Linger { deadline: Box::pin(tokio::time::sleep(LINGER)), write_shut: false, drained: 0 })
+        });
+        if !linger.write_shut {
+            match Pin::new(&mut this.tcp).poll_shutdown(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Not connected any more: there is nobody to linger for.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => linger.write_shut = true,
+            }
+        }
+        let mut chunk = [0u8; DRAIN_CHUNK];
+        loop {
+            if linger.drained >= LINGER_MAX_BYTES {
+                return Poll::Ready(Ok(()));
+            }
+            if linger.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.tcp).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                // The client closed (or reset): nothing more will arrive.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => linger.drained += buf.filled().len(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+
+    /// A connected pair: our `Socket` (accepted) and the peer, whose receive buffer is small.
+    async fn pair(stall: Duration) -> (Socket, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpSocket::new_v4().unwrap();
+        peer.set_recv_buffer_size(4096).unwrap();
+        let (peer, accepted) = tokio::join!(peer.connect(listener.local_addr().unwrap()), listener.accept());
+        (Socket::new(accepted.unwrap().0, stall), peer.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_write_to_a_peer_that_reads_nothing_fails_once_it_makes_no_progress() {
+        let (mut socket, _peer) = pair(Duration::from_millis(200)).await;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0usize;
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(10), socket.write_all(&chunk)).await {
+                Ok(Ok(())) => written += chunk.len(),
+                Ok(Err(err)) => break err,
+                Err(_) => panic!("the write waited past the stall timeout"),
+            }
+            assert!(written < 256 * 1024 * 1024, "never stalled");
+        };
+        assert!(is_write_stall(&err), "{err}");
+        assert!(socket.stalled.is_none(), "the timer is re-armed only by the next blocked write");
+    }
+
+    #[tokio::test]
+    async fn a_closing_socket_drains_the_peer_so_it_reads_our_last_bytes() {
+        let (mut socket, mut peer) = pair(Duration::from_secs(10)).await;
+        // The peer is still sending (an upload we refused) when we answer and close.
+        peer.write_all(&[1u8; 32 * 1024]).await.unwrap();
+        socket.write_all(b"HTTP/1.1 413 Payload Too Large\r\n\r\n").await.unwrap();
+        let closing = tokio::spawn(async move { socket.shutdown().await });
+        peer.write_all(&[1u8; 1024 * 1024]).await.expect("no reset while the client still sends");
+        let mut response = Vec::new();
+        peer.read_to_end(&mut response).await.expect("our FIN, not a reset");
+        assert!(response.starts_with(b"HTTP/1.1 413"));
+        drop(peer);
+        closing.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_closes_is_let_go_after_the_linger_time() {
+        let (mut socket, _peer) = pair(Duration::from_secs(10)).await;
+        let started = tokio::time::Instant::now();
+        socket.shutdown().await.unwrap();
+        assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
+    }
+}
