@@ -44,6 +44,16 @@ pub struct Config {
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = crate::validate::MAX_TEXT_CHARS)]
     pub max_text_chars: usize,
 
+    /// Most members one room may have; adding more is refused with `conflict`. Bounds
+    /// what a `join` or `presence` in the room costs.
+    #[arg(long, env = "MAX_MEMBERS_PER_ROOM", default_value_t = 10_000)]
+    pub max_members_per_room: u32,
+
+    /// Most rooms one user may belong to; adding them to another is refused with
+    /// `conflict`. Bounds a user's presence announcements and `rooms` page.
+    #[arg(long, env = "MAX_ROOMS_PER_USER", default_value_t = 1_000)]
+    pub max_rooms_per_user: u32,
+
     /// Redis, its channel prefix, and the start-up retries.
     #[command(flatten)]
     pub backend: chat_common::config::BackendFlags,
@@ -66,6 +76,8 @@ pub enum ConfigError {
     DatabaseUrl,
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("MAX_MEMBERS_PER_ROOM must be at least 2 (a direct room has two)")]
+    MembersPerRoom,
     #[error("COMMIT_WORKERS must be between 1 and DB_MAX_CONNECTIONS (each holds a connection)")]
     CommitWorkers,
 }
@@ -81,6 +93,12 @@ impl Config {
         self.backend.validate()?;
         if self.max_text_chars == 0 {
             return Err(ConfigError::Zero("MAX_TEXT_CHARS"));
+        }
+        if self.max_members_per_room < 2 {
+            return Err(ConfigError::MembersPerRoom);
+        }
+        if self.max_rooms_per_user == 0 {
+            return Err(ConfigError::Zero("MAX_ROOMS_PER_USER"));
         }
         if self.db_max_connections == 0 {
             return Err(ConfigError::Zero("DB_MAX_CONNECTIONS"));
@@ -108,6 +126,14 @@ impl Config {
             .find(|v| !v.is_empty())
             .unwrap_or_else(|| "postgres".to_owned());
         format!("{scheme}://{user}@{rest}").into()
+    }
+
+    /// The membership caps.
+    pub fn membership_limits(&self) -> crate::store::MembershipLimits {
+        crate::store::MembershipLimits {
+            members_per_room: self.max_members_per_room,
+            rooms_per_user: self.max_rooms_per_user,
+        }
     }
 
     /// The shutdown grace period.
