@@ -355,7 +355,11 @@ mod tests {
             last_message: None,
         };
         assert_eq!(
-            to_string(rooms_body(&pb::ListRoomsResponse { rooms: vec![summary], has_more: true, next: Some("2.1".into()) })),
+            to_string(rooms_body(&pb::ListRoomsResponse {
+                rooms: vec![summary],
+                has_more: true,
+                next: Some("2.1".into())
+            })),
             r#"{"rooms":[{"id":"1","name":"g","kind":"group","last_seq":2,"unread":1,"last_message":null}],"has_more":true,"next":"2.1"}"#
         );
         let page = pb::HistoryResponse { messages: vec![], has_more: true };

@@ -319,7 +319,12 @@ impl<L: RoomLog> RoomTask<L> {
 
 /// Messages with `after < seq < before`, retried briefly: a repair that gives up
 /// leaves a visible gap.
-async fn fetch<L: RoomLog>(log: &L, room_id: String, after: i64, before: i64) -> Result<Vec<pb::Message>, CommandError> {
+async fn fetch<L: RoomLog>(
+    log: &L,
+    room_id: String,
+    after: i64,
+    before: i64,
+) -> Result<Vec<pb::Message>, CommandError> {
     let mut attempt = 0;
     loop {
         match log.messages(room_id.clone(), after, before, MAX_BACKLOG as u32).await {

@@ -425,6 +425,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn user_rooms_are_capped_to_the_most_recently_active() -> anyhow::Result<()> {
+        let (store, _db) = store(MembershipLimits::default()).await?;
+        let mut made = Vec::new();
+        for _ in 0..4 {
+            made.push(group(&store, "ann", &[]).await?);
+        }
+        sqlx::query("UPDATE rooms SET last_seq = 5 WHERE id = $1").bind(made[1]).execute(&store.pool).await?;
+        assert_eq!(store.user_rooms("ann", 2).await?, [made[1], made[3]]);
+        assert_eq!(store.user_rooms("ann", 0).await?.len(), 4, "0 lists them all");
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn rooms_pages_list_every_room_once_newest_activity_first() -> anyhow::Result<()> {
         let (store, _db) = store(MembershipLimits::default()).await?;
         let mut made = Vec::new();
