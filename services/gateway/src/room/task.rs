@@ -219,8 +219,6 @@ impl<L: RoomLog> RoomTask<L> {
         }
     }
 
-    /// Messages with `after < seq < before`, retried briefly: a repair that gives up
-    /// leaves a visible gap.
     async fn fetch(&self, after: i64, before: i64) -> Result<Vec<pb::Message>, CommandError> {
         fetch(&*self.log, self.room_id.clone(), after, before).await
     }
