@@ -368,6 +368,14 @@ mod tests {
         );
         assert_eq!(message(&["--jwt-secret", "s", "--heartbeat-ms", "99"]), "HEARTBEAT_MS must be at least 100");
         assert_eq!(
+            message(&["--jwt-secret", "s", "--presence-recount-ms", "99"]),
+            "PRESENCE_RECOUNT_MS must be at least 100"
+        );
+        assert_eq!(
+            message(&["--jwt-secret", "s", "--presence-max-online", "0"]),
+            "PRESENCE_MAX_ONLINE must be at least 1"
+        );
+        assert_eq!(
             message(&["--jwt-secret", "s", "--redis-channel-prefix", "a{b}"]),
             "REDIS_CHANNEL_PREFIX must be non-empty and contain no braces"
         );

@@ -151,6 +151,17 @@ mod tests {
     }
 
     #[test]
+    fn membership_caps_default_to_10000_members_and_1000_rooms_and_refuse_nonsense() {
+        let c = with_url("postgres://localhost/chat");
+        assert_eq!(c.membership_limits(), crate::store::MembershipLimits::default());
+        assert_eq!((c.max_members_per_room, c.max_rooms_per_user), (10_000, 1_000));
+        let one = Config::parse_from(["chat-message", "--max-members-per-room", "1"]);
+        assert_eq!(one.validate(), Err(ConfigError::MembersPerRoom));
+        let none = Config::parse_from(["chat-message", "--max-rooms-per-user", "0"]);
+        assert_eq!(none.validate(), Err(ConfigError::Zero("MAX_ROOMS_PER_USER")));
+    }
+
+    #[test]
     fn a_database_url_with_a_user_is_kept() {
         let c = with_url("postgres://app:pw@db:5432/chat");
         assert_eq!(c.database_url().expose_secret(), "postgres://app:pw@db:5432/chat");

@@ -503,3 +503,28 @@ async fn a_connection_that_leaves_while_its_backlog_is_fetched_gets_nothing() {
     let abandoned = joining.await.expect("join task").expect("answered, not dropped (a retry would re-add it)");
     assert_eq!(abandoned.expect_err("the join was abandoned").code, crate::error::ErrorCode::Forbidden);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_join_that_falls_too_far_behind_while_fetching_is_refused_and_delivers_nothing() {
+    let log = FakeLog::with(1..=10);
+    log.state().latency = Duration::from_secs(5);
+    let (room, _) = spawn_room(10, &log);
+    let (bob, bob_rx) = connection(1, "bob");
+    let (carol, carol_rx) = connection(2, "carol");
+    join(&room, &bob, None).await;
+    let joining = tokio::spawn({
+        let (room, carol) = (room.clone(), carol.clone());
+        async move { room.join(carol, Some(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let newest = 10 + MAX_BACKLOG + 1;
+    for seq in 11..=newest {
+        log.store(message(seq));
+        room.event(live(seq));
+    }
+    let refused = joining.await.expect("join task").expect("answered");
+    assert_eq!(refused.expect_err("too far behind").code, crate::error::ErrorCode::Unavailable);
+    settle(&room).await;
+    assert!(take(&carol_rx).is_empty(), "nothing queued for the refused join");
+    assert_eq!(seqs(&take(&bob_rx)), (11..=newest).collect::<Vec<_>>());
+}
