@@ -193,6 +193,7 @@ impl Presence {
         }
     }
 
+    /// Moves this gateway's own count of `user`'s connections (the recount's truth).
     fn count_local(&self, user: &str, delta: i32) {
         let mut local = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let n = local.entry(user.to_owned()).or_default();

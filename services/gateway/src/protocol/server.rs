@@ -95,6 +95,11 @@ pub fn joined_ack(id: Option<&str>, room: &str, last_seq: i64, online: &[String]
     ack_with(id, Joined { room, last_seq, online, truncated })
 }
 
+/// The presence ack of a complete list: `{online}`.
+pub fn online_ack(id: Option<&str>, online: &[String]) -> String {
+    online_page_ack(id, online, false)
+}
+
 /// The presence ack: `{online}`, plus `online_truncated: true` when the room has more
 /// online members than one answer lists.
 pub fn online_page_ack(id: Option<&str>, online: &[String], truncated: bool) -> String {
@@ -114,15 +119,6 @@ pub fn read_ack(id: Option<&str>, seq: i64) -> String {
         seq: i64,
     }
     ack_with(id, Read { seq })
-}
-
-/// The presence ack: `{online}`.
-pub fn online_ack(id: Option<&str>, online: &[String]) -> String {
-    #[derive(Serialize)]
-    struct Online<'a> {
-        online: &'a [String],
-    }
-    ack_with(id, Online { online })
 }
 
 /// The refresh_token ack: `{expires_at}` of the new token, whose `exp` is `exp` (Unix s).
@@ -351,6 +347,10 @@ mod tests {
         );
         assert_eq!(read_ack(Some("4"), 9), r#"{"type":"ack","id":"4","seq":9}"#);
         assert_eq!(online_ack(Some("5"), &online), r#"{"type":"ack","id":"5","online":["bob"]}"#);
+        assert_eq!(
+            online_page_ack(Some("5"), &online, true),
+            r#"{"type":"ack","id":"5","online":["bob"],"online_truncated":true}"#
+        );
         assert_eq!(refreshed_ack(Some("6"), 1), r#"{"type":"ack","id":"6","expires_at":"1970-01-01T00:00:01.000Z"}"#);
         let page = pb::HistoryResponse { messages: vec![], has_more: false };
         assert_eq!(page_ack(Some("7"), &page), r#"{"type":"ack","id":"7","messages":[],"has_more":false}"#);
