@@ -208,3 +208,30 @@ async fn join_and_presence_list_at_most_the_configured_online_members() -> Resul
     assert!(listed.get("online_truncated").is_none(), "all listed: {listed}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_presence_change_is_announced_in_at_most_the_configured_rooms_most_active_first() -> Result<()> {
+    let cluster = Cluster::builder().env("PRESENCE_MAX_ROOMS", "1").start().await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let quiet = alice.create_group(&["bob"]).await?;
+    let busy = alice.create_group(&["bob"]).await?;
+    alice.ack(json!({"type": "send", "room": busy, "text": "activity"})).await?;
+    for room in [&quiet, &busy] {
+        alice.ack(json!({"type": "join", "room": room})).await?;
+    }
+
+    let _bob = cluster.client(0, "bob").await?;
+    let online = alice.event("presence").await?;
+    assert_eq!((&online["room"], &online["user_id"]), (&json!(busy), &json!("bob")), "{online}");
+    // A round trip through the quiet room: any announcement there was published before.
+    alice.ack(json!({"type": "send", "room": quiet, "text": "barrier"})).await?;
+    loop {
+        let message = alice.event("message").await?;
+        if message["message"]["text"] == "barrier" {
+            break;
+        }
+    }
+    let more = alice.take_buffered("presence");
+    assert!(more.is_empty(), "announced beyond PRESENCE_MAX_ROOMS: {more:?}");
+    Ok(())
+}
