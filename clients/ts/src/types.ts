@@ -153,11 +153,16 @@ export interface RemoveMemberParams {
 /** `remove_member` ack. */
 export type RemoveMemberAck = EmptyAck;
 
-/** `rooms` fields. */
-export type RoomsParams = Record<string, never>;
-/** `rooms` ack: the caller's rooms, most recent activity first. */
+/** `rooms` fields: a page of at most `limit` rooms after the cursor `after`. */
+export interface RoomsParams {
+  limit?: number;
+  after?: string;
+}
+/** `rooms` ack: the caller's rooms, most recent activity first; `next` when `has_more`. */
 export interface RoomsAck {
   rooms: RoomSummary[];
+  has_more: boolean;
+  next?: string;
 }
 
 /** `join` fields. With `since_seq`, every message above it is replayed before the ack. */
@@ -263,6 +268,8 @@ export interface PresenceParams {
 /** `presence` ack. */
 export interface PresenceAck {
   online: string[];
+  /** More members are online than the server lists (`PRESENCE_MAX_ONLINE`). */
+  online_truncated?: boolean;
 }
 
 /** `ping` fields; the reply is a `pong` frame. */

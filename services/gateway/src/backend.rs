@@ -143,10 +143,16 @@ impl Backend {
         Ok(call!(self, remove_member, req).removed)
     }
 
-    /// The caller's rooms.
-    pub async fn list_rooms(&self, caller: pb::Caller) -> Result<Vec<pb::RoomSummary>, CommandError> {
-        let req = pb::ListRoomsRequest { caller: Some(caller) };
-        Ok(call!(self, list_rooms, req).rooms)
+    /// A page of the caller's rooms: at most `limit` (0: the service's default) after
+    /// the cursor `after`.
+    pub async fn list_rooms(
+        &self,
+        caller: pb::Caller,
+        limit: u32,
+        after: Option<String>,
+    ) -> Result<pb::ListRoomsResponse, CommandError> {
+        let req = pb::ListRoomsRequest { caller: Some(caller), limit, after };
+        Ok(call!(self, list_rooms, req))
     }
 
     /// Edits a message.
@@ -207,8 +213,9 @@ impl Backend {
     }
 
     /// The rooms a user belongs to (internal).
-    pub async fn user_rooms(&self, user_id: String) -> Result<Vec<String>, CommandError> {
-        Ok(call!(self, user_rooms, pb::UserRoomsRequest { user_id }).room_ids)
+    /// At most `limit` of them (0: all), the most recently active first.
+    pub async fn user_rooms(&self, user_id: String, limit: u32) -> Result<Vec<String>, CommandError> {
+        Ok(call!(self, user_rooms, pb::UserRoomsRequest { user_id, limit }).room_ids)
     }
 }
 

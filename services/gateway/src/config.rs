@@ -119,6 +119,22 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_STALE_MS", default_value_t = 30_000)]
     pub presence_stale_ms: u64,
 
+    /// How often, in ms, a gateway rewrites its users' presence counts from the
+    /// connections it really holds: a count left too high by a failed decrement, or lost
+    /// while Redis was down, is right again within one period.
+    #[arg(long, env = "PRESENCE_RECOUNT_MS", default_value_t = 15_000)]
+    pub presence_recount_ms: u64,
+
+    /// Most online user ids a `join` or `presence` answer lists; `presence` says
+    /// `online_truncated` beyond it. Bounds the Redis work of one command.
+    #[arg(long, env = "PRESENCE_MAX_ONLINE", default_value_t = 1_000)]
+    pub presence_max_online: usize,
+
+    /// Most rooms a user's online/offline change is announced in (the most recently
+    /// active first); match it to the message service's MAX_ROOMS_PER_USER.
+    #[arg(long, env = "PRESENCE_MAX_ROOMS", default_value_t = 1_000)]
+    pub presence_max_rooms: u32,
+
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
@@ -233,6 +249,9 @@ impl Config {
         at_least("OUTBOUND_QUEUE", self.outbound_queue as u64, 8)?;
         at_least("PRESENCE_STALE_MS", self.presence_stale_ms, 600)?;
         at_least("MAX_HEADER_BYTES", self.max_header_bytes as u64, 1024)?;
+        at_least("PRESENCE_RECOUNT_MS", self.presence_recount_ms, 100)?;
+        at_least("PRESENCE_MAX_ONLINE", self.presence_max_online as u64, 1)?;
+        at_least("PRESENCE_MAX_ROOMS", self.presence_max_rooms as u64, 1)?;
         at_least("MAX_FRAME_BYTES", self.max_frame_bytes as u64, 1024)?;
         at_least("RATE_ABUSE_AFTER_SECS", self.rate_abuse_after_secs, 1)?;
         at_least("WRITE_STALL_TIMEOUT_MS", self.write_stall_timeout_ms, 100)?;
@@ -307,6 +326,11 @@ impl Config {
     /// How long a gateway may miss its presence heartbeats before it counts as dead.
     pub fn presence_stale(&self) -> Duration {
         Duration::from_millis(self.presence_stale_ms)
+    }
+
+    /// How often presence counts are rewritten from the connections held.
+    pub fn presence_recount(&self) -> Duration {
+        Duration::from_millis(self.presence_recount_ms)
     }
 
     /// Between readiness turning 503 and connections being told to reconnect.
@@ -401,6 +425,14 @@ mod tests {
         assert_eq!(
             message(&["--jwt-secret", STRONG, "--write-stall-timeout-ms", "99"]),
             "WRITE_STALL_TIMEOUT_MS must be at least 100"
+        );
+        assert_eq!(
+            message(&["--jwt-secret", STRONG, "--presence-recount-ms", "99"]),
+            "PRESENCE_RECOUNT_MS must be at least 100"
+        );
+        assert_eq!(
+            message(&["--jwt-secret", STRONG, "--presence-max-online", "0"]),
+            "PRESENCE_MAX_ONLINE must be at least 1"
         );
         assert_eq!(
             message(&["--jwt-secret", STRONG, "--redis-channel-prefix", "a{b}"]),

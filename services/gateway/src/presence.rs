@@ -7,8 +7,15 @@
 //! heartbeat in `<prefix>:gateways`; a gateway silent for the stale period
 //! (`PRESENCE_STALE_MS`, default 30 s) is swept by the others, which look every third of
 //! that period, so a crashed gateway's users go offline within 4/3 of it (40 s).
+//!
+//! Counting in Redis can go wrong: a decrement that fails leaves a count too high (and
+//! after enough of them the user is refused everywhere), and a connection admitted
+//! while Redis was down, or counts lost with a Redis restart, leave it too low. So each
+//! gateway also keeps its own counts in memory and rewrites its field of every user's
+//! hash from them each `PRESENCE_RECOUNT_MS`: any such error heals within one period.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_common::events::EventBus;
@@ -47,6 +54,24 @@ for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) 
 return {mine, total}
 "#;
 
+// Sets this gateway's count for the user (0 removes its field); returns the user's
+// total before and after, so a correction that changes online/offline is announced.
+const RECOUNT: &str = r#"
+local before = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do before = before + tonumber(v) end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local after = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do after = after + tonumber(v) end
+return {before, after}
+"#;
+
+/// Users whose presence one pipelined Redis round trip looks up.
+const ONLINE_CHUNK: usize = 500;
+
 const SWEEP_USER: &str = r#"
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return -1 end
 return redis.call('HLEN', KEYS[1])
@@ -76,6 +101,15 @@ pub struct Presence {
     gateway_id: String,
     backend: Backend,
     cap: u32,
+    /// This gateway's connections per user, as admitted and released: the truth its
+    /// Redis counts are rewritten from.
+    local: Arc<Mutex<HashMap<String, u32>>>,
+    /// How often the Redis counts are rewritten from `local`.
+    recount_every: Duration,
+    /// Most online ids one lookup returns.
+    max_online: usize,
+    /// Most rooms one presence change is announced in.
+    max_rooms: u32,
     /// A gateway silent for this long is dead; heartbeats go out at a sixth of it and
     /// sweeps run at a third.
     stale_after: Duration,
@@ -94,6 +128,10 @@ impl Presence {
             gateway_id,
             backend,
             cap: config.max_connections_per_user,
+            local: Arc::default(),
+            recount_every: config.presence_recount(),
+            max_online: config.presence_max_online,
+            max_rooms: config.presence_max_rooms,
             stale_after: config.presence_stale(),
         }
     }
@@ -115,7 +153,11 @@ impl Presence {
     pub async fn admit(&self, user: &str) -> Admission {
         let _serial = self.stripes.lock(user).await;
         let args = vec![self.gateway_id.clone(), self.cap.to_string()];
-        match self.client.eval::<i64, _, _, _>(CONNECT, vec![self.user_key(user)], args).await {
+        let counted = self.client.eval::<i64, _, _, _>(CONNECT, vec![self.user_key(user)], args).await;
+        if counted != Ok(-1) {
+            self.count_local(user, 1);
+        }
+        match counted {
             Ok(-1) => Admission::OverCap,
             Ok(total) => {
                 // Remembered so that, should this gateway die, another one can sweep the count.
@@ -135,6 +177,7 @@ impl Presence {
     /// Uncounts a connection; true when it was the user's last one in the cluster.
     pub async fn release(&self, user: &str) -> bool {
         let _serial = self.stripes.lock(user).await;
+        self.count_local(user, -1);
         let args = vec![self.gateway_id.clone()];
         match self.client.eval::<(i64, i64), _, _, _>(DISCONNECT, vec![self.user_key(user)], args).await {
             Ok((mine, total)) => {
@@ -150,24 +193,50 @@ impl Presence {
         }
     }
 
-    /// Which of `users` have a connection anywhere.
-    pub async fn online(&self, users: &[String]) -> Vec<String> {
-        let pipeline = self.client.pipeline();
-        for user in users {
-            let _: Result<(), _> = pipeline.exists(self.user_key(user)).await;
+    /// Moves this gateway's own count of `user`'s connections (the recount's truth).
+    fn count_local(&self, user: &str, delta: i32) {
+        let mut local = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let n = local.entry(user.to_owned()).or_default();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            local.remove(user);
         }
-        match pipeline.all::<Vec<i64>>().await {
-            Ok(flags) => users.iter().zip(flags).filter(|(_, n)| *n > 0).map(|(u, _)| u.clone()).collect(),
-            Err(err) => {
-                tracing::warn!(%err, "presence lookup failed");
-                Vec::new()
+    }
+
+    /// Which of `users` have a connection anywhere: at most `PRESENCE_MAX_ONLINE` of them.
+    pub async fn online(&self, users: &[String]) -> Vec<String> {
+        self.online_listed(users).await.0
+    }
+
+    /// Which of `users` have a connection anywhere, at most `PRESENCE_MAX_ONLINE` of them,
+    /// and whether more are online than listed. One pipelined round trip per chunk of
+    /// users, and no more chunks once one more than the cap is found.
+    pub async fn online_listed(&self, users: &[String]) -> (Vec<String>, bool) {
+        let mut online = Vec::new();
+        for chunk in users.chunks(ONLINE_CHUNK) {
+            let pipeline = self.client.pipeline();
+            for user in chunk {
+                let _: Result<(), _> = pipeline.exists(self.user_key(user)).await;
+            }
+            match pipeline.all::<Vec<i64>>().await {
+                Ok(flags) => online.extend(chunk.iter().zip(flags).filter(|(_, n)| *n > 0).map(|(u, _)| u.clone())),
+                Err(err) => {
+                    tracing::warn!(%err, "presence lookup failed");
+                    break;
+                }
+            }
+            if online.len() > self.max_online {
+                break;
             }
         }
+        let truncated = online.len() > self.max_online;
+        online.truncate(self.max_online);
+        (online, truncated)
     }
 
     /// Tells the members of every room of `user` that they came online or went offline.
     pub async fn announce(&self, user: &str, online: bool) {
-        let rooms = match self.backend.user_rooms(user.to_owned()).await {
+        let rooms = match self.backend.user_rooms(user.to_owned(), self.max_rooms).await {
             Ok(rooms) => rooms,
             Err(err) => {
                 tracing::warn!(%err.message, user, "cannot list rooms for a presence change");
@@ -222,6 +291,8 @@ impl Presence {
     pub async fn run_housekeeping(self, shutdown: CancellationToken) {
         let mut heartbeat = tokio::time::interval(self.stale_after / 6);
         let mut sweep = tokio::time::interval(self.stale_after / 3);
+        let mut recount = tokio::time::interval(self.recount_every);
+        recount.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
@@ -233,10 +304,62 @@ impl Presence {
                     }
                 }
                 _ = sweep.tick() => self.sweep().await,
+                _ = recount.tick() => tokio::select! {
+                    _ = self.recount() => {}
+                    _ = shutdown.cancelled() => break,
+                },
                 _ = shutdown.cancelled() => break,
             }
         }
         let _: Result<i64, _> = self.client.zrem(self.gateways_key(), self.gateway_id.as_str()).await;
+    }
+
+    /// Rewrites this gateway's count of every user it holds, or once held, from the
+    /// connections it really holds, and announces a user it finds newly online or offline.
+    async fn recount(&self) {
+        let mine: Vec<String> = match self.client.smembers(self.users_key(&self.gateway_id)).await {
+            Ok(users) => users,
+            Err(err) => {
+                tracing::warn!(%err, "presence recount skipped: Redis unavailable");
+                return;
+            }
+        };
+        let held: Vec<String> = self.local.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let users: HashSet<String> = mine.into_iter().chain(held).collect();
+        let mut fixed = 0u32;
+        for user in users {
+            let serial = self.stripes.lock(&user).await;
+            let n = self.local.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0);
+            let args = vec![self.gateway_id.clone(), n.to_string()];
+            let (before, after) =
+                match self.client.eval::<(i64, i64), _, _, _>(RECOUNT, vec![self.user_key(&user)], args).await {
+                    Ok(totals) => totals,
+                    Err(err) => {
+                        tracing::warn!(%err, "presence recount stopped: Redis unavailable");
+                        return;
+                    }
+                };
+            let listed: Result<i64, _> = if n > 0 {
+                self.client.sadd(self.users_key(&self.gateway_id), user.as_str()).await
+            } else {
+                self.client.srem(self.users_key(&self.gateway_id), user.as_str()).await
+            };
+            if let Err(err) = listed {
+                tracing::warn!(%err, "presence: user set not updated");
+            }
+            drop(serial);
+            if before != after {
+                fixed += 1;
+            }
+            if before <= 0 && after > 0 {
+                self.announce(&user, true).await;
+            } else if before > 0 && after <= 0 {
+                self.announce(&user, false).await;
+            }
+        }
+        if fixed > 0 {
+            tracing::info!(users = fixed, "presence counts corrected from the connections held");
+        }
     }
 
     /// Takes every stale gateway's users offline (once, under a short lock per gateway).

@@ -129,12 +129,22 @@ async fn create_room(
     Ok(created(json::room_body(&room)))
 }
 
-#[utoipa::path(get, path = "/v1/rooms", tag = "rooms", responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}]}`"), (status = 401, description = "no valid Bearer token")))]
-/// `GET /v1/rooms` → `{rooms}`.
+#[derive(Deserialize)]
+struct RoomsQuery {
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/rooms", tag = "rooms", params(("limit" = Option<u32>, Query, description = "1..=MAX_ROOMS_PER_USER (default: that cap, 1000)"), ("after" = Option<String>, Query, description = "the previous page's `next`")), responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}], has_more, next?}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token")))]
+/// `GET /v1/rooms?limit=&after=` → `{rooms, has_more, next?}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
-async fn list_rooms(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
-    let rooms = state.backend().list_rooms(caller(&user)).await?;
-    Ok(Json(json::rooms_body(&rooms)).into_response())
+async fn list_rooms(
+    State(state): State<AppState>,
+    User(user): User,
+    Params(q): Params<RoomsQuery>,
+) -> ApiResult<Response> {
+    let page = state.backend().list_rooms(caller(&user), client::rooms_limit(q.limit)?, q.after).await?;
+    Ok(Json(json::rooms_body(&page)).into_response())
 }
 
 #[derive(Deserialize)]

@@ -158,7 +158,10 @@ impl Session {
                 backend.remove_member(req).await?;
                 Ok(server::ack(id))
             }
-            Command::Rooms {} => Ok(server::rooms_ack(id, &backend.list_rooms(caller(&self.claims)).await?)),
+            Command::Rooms { limit, after } => {
+                let page = backend.list_rooms(caller(&self.claims), client::rooms_limit(limit)?, after).await?;
+                Ok(server::rooms_ack(id, &page))
+            }
             Command::Edit { message_id, text } => {
                 let req = pb::EditMessageRequest { caller: self.who(), message_id: message_id.into_string(), text };
                 Ok(server::message_ack(id, &backend.edit_message(req).await?))
@@ -185,7 +188,8 @@ impl Session {
             }
             Command::Presence { room } => {
                 let info = backend.join_room(caller(&self.claims), room.into_string()).await?;
-                Ok(server::online_ack(id, &self.state.presence().online(&info.members).await))
+                let (online, truncated) = self.state.presence().online_listed(&info.members).await;
+                Ok(server::online_page_ack(id, &online, truncated))
             }
             Command::RefreshToken { token } => self.refresh(id, &token),
         }

@@ -44,6 +44,16 @@ pub struct Config {
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = crate::validate::MAX_TEXT_CHARS)]
     pub max_text_chars: usize,
 
+    /// Most members one room may have; adding more is refused with `conflict`. Bounds
+    /// what a `join` or `presence` in the room costs.
+    #[arg(long, env = "MAX_MEMBERS_PER_ROOM", default_value_t = 10_000)]
+    pub max_members_per_room: u32,
+
+    /// Most rooms one user may belong to; adding them to another is refused with
+    /// `conflict`. Bounds a user's presence announcements and `rooms` page.
+    #[arg(long, env = "MAX_ROOMS_PER_USER", default_value_t = 1_000)]
+    pub max_rooms_per_user: u32,
+
     /// Redis, its channel prefix, and the start-up retries.
     #[command(flatten)]
     pub backend: chat_common::config::BackendFlags,
@@ -66,6 +76,8 @@ pub enum ConfigError {
     DatabaseUrl,
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("MAX_MEMBERS_PER_ROOM must be at least 2 (a direct room has two)")]
+    MembersPerRoom,
     #[error("COMMIT_WORKERS must be between 1 and DB_MAX_CONNECTIONS (each holds a connection)")]
     CommitWorkers,
 }
@@ -81,6 +93,12 @@ impl Config {
         self.backend.validate()?;
         if self.max_text_chars == 0 {
             return Err(ConfigError::Zero("MAX_TEXT_CHARS"));
+        }
+        if self.max_members_per_room < 2 {
+            return Err(ConfigError::MembersPerRoom);
+        }
+        if self.max_rooms_per_user == 0 {
+            return Err(ConfigError::Zero("MAX_ROOMS_PER_USER"));
         }
         if self.db_max_connections == 0 {
             return Err(ConfigError::Zero("DB_MAX_CONNECTIONS"));
@@ -110,6 +128,14 @@ impl Config {
         format!("{scheme}://{user}@{rest}").into()
     }
 
+    /// The membership caps.
+    pub fn membership_limits(&self) -> crate::store::MembershipLimits {
+        crate::store::MembershipLimits {
+            members_per_room: self.max_members_per_room,
+            rooms_per_user: self.max_rooms_per_user,
+        }
+    }
+
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
@@ -122,6 +148,17 @@ mod tests {
 
     fn with_url(url: &str) -> Config {
         Config::parse_from(["chat-message", "--database-url", url])
+    }
+
+    #[test]
+    fn membership_caps_default_to_10000_members_and_1000_rooms_and_refuse_nonsense() {
+        let c = with_url("postgres://localhost/chat");
+        assert_eq!(c.membership_limits(), crate::store::MembershipLimits::default());
+        assert_eq!((c.max_members_per_room, c.max_rooms_per_user), (10_000, 1_000));
+        let one = Config::parse_from(["chat-message", "--max-members-per-room", "1"]);
+        assert_eq!(one.validate(), Err(ConfigError::MembersPerRoom));
+        let none = Config::parse_from(["chat-message", "--max-rooms-per-user", "0"]);
+        assert_eq!(none.validate(), Err(ConfigError::Zero("MAX_ROOMS_PER_USER")));
     }
 
     #[test]

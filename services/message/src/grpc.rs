@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
-use crate::store::{Committer, NewMessage, Page, Store};
+use crate::store::{parse_rooms_cursor, Committer, NewMessage, Page, RoomsPage, Store};
 use crate::validate;
 
 /// The gRPC service: a store and the event bus.
@@ -143,9 +143,17 @@ impl ChatService for GrpcHandlers {
 
     #[tracing::instrument(skip_all, fields(user))]
     async fn list_rooms(&self, req: Request<ListRoomsRequest>) -> Reply<ListRoomsResponse> {
-        let caller = caller(req.into_inner().caller)?;
-        let rooms = self.store.list_rooms(&caller).await?;
-        Ok(Response::new(ListRoomsResponse { rooms }))
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let max = self.store.max_rooms_page();
+        let limit = match req.limit {
+            0 => max,
+            n if n <= max => n,
+            _ => return Err(ServiceError::InvalidArgument(format!("limit must be between 1 and {max}")).into()),
+        };
+        let after = req.after.as_deref().map(parse_rooms_cursor).transpose()?;
+        let page = self.store.list_rooms(&caller, RoomsPage { limit, after }).await?;
+        Ok(Response::new(ListRoomsResponse { rooms: page.rooms, has_more: page.has_more, next: page.next }))
     }
 
     #[tracing::instrument(skip_all, fields(user, message = %req.get_ref().message_id))]
@@ -292,7 +300,8 @@ impl ChatService for GrpcHandlers {
     }
 
     async fn user_rooms(&self, req: Request<UserRoomsRequest>) -> Reply<UserRoomsResponse> {
-        let rooms = self.store.user_rooms(&req.get_ref().user_id).await?;
+        let req = req.get_ref();
+        let rooms = self.store.user_rooms(&req.user_id, req.limit).await?;
         Ok(Response::new(UserRoomsResponse { room_ids: rooms.into_iter().map(|id| id.to_string()).collect() }))
     }
 }

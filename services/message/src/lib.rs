@@ -57,8 +57,9 @@ impl Application {
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let retry = config.backend.startup_retry();
         let url = config.database_url();
-        let store =
-            Store::connect(url.expose_secret(), config.create_database, config.db_max_connections, retry).await?;
+        let store = Store::connect(url.expose_secret(), config.create_database, config.db_max_connections, retry)
+            .await?
+            .with_limits(config.membership_limits());
         let redis = config.backend.connect_redis(PUBLISH_TIMEOUT).await?;
         let listener = TcpListener::bind(config.listen)
             .await

@@ -82,7 +82,14 @@ pub enum Command {
         #[serde(deserialize_with = "id_string")]
         user_id: String,
     },
-    Rooms {},
+    Rooms {
+        /// Most rooms in the page (default and maximum: the service's rooms-per-user cap).
+        #[serde(default)]
+        limit: Option<u32>,
+        /// The previous page's `next`.
+        #[serde(default)]
+        after: Option<String>,
+    },
     Edit {
         message_id: Id,
         text: String,
@@ -127,7 +134,7 @@ impl Command {
             Command::Ping {} => "ping",
             Command::AddMembers { .. } => "add_members",
             Command::RemoveMember { .. } => "remove_member",
-            Command::Rooms {} => "rooms",
+            Command::Rooms { .. } => "rooms",
             Command::Edit { .. } => "edit",
             Command::Delete { .. } => "delete",
             Command::React { .. } => "react",
@@ -246,6 +253,16 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, CommandError> {
         None => Ok(0),
         Some(n @ 1..=100) => Ok(n),
         Some(_) => Err(CommandError::bad_request("limit must be between 1 and 100")),
+    }
+}
+
+/// A `rooms` page size: absent means the service's default; 0 is refused here (the
+/// service refuses sizes above its maximum).
+pub fn rooms_limit(limit: Option<u32>) -> Result<u32, CommandError> {
+    match limit {
+        None => Ok(0),
+        Some(0) => Err(CommandError::bad_request("limit must be at least 1")),
+        Some(n) => Ok(n),
     }
 }
 

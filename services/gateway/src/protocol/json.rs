@@ -181,11 +181,19 @@ pub fn page_body(page: &pb::HistoryResponse) -> impl Serialize + '_ {
 #[derive(Serialize)]
 struct RoomsBody<'a> {
     rooms: Vec<RoomSummaryJson<'a>>,
+    has_more: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<&'a str>,
 }
 
-/// `{rooms}`: the rooms ack and `GET /v1/rooms` response.
-pub fn rooms_body(rooms: &[pb::RoomSummary]) -> impl Serialize + '_ {
-    RoomsBody { rooms: rooms.iter().map(RoomSummaryJson).collect() }
+/// `{rooms, has_more, next?}`: the rooms ack and `GET /v1/rooms` response; `next` (the
+/// cursor for the following page) only when `has_more`.
+pub fn rooms_body(page: &pb::ListRoomsResponse) -> impl Serialize + '_ {
+    RoomsBody {
+        rooms: page.rooms.iter().map(RoomSummaryJson).collect(),
+        has_more: page.has_more,
+        next: page.next.as_deref().filter(|_| page.has_more),
+    }
 }
 
 // ---------- REST-only bodies ----------
@@ -347,8 +355,12 @@ mod tests {
             last_message: None,
         };
         assert_eq!(
-            to_string(rooms_body(&[summary])),
-            r#"{"rooms":[{"id":"1","name":"g","kind":"group","last_seq":2,"unread":1,"last_message":null}]}"#
+            to_string(rooms_body(&pb::ListRoomsResponse {
+                rooms: vec![summary],
+                has_more: true,
+                next: Some("2.1".into())
+            })),
+            r#"{"rooms":[{"id":"1","name":"g","kind":"group","last_seq":2,"unread":1,"last_message":null}],"has_more":true,"next":"2.1"}"#
         );
         let page = pb::HistoryResponse { messages: vec![], has_more: true };
         assert_eq!(to_string(page_body(&page)), r#"{"messages":[],"has_more":true}"#);

@@ -68,9 +68,9 @@ pub fn page_ack(id: Option<&str>, page: &pb::HistoryResponse) -> String {
     ack_with(id, json::page_body(page))
 }
 
-/// The rooms ack: `{rooms}`.
-pub fn rooms_ack(id: Option<&str>, rooms: &[pb::RoomSummary]) -> String {
-    ack_with(id, json::rooms_body(rooms))
+/// The rooms ack: `{rooms, has_more, next?}`.
+pub fn rooms_ack(id: Option<&str>, page: &pb::ListRoomsResponse) -> String {
+    ack_with(id, json::rooms_body(page))
 }
 
 /// The add_members ack: `{room, added}`.
@@ -95,6 +95,23 @@ pub fn joined_ack(id: Option<&str>, room: &str, last_seq: i64, online: &[String]
     ack_with(id, Joined { room, last_seq, online, truncated })
 }
 
+/// The presence ack of a complete list: `{online}`.
+pub fn online_ack(id: Option<&str>, online: &[String]) -> String {
+    online_page_ack(id, online, false)
+}
+
+/// The presence ack: `{online}`, plus `online_truncated: true` when the room has more
+/// online members than one answer lists.
+pub fn online_page_ack(id: Option<&str>, online: &[String], truncated: bool) -> String {
+    #[derive(Serialize)]
+    struct Online<'a> {
+        online: &'a [String],
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        online_truncated: bool,
+    }
+    ack_with(id, Online { online, online_truncated: truncated })
+}
+
 /// The read ack: `{seq}`, the read position now stored.
 pub fn read_ack(id: Option<&str>, seq: i64) -> String {
     #[derive(Serialize)]
@@ -102,15 +119,6 @@ pub fn read_ack(id: Option<&str>, seq: i64) -> String {
         seq: i64,
     }
     ack_with(id, Read { seq })
-}
-
-/// The presence ack: `{online}`.
-pub fn online_ack(id: Option<&str>, online: &[String]) -> String {
-    #[derive(Serialize)]
-    struct Online<'a> {
-        online: &'a [String],
-    }
-    ack_with(id, Online { online })
 }
 
 /// The refresh_token ack: `{expires_at}` of the new token, whose `exp` is `exp` (Unix s).
@@ -339,10 +347,17 @@ mod tests {
         );
         assert_eq!(read_ack(Some("4"), 9), r#"{"type":"ack","id":"4","seq":9}"#);
         assert_eq!(online_ack(Some("5"), &online), r#"{"type":"ack","id":"5","online":["bob"]}"#);
+        assert_eq!(
+            online_page_ack(Some("5"), &online, true),
+            r#"{"type":"ack","id":"5","online":["bob"],"online_truncated":true}"#
+        );
         assert_eq!(refreshed_ack(Some("6"), 1), r#"{"type":"ack","id":"6","expires_at":"1970-01-01T00:00:01.000Z"}"#);
         let page = pb::HistoryResponse { messages: vec![], has_more: false };
         assert_eq!(page_ack(Some("7"), &page), r#"{"type":"ack","id":"7","messages":[],"has_more":false}"#);
-        assert_eq!(rooms_ack(Some("8"), &[]), r#"{"type":"ack","id":"8","rooms":[]}"#);
+        assert_eq!(
+            rooms_ack(Some("8"), &pb::ListRoomsResponse::default()),
+            r#"{"type":"ack","id":"8","rooms":[],"has_more":false}"#
+        );
         let message = pb::Message { id: "m".into(), room_id: "r".into(), ..Default::default() };
         assert!(
             message_ack(Some("9"), &message).starts_with(r#"{"type":"ack","id":"9","message":{"id":"m","room":"r","#)

@@ -7,19 +7,42 @@ use std::time::Duration;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes};
 use chat_proto::v1 as pb;
 use chat_proto::v1::envelope::Event;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::recent::Recent;
 use super::{delivery_span, Joined, Listener, Mail, RoomLog, MAX_BACKLOG, TYPING_TTL};
-use crate::error::CommandError;
+use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::protocol::server;
 
+/// Frames one pending join may hold back before it is refused: the backlog plus this
+/// much would overflow any reasonable outbound queue anyway.
+const MAX_HELD: usize = MAX_BACKLOG as usize;
+
+type JoinReply = oneshot::Sender<Result<Joined, CommandError>>;
+
+/// A `since_seq` join whose backlog is being fetched off the task: the room's live
+/// deliveries to it are held back, in order, until its backlog is queued first.
+struct PendingJoin {
+    listener: Listener,
+    /// The watermark when the join arrived: the backlog ends here.
+    upto: i64,
+    truncated: bool,
+    held: Vec<WsMessage>,
+    /// More than `MAX_HELD` frames arrived meanwhile; the join is refused.
+    overflowed: bool,
+    /// `changes` when the fetch started: the backlog may be kept as `recent` only if no
+    /// edit, delete, reaction or gap came in between.
+    changes: u64,
+    reply: JoinReply,
+}
+
 pub(super) struct RoomTask<L> {
     room_id: String,
-    log: L,
+    log: Arc<L>,
     metrics: Metrics,
     /// Every message up to this seq has been delivered (or predates every listener).
     seq: i64,
@@ -28,12 +51,30 @@ pub(super) struct RoomTask<L> {
     typing: HashMap<Arc<str>, Instant>,
     /// The newest messages, kept after a `since_seq` join fetched them.
     recent: Option<Recent>,
+    /// Joins waiting for their backlog, by connection.
+    pending: HashMap<u64, PendingJoin>,
+    /// The backlog fetches of `pending`: a fetch from Postgres takes as long as it takes,
+    /// and the room's other listeners must not wait for it.
+    fetches: JoinSet<(u64, Result<Vec<pb::Message>, CommandError>)>,
+    /// Counts what makes fetched frames stale (edits, deletes, reactions, gaps).
+    changes: u64,
 }
 
 impl<L: RoomLog> RoomTask<L> {
     /// A task for `room_id` whose messages up to `last_seq` count as delivered.
     pub(super) fn new(room_id: String, last_seq: i64, log: L, metrics: Metrics) -> Self {
-        Self { room_id, log, metrics, seq: last_seq, listeners: HashMap::new(), typing: HashMap::new(), recent: None }
+        Self {
+            room_id,
+            log: Arc::new(log),
+            metrics,
+            seq: last_seq,
+            listeners: HashMap::new(),
+            typing: HashMap::new(),
+            recent: None,
+            pending: HashMap::new(),
+            fetches: JoinSet::new(),
+            changes: 0,
+        }
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Mail>) {
@@ -45,19 +86,30 @@ impl<L: RoomLog> RoomTask<L> {
                     self.expire_typing();
                     continue;
                 }
+                Some(done) = self.fetches.join_next(), if !self.fetches.is_empty() => {
+                    match done {
+                        Ok((conn, backlog)) => self.backlog_fetched(conn, backlog),
+                        Err(err) => tracing::error!(room = %self.room_id, %err, "a backlog fetch failed"),
+                    }
+                    continue;
+                }
             };
             let Some(mail) = mail else { return };
             match mail {
                 Mail::Event(envelope) => self.on_envelope(*envelope).await,
-                Mail::Join { listener, since, reply } => {
-                    let _ = reply.send(self.join(listener, since).await);
-                }
+                Mail::Join { listener, since, reply } => self.join(listener, since, reply),
                 Mail::Leave { conn, reply } => {
                     self.listeners.remove(&conn);
-                    let _ = reply.send(self.listeners.len());
+                    if let Some(pending) = self.pending.remove(&conn) {
+                        // Answered, not dropped: a dropped reply reads as a stopped task,
+                        // and the join would be retried on a new one.
+                        let left = CommandError::new(ErrorCode::Forbidden, "removed from the room while joining");
+                        let _ = pending.reply.send(Err(left));
+                    }
+                    let _ = reply.send(self.listeners.len() + self.pending.len());
                 }
                 Mail::StopIfEmpty { reply } => {
-                    let empty = self.listeners.is_empty();
+                    let empty = self.listeners.is_empty() && self.pending.is_empty();
                     let _ = reply.send(empty);
                     if empty {
                         return;
@@ -93,6 +145,7 @@ impl<L: RoomLog> RoomTask<L> {
             other => {
                 if matches!(other, Event::MessageEdited(_) | Event::MessageDeleted(_) | Event::Reaction(_)) {
                     self.recent = None;
+                    self.changes += 1;
                 }
                 if let Some(frame) = server::event_frame(&other) {
                     self.deliver(frame);
@@ -118,12 +171,25 @@ impl<L: RoomLog> RoomTask<L> {
         for l in self.listeners.values() {
             l.outbox.push_timed(WsMessage::Text(frame.clone()), published_us);
         }
+        self.hold(|_| true, &frame);
+    }
+
+    /// Keeps a frame for every pending join that `to` accepts, behind its backlog.
+    fn hold(&mut self, to: impl Fn(&Listener) -> bool, frame: &Utf8Bytes) {
+        for p in self.pending.values_mut().filter(|p| to(&p.listener)) {
+            if p.held.len() < MAX_HELD {
+                p.held.push(WsMessage::Text(frame.clone()));
+            } else {
+                p.overflowed = true;
+            }
+        }
     }
 
     /// Delivers every stored message between the watermark and `upto` (exclusive).
     async fn repair(&mut self, upto: i64) {
         tracing::info!(room = %self.room_id, from = self.seq + 1, upto, "repairing a gap in the room's messages");
         self.recent = None;
+        self.changes += 1;
         while self.seq + 1 < upto {
             let fetched = self.fetch(self.seq, upto).await;
             match fetched {
@@ -153,44 +219,72 @@ impl<L: RoomLog> RoomTask<L> {
         }
     }
 
-    /// Messages with `after < seq < before`, retried briefly: a repair that gives up
-    /// leaves a visible gap.
     async fn fetch(&self, after: i64, before: i64) -> Result<Vec<pb::Message>, CommandError> {
-        let mut attempt = 0;
-        loop {
-            match self.log.messages(self.room_id.clone(), after, before, MAX_BACKLOG as u32).await {
-                Ok(messages) => return Ok(messages),
-                Err(err) if attempt >= 3 => return Err(err),
-                Err(_) => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-            }
+        fetch(&*self.log, self.room_id.clone(), after, before).await
+    }
+
+    /// Adds a listener, first queueing what it missed after `since`. Kept frames serve
+    /// it at once; otherwise its backlog is fetched beside the task, which goes on
+    /// delivering to everyone else and holds this listener's live frames back until
+    /// `backlog_fetched`.
+    fn join(&mut self, listener: Listener, since: Option<i64>, reply: JoinReply) {
+        let conn = listener.outbox.id();
+        let since = since.map(|s| s.max(0)).filter(|s| *s < self.seq);
+        let Some(since) = since else {
+            self.listeners.insert(conn, listener);
+            let _ = reply.send(Ok(Joined { last_seq: self.seq, truncated: false }));
+            return;
+        };
+        let truncated = self.seq - since > MAX_BACKLOG;
+        let after = since.max(self.seq - MAX_BACKLOG);
+        if let Some(frames) = self.recent.as_mut().and_then(|r| r.after(after, self.seq)) {
+            listener.outbox.push_batch(frames);
+            self.listeners.insert(conn, listener);
+            let _ = reply.send(Ok(Joined { last_seq: self.seq, truncated }));
+            return;
+        }
+        self.listeners.remove(&conn);
+        let (log, room, upto) = (self.log.clone(), self.room_id.clone(), self.seq);
+        self.fetches.spawn(async move { (conn, fetch(&*log, room, after, upto + 1).await) }.in_current_span());
+        let pending = PendingJoin {
+            listener,
+            upto,
+            truncated,
+            held: Vec::new(),
+            overflowed: false,
+            changes: self.changes,
+            reply,
+        };
+        if let Some(replaced) = self.pending.insert(conn, pending) {
+            let _ = replaced.reply.send(Err(CommandError::new(ErrorCode::Conflict, "joined again")));
         }
     }
 
-    async fn join(&mut self, listener: Listener, since: Option<i64>) -> Result<Joined, CommandError> {
-        let mut truncated = false;
-        if let Some(since) = since {
-            let since = since.max(0);
-            if since < self.seq {
-                truncated = self.seq - since > MAX_BACKLOG;
-                let after = since.max(self.seq - MAX_BACKLOG);
-                let frames = match self.recent.as_mut().and_then(|r| r.after(after, self.seq)) {
-                    Some(frames) => frames,
-                    None => {
-                        let backlog = self.fetch(after, self.seq + 1).await?;
-                        let frames: Vec<Utf8Bytes> =
-                            backlog.iter().map(|m| Utf8Bytes::from(server::message_event(m))).collect();
-                        self.recent = Recent::from_backlog(&backlog, &frames, self.seq);
-                        frames.into_iter().map(WsMessage::Text).collect()
-                    }
-                };
-                listener.outbox.push_batch(frames);
+    /// Queues a pending join's backlog, then what was held back for it, and makes it a
+    /// live listener: no gap, no duplicate.
+    fn backlog_fetched(&mut self, conn: u64, backlog: Result<Vec<pb::Message>, CommandError>) {
+        let Some(pending) = self.pending.remove(&conn) else { return };
+        let backlog = match backlog {
+            Ok(backlog) if !pending.overflowed => backlog,
+            Ok(_) => {
+                let busy = CommandError::new(ErrorCode::Unavailable, "the room is too busy to replay; join again");
+                let _ = pending.reply.send(Err(busy));
+                return;
             }
+            Err(err) => {
+                let _ = pending.reply.send(Err(err));
+                return;
+            }
+        };
+        let frames: Vec<Utf8Bytes> = backlog.iter().map(|m| Utf8Bytes::from(server::message_event(m))).collect();
+        if self.seq == pending.upto && self.changes == pending.changes {
+            self.recent = Recent::from_backlog(&backlog, &frames, self.seq);
         }
-        self.listeners.insert(listener.outbox.id(), listener);
-        Ok(Joined { last_seq: self.seq, truncated })
+        let mut queued: Vec<WsMessage> = frames.into_iter().map(WsMessage::Text).collect();
+        queued.extend(pending.held);
+        pending.listener.outbox.push_batch(queued);
+        self.listeners.insert(conn, pending.listener);
+        let _ = pending.reply.send(Ok(Joined { last_seq: pending.upto, truncated: pending.truncated }));
     }
 
     fn expire_typing(&mut self) {
@@ -203,18 +297,41 @@ impl<L: RoomLog> RoomTask<L> {
         }
     }
 
-    fn deliver(&self, frame: String) {
+    fn deliver(&mut self, frame: String) {
         let frame = Utf8Bytes::from(frame);
         for l in self.listeners.values() {
             l.outbox.push_event(WsMessage::Text(frame.clone()));
         }
+        self.hold(|_| true, &frame);
     }
 
     /// Delivers to everyone but `user`'s own connections (typing is not echoed).
-    fn deliver_except(&self, user: &str, frame: String) {
+    fn deliver_except(&mut self, user: &str, frame: String) {
         let frame = Utf8Bytes::from(frame);
         for l in self.listeners.values().filter(|l| &*l.user_id != user) {
             l.outbox.push_event(WsMessage::Text(frame.clone()));
+        }
+        self.hold(|l| &*l.user_id != user, &frame);
+    }
+}
+
+/// Messages with `after < seq < before`, retried briefly: a repair that gives up
+/// leaves a visible gap.
+async fn fetch<L: RoomLog>(
+    log: &L,
+    room_id: String,
+    after: i64,
+    before: i64,
+) -> Result<Vec<pb::Message>, CommandError> {
+    let mut attempt = 0;
+    loop {
+        match log.messages(room_id.clone(), after, before, MAX_BACKLOG as u32).await {
+            Ok(messages) => return Ok(messages),
+            Err(err) if attempt >= 3 => return Err(err),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
         }
     }
 }

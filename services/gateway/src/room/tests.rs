@@ -33,6 +33,8 @@ struct LogState {
     last_seq_calls: usize,
     /// How long a `messages` call takes: lets live events queue up behind a join.
     latency: Duration,
+    /// `messages` fails (after its latency), as when the message service is down.
+    failing: bool,
 }
 
 impl FakeLog {
@@ -79,6 +81,9 @@ impl RoomLog for FakeLog {
             state.latency
         };
         tokio::time::sleep(latency).await;
+        if self.state().failing {
+            return Err(CommandError::new(crate::error::ErrorCode::Unavailable, "log down"));
+        }
         if after + 1 >= before {
             return Ok(Vec::new());
         }
@@ -425,4 +430,101 @@ async fn a_room_task_is_tracked_until_its_last_listener_leaves() {
     assert_eq!(room.leave(1).await, 0);
     assert!(room.stop_if_empty().await);
     tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await.expect("the room task has ended");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_join_does_not_stall_the_rooms_deliveries_to_others() {
+    let log = FakeLog::with(1..=10);
+    log.state().latency = Duration::from_secs(5);
+    let (room, _) = spawn_room(10, &log);
+    let (bob, bob_rx) = connection(1, "bob");
+    let (carol, carol_rx) = connection(2, "carol");
+    join(&room, &bob, None).await;
+    let joining = tokio::spawn({
+        let (room, carol) = (room.clone(), carol.clone());
+        async move { join(&room, &carol, Some(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(log.fetches(), [(5, 11)], "carol's backlog is being fetched");
+
+    let sent = tokio::time::Instant::now();
+    log.store(message(11));
+    room.event(live(11));
+    room.event(typing("dave", true));
+    settle(&room).await;
+    assert!(sent.elapsed() < Duration::from_secs(1), "bob waited {:?} for carol's fetch", sent.elapsed());
+    let frames = take(&bob_rx);
+    assert_eq!(seqs(&frames[..1]), [11]);
+    assert_eq!(typing_of(&frames[1..]), [("dave".to_owned(), true)]);
+    assert!(take(&carol_rx).is_empty(), "carol's live frames wait behind her backlog");
+
+    assert_eq!(joining.await.expect("join task"), Joined { last_seq: 10, truncated: false });
+    let frames = take(&carol_rx);
+    assert_eq!(seqs(&frames[..6]), [6, 7, 8, 9, 10, 11], "backlog, then what arrived meanwhile");
+    assert_eq!(typing_of(&frames[6..]), [("dave".to_owned(), true)]);
+    log.store(message(12));
+    room.event(live(12));
+    settle(&room).await;
+    assert_eq!(seqs(&take(&carol_rx)), [12], "then live, no gap, no duplicate");
+    assert_eq!(seqs(&take(&bob_rx)), [12]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_whose_backlog_cannot_be_fetched_is_refused_and_delivers_nothing() {
+    let log = FakeLog::with(1..=10);
+    log.state().failing = true;
+    let (room, _) = spawn_room(10, &log);
+    let (carol, carol_rx) = connection(2, "carol");
+    let refused = room.join(carol.clone(), Some(5)).await.expect("room task running");
+    assert!(refused.is_err(), "{refused:?}");
+    room.event(live(11));
+    settle(&room).await;
+    assert!(take(&carol_rx).is_empty());
+    assert!(room.stop_if_empty().await, "the refused join left nothing behind");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_leaves_while_its_backlog_is_fetched_gets_nothing() {
+    let log = FakeLog::with(1..=10);
+    log.state().latency = Duration::from_secs(5);
+    let (room, _) = spawn_room(10, &log);
+    let (carol, carol_rx) = connection(2, "carol");
+    let joining = tokio::spawn({
+        let (room, carol) = (room.clone(), carol.clone());
+        async move { room.join(carol, Some(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!room.stop_if_empty().await, "a pending join keeps the room");
+    assert_eq!(room.leave(2).await, 0);
+    room.event(live(11));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    settle(&room).await;
+    assert!(take(&carol_rx).is_empty());
+    let abandoned = joining.await.expect("join task").expect("answered, not dropped (a retry would re-add it)");
+    assert_eq!(abandoned.expect_err("the join was abandoned").code, crate::error::ErrorCode::Forbidden);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_that_falls_too_far_behind_while_fetching_is_refused_and_delivers_nothing() {
+    let log = FakeLog::with(1..=10);
+    log.state().latency = Duration::from_secs(5);
+    let (room, _) = spawn_room(10, &log);
+    let (bob, bob_rx) = connection(1, "bob");
+    let (carol, carol_rx) = connection(2, "carol");
+    join(&room, &bob, None).await;
+    let joining = tokio::spawn({
+        let (room, carol) = (room.clone(), carol.clone());
+        async move { room.join(carol, Some(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let newest = 10 + MAX_BACKLOG + 1;
+    for seq in 11..=newest {
+        log.store(message(seq));
+        room.event(live(seq));
+    }
+    let refused = joining.await.expect("join task").expect("answered");
+    assert_eq!(refused.expect_err("too far behind").code, crate::error::ErrorCode::Unavailable);
+    settle(&room).await;
+    assert!(take(&carol_rx).is_empty(), "nothing queued for the refused join");
+    assert_eq!(seqs(&take(&bob_rx)), (11..=newest).collect::<Vec<_>>());
 }

@@ -15,6 +15,7 @@ mod tests;
 
 pub use batch::{Committer, NewMessage};
 pub use messages::Page;
+pub use rooms::{parse_rooms_cursor, RoomsPage, RoomsPageOut};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,24 @@ use crate::StartupError;
 pub struct Store {
     pool: PgPool,
     blobs: Arc<dyn BlobStore>,
+    limits: MembershipLimits,
+}
+
+/// Caps on membership, enforced inside the transaction that adds members, so that
+/// concurrent adds cannot overshoot them. They bound what one command can fan out to:
+/// a room's presence and join work, a user's presence announcements and room list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MembershipLimits {
+    /// Most members one room may have.
+    pub members_per_room: u32,
+    /// Most rooms one user may belong to.
+    pub rooms_per_user: u32,
+}
+
+impl Default for MembershipLimits {
+    fn default() -> Self {
+        Self { members_per_room: 10_000, rooms_per_user: 1_000 }
+    }
 }
 
 impl Store {
@@ -63,7 +82,12 @@ impl Store {
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         let blobs = Arc::new(PgBlobStore::new(pool.clone()));
-        Ok(Self { pool, blobs })
+        Ok(Self { pool, blobs, limits: MembershipLimits::default() })
+    }
+
+    /// The same store with other membership caps.
+    pub fn with_limits(self, limits: MembershipLimits) -> Self {
+        Self { limits, ..self }
     }
 
     /// True when Postgres answers a trivial query.
