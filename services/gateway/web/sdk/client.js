@@ -95,8 +95,8 @@ export class ChatClient {
     // Connection
     /**
      * Connects and authenticates. Resolves with the first `welcome`, once the connection
-     * is open. If the server can't be reached it keeps retrying (unless `reconnect` is
-     * false). Rejects with {@link ChatError} `unauthorized` when the token is refused (no
+     * is open. If the server can't be reached, or answers `unavailable`, it keeps
+     * retrying (unless `reconnect` is false). Rejects with {@link ChatError} `unauthorized` when the token is refused (no
      * retry then), `rate_limited` at the per-user connection cap, `closed` after
      * {@link close}. After the server ended the session (state `closed`), calling it
      * again starts over.
@@ -394,7 +394,9 @@ export class ChatClient {
         }
         if (this.closedByUser)
             return;
-        if (refusal || code === CLOSE_POLICY || this.backoff === null) {
+        // `unavailable` instead of welcome (the gateway could not subscribe our event
+        // channel; close 1013 follows) is a refusal for now, not for good: retry.
+        if ((refusal && refusal.code !== 'unavailable') || code === CLOSE_POLICY || this.backoff === null) {
             const detail = reason ? `: ${reason}` : '';
             const err = refusal ?? new ChatError('disconnected', `the connection ended (${code ?? 'no code'})${detail}`);
             this.end(err, code, reason);
