@@ -2,6 +2,8 @@
 //! pushes, notifications and disconnects. Same authorization as over WebSocket: every
 //! call goes the same gRPC path, with the caller from the Bearer token.
 
+use std::time::{Duration, Instant};
+
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -16,6 +18,7 @@ use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::client::{self, CreateRoom, MarkRead, NotifyReq, PushReq, SendReq};
 use crate::protocol::json;
+use crate::ratelimit::Verdict;
 use crate::state::AppState;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -42,7 +45,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 type ApiResult<T> = Result<T, HttpError>;
 
-/// The caller, from `Authorization: Bearer <jwt>` (401 without a valid one).
+/// The caller, from `Authorization: Bearer <jwt>` (401 without a valid one), within
+/// their request rate (429 `rate_limited` with `Retry-After` past it). Every `/v1` route
+/// with a caller takes this (or [`Admin`]), so none escapes the limit; the limit is
+/// checked before any body is read.
 pub struct User(pub Claims);
 
 impl FromRequestParts<AppState> for User {
@@ -56,6 +62,9 @@ impl FromRequestParts<AppState> for User {
             .and_then(auth::bearer)
             .ok_or_else(|| HttpError::unauthorized("a Bearer token is required"))?;
         let claims = state.verifier().verify(token).map_err(|e| HttpError::unauthorized(e.to_string()))?;
+        if let Err(wait) = state.rest_limits().check(&claims.sub, Instant::now()) {
+            return Err(rate_limited("too many requests", wait));
+        }
         Ok(User(claims))
     }
 }
@@ -104,6 +113,27 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
             .await
             .map(|Query(v)| Params(v))
             .map_err(|rejection| HttpError::bad_request(rejection.body_text()))
+    }
+}
+
+/// A 429 telling the client how long to wait.
+fn rate_limited(message: &str, wait: Duration) -> HttpError {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    HttpError(CommandError::rate_limited(format!("{message}; retry in {ms} ms"), ms))
+}
+
+/// A REST send spends a token of the user's command bucket on this gateway, shared with
+/// their WebSocket connections, so switching to HTTP buys no extra sends.
+fn spend_send(state: &AppState, user: &str) -> ApiResult<()> {
+    let limits = state.limits();
+    let mut limiter = limits.connect(user);
+    let verdict = limiter.check(Instant::now());
+    limits.disconnect(user, limiter);
+    match verdict {
+        Verdict::Allow => Ok(()),
+        Verdict::Refuse(wait) => Err(rate_limited("too many sends", wait)),
+        // A limiter that refused just once is never abuse; should that change, still only 429.
+        _ => Err(rate_limited("too many sends", Duration::from_secs(1))),
     }
 }
 
@@ -165,7 +195,7 @@ async fn history(
     Ok(Json(json::page_body(&page)).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id")), request_body = SendReq, responses((status = 201, description = "`{message}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 413, description = "body over 64 KiB")))]
+#[utoipa::path(post, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id")), request_body = SendReq, responses((status = 201, description = "`{message}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 413, description = "body over 64 KiB"), (status = 429, description = "over the user's request or send rate; `Retry-After` says when to retry")))]
 /// `POST /v1/rooms/{id}/messages` → 201 `{message}`: the same path as a WebSocket
 /// `send`, so every joined connection on every gateway gets the `message` event.
 #[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
@@ -175,6 +205,7 @@ async fn send(
     Path(room): Path<String>,
     Body(req): Body<SendReq>,
 ) -> ApiResult<Response> {
+    spend_send(&state, &user.sub)?;
     let req = pb::SendMessageRequest {
         caller: Some(caller(&user)),
         room_id: room,

@@ -27,7 +27,18 @@ pub enum ServiceError {
     /// Anything else; the cause is logged, never sent to the client (protocol `internal`).
     #[error("internal error")]
     Internal(#[source] Arc<sqlx::Error>),
+    /// The caller has used up an allowance (the upload quota) until `retry_after_ms` has
+    /// passed (protocol `rate_limited`: RESOURCE_EXHAUSTED with `retry-after-ms` metadata).
+    #[error("{message}")]
+    Exhausted { message: String, retry_after_ms: u64 },
+    /// Every slot for this kind of work is taken; the caller may retry soon (protocol
+    /// `unavailable`).
+    #[error("{0}")]
+    Busy(&'static str),
 }
+
+/// The metadata key carrying how long a RESOURCE_EXHAUSTED caller should wait.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 impl From<sqlx::Error> for ServiceError {
     fn from(err: sqlx::Error) -> Self {
@@ -60,6 +71,11 @@ impl From<ServiceError> for Status {
             ServiceError::Internal(cause) => tracing::error!(error = %cause, "internal error"),
             _ => {}
         }
+        if let ServiceError::Exhausted { message, retry_after_ms } = &err {
+            let mut status = Status::resource_exhausted(message.clone());
+            status.metadata_mut().insert(RETRY_AFTER_MS, (*retry_after_ms).into());
+            return status;
+        }
         let code = match err {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
             ServiceError::NotFound(_) => Code::NotFound,
@@ -67,6 +83,8 @@ impl From<ServiceError> for Status {
             ServiceError::Conflict(_) => Code::AlreadyExists,
             ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::Internal(_) => Code::Internal,
+            ServiceError::Exhausted { .. } => Code::ResourceExhausted,
+            ServiceError::Busy(_) => Code::Unavailable,
         };
         Status::new(code, err.to_string())
     }
