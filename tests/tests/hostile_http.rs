@@ -138,9 +138,8 @@ async fn an_upload_past_the_quota_is_rate_limited_and_leaves_nothing_behind() ->
     assert!(over.body["error"]["message"].as_str().unwrap_or_default().contains("quota"), "{over:?}");
     // The refused upload was dropped, not left half stored.
     let mut db = cluster.db.connect().await?;
-    let alices: i64 = sqlx::query_scalar("SELECT count(*) FROM attachments WHERE uploader_id = 'alice'")
-        .fetch_one(&mut db)
-        .await?;
+    let alices: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM attachments WHERE uploader_id = 'alice'").fetch_one(&mut db).await?;
     assert_eq!(alices, 1);
     // Quotas are per user.
     uploaded_id(gw, "bob", &pattern(150_000)).await?;
@@ -155,8 +154,8 @@ async fn an_unattached_upload_is_collected_after_its_ttl_while_a_sent_one_stays(
     let kept_bytes = pattern(200_000);
     let kept = uploaded_id(gw, "alice", &kept_bytes).await?;
     let path = format!("/v1/rooms/{room}/messages");
-    let sent = http_json(gw, "POST", &path, Some(&token("alice")), Some(json!({"text": "", "attachments": [kept]})))
-        .await?;
+    let sent =
+        http_json(gw, "POST", &path, Some(&token("alice")), Some(json!({"text": "", "attachments": [kept]}))).await?;
     assert_eq!(sent.status, 201, "{sent:?}");
     let dropped = uploaded_id(gw, "alice", &pattern(200_000)).await?;
 

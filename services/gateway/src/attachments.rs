@@ -212,8 +212,7 @@ async fn upload(
         let mut next = Some(first);
         let mut part = 0;
         while let Some(data) = next {
-            let req =
-                pb::AppendUploadRequest { caller: Some(caller(&user)), upload_id: upload_id.clone(), part, data };
+            let req = pb::AppendUploadRequest { caller: Some(caller(&user)), upload_id: upload_id.clone(), part, data };
             backend.append_upload(req).await?;
             part += 1;
             next = parts.next_part().await?;

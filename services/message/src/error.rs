@@ -112,6 +112,14 @@ mod tests {
     }
 
     #[test]
+    fn an_exhausted_allowance_says_when_to_retry() {
+        let status = Status::from(ServiceError::Exhausted { message: "quota".into(), retry_after_ms: 1500 });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.metadata().get(RETRY_AFTER_MS).and_then(|v| v.to_str().ok()), Some("1500"));
+        assert_eq!(Status::from(ServiceError::Busy("busy")).code(), Code::Unavailable);
+    }
+
+    #[test]
     fn a_cloned_error_keeps_its_code_and_its_cause() {
         let err = ServiceError::from(sqlx::Error::PoolTimedOut);
         let copy = err.clone();

@@ -247,11 +247,12 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM attachments WHERE id = ANY($1) AND uploader_id = $2 AND complete")
-            .bind(ids)
-            .bind(sender)
-            .fetch_one(&self.pool)
-            .await?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM attachments WHERE id = ANY($1) AND uploader_id = $2 AND complete")
+                .bind(ids)
+                .bind(sender)
+                .fetch_one(&self.pool)
+                .await?;
         if found != ids.len() as i64 {
             return Err(ServiceError::InvalidArgument("attachments must name files you uploaded".into()));
         }
