@@ -231,3 +231,39 @@ async fn attachments_stream_whole_through_a_bounded_number_of_transfer_slots() -
     assert_eq!(unfinished, 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_download_whose_client_stops_reading_is_cut_off_and_frees_its_slot() -> Result<()> {
+    let cluster = Cluster::builder()
+        .env("ATTACHMENT_TRANSFERS", "1")
+        .env("ATTACHMENT_STALL_SECS", "1")
+        .env("REST_RATE_PER_SEC", "1000")
+        .env("REST_RATE_BURST", "1000")
+        .start()
+        .await?;
+    let gw = cluster.gateways[0].as_str();
+    // Larger than every socket buffer between the gateway and a tiny receive window.
+    let bytes = pattern(10 * 1024 * 1024);
+    let id = uploaded_id(gw, "alice", &bytes).await?;
+
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut never_reads = socket.connect(gw.parse()?).await?;
+    let head =
+        format!("GET /v1/attachments/{id} HTTP/1.1\r\nHost: {gw}\r\nAuthorization: Bearer {}\r\n\r\n", token("alice"));
+    never_reads.write_all(head.as_bytes()).await?;
+    let transfers = async |want: f64| -> Result<()> {
+        let m = Metrics::scrape(gw).await?;
+        ensure!(m.value("chat_gateway_attachment_transfers") == want, "transfers in flight: {m}");
+        Ok(())
+    };
+    eventually(Duration::from_secs(10), async || transfers(1.0).await).await.context("the download started")?;
+    eventually(Duration::from_secs(10), async || transfers(0.0).await)
+        .await
+        .context("the stalled reader lost its slot")?;
+    let got = download(gw, "alice", &id).await?;
+    assert_eq!(got.status, 200);
+    assert!(got.raw == bytes);
+    drop(never_reads);
+    Ok(())
+}

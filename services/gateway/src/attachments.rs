@@ -16,7 +16,7 @@ use chat_proto::v1 as pb;
 use futures_util::StreamExt;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -32,9 +32,6 @@ pub const MAX_UPLOAD: usize = 10 * 1024 * 1024;
 
 /// Bytes per upload call to the message service: its part size, so each call is one row.
 const PART_BYTES: usize = 64 * 1024;
-
-/// An upload whose client sends nothing for this long is refused, freeing its slot.
-const BODY_STALL: Duration = Duration::from_secs(30);
 
 /// Declared types kept as they are; anything else is stored as
 /// `application/octet-stream`. No HTML, SVG or script types: those could run in a
@@ -76,6 +73,9 @@ pub struct Transfers {
     slots: Arc<Semaphore>,
     /// How long a transfer waits for a slot before it is refused (503).
     wait: Duration,
+    /// A client that neither sends (upload) nor reads (download) for this long is cut
+    /// off: otherwise it would hold its slot for ever.
+    stall: Duration,
 }
 
 /// A transfer's slot, counted in the `attachment_transfers` gauge while held.
@@ -91,9 +91,10 @@ impl Drop for TransferSlot {
 }
 
 impl Transfers {
-    /// `slots` transfers at once; more wait up to `wait`.
-    pub fn new(slots: usize, wait: Duration) -> Self {
-        Self { slots: Arc::new(Semaphore::new(slots)), wait }
+    /// `slots` transfers at once; more wait up to `wait`; a client stalled for `stall`
+    /// loses its slot.
+    pub fn new(slots: usize, wait: Duration, stall: Duration) -> Self {
+        Self { slots: Arc::new(Semaphore::new(slots)), wait, stall }
     }
 
     /// A slot, or 503 `unavailable` with `Retry-After` once none freed up within the wait.
@@ -115,6 +116,7 @@ impl Transfers {
 /// Reads an upload's body in parts of [`PART_BYTES`], never holding more than one.
 struct PartReader {
     body: BodyDataStream,
+    stall: Duration,
     /// Read from the body but not yet in a part.
     pending: Bytes,
     total: usize,
@@ -122,13 +124,13 @@ struct PartReader {
 }
 
 impl PartReader {
-    fn new(body: RawBody) -> Self {
-        Self { body: body.into_data_stream(), pending: Bytes::new(), total: 0, ended: false }
+    fn new(body: RawBody, stall: Duration) -> Self {
+        Self { body: body.into_data_stream(), stall, pending: Bytes::new(), total: 0, ended: false }
     }
 
     /// The next part: full-sized unless it is the last; `None` after the last. Refuses a
     /// body over [`MAX_UPLOAD`] as soon as it passes the limit, and a client that sends
-    /// nothing for [`BODY_STALL`] (it would hold a transfer slot for ever).
+    /// nothing for the stall time (it would hold a transfer slot for ever).
     async fn next_part(&mut self) -> Result<Option<Vec<u8>>, HttpError> {
         let mut part = Vec::new();
         loop {
@@ -145,11 +147,11 @@ impl PartReader {
             if self.ended {
                 return Ok((!part.is_empty()).then_some(part));
             }
-            match tokio::time::timeout(BODY_STALL, self.body.next()).await {
+            match tokio::time::timeout(self.stall, self.body.next()).await {
                 Err(_) => {
                     return Err(HttpError::bad_request(format!(
                         "the upload stalled: nothing arrived for {} s",
-                        BODY_STALL.as_secs()
+                        self.stall.as_secs_f64()
                     )))
                 }
                 Ok(None) => self.ended = true,
@@ -195,7 +197,7 @@ async fn upload(
         return Err(too_large());
     }
     let _slot = state.transfers().slot(state.metrics()).await?;
-    let mut parts = PartReader::new(body);
+    let mut parts = PartReader::new(body, state.transfers().stall);
     // The first part before anything is stored: an empty body costs nothing.
     let Some(first) = parts.next_part().await? else {
         return Err(HttpError::bad_request("the body is the file; it is empty"));
@@ -269,20 +271,34 @@ async fn download(
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
-    // One part at a time, pulled as the client reads; the slot goes with the stream. A
-    // failure half way ends the response short of its Content-Length, which the client
-    // sees as an error, never as a whole file.
-    let parts = futures_util::stream::unfold(Some((stream, slot)), |state| async move {
-        let (mut stream, slot) = state?;
-        match stream.message().await {
-            Ok(Some(chunk)) => Some((Ok(Bytes::from(chunk.data)), Some((stream, slot)))),
-            Ok(None) => None,
-            Err(status) => {
-                tracing::warn!(%status, "attachment stream failed half way");
-                Some((Err(status), None))
+    // One part at a time, handed over as the client reads. The forwarder holds the slot;
+    // a client that takes no part for the stall time is cut off and frees it (hyper
+    // would otherwise wait on its socket for ever). A failure half way ends the response
+    // short of its Content-Length, which the client sees as an error, never as a whole
+    // file.
+    let (tx, rx) = mpsc::channel::<Result<Bytes, tonic::Status>>(1);
+    let stall = state.transfers().stall;
+    state.tasks().spawn(async move {
+        let _slot = slot;
+        loop {
+            let (item, last) = match stream.message().await {
+                Ok(Some(chunk)) => (Ok(Bytes::from(chunk.data)), false),
+                Ok(None) => return,
+                Err(status) => {
+                    tracing::warn!(%status, "attachment stream failed half way");
+                    (Err(status), true)
+                }
+            };
+            if tx.send_timeout(item, stall).await.is_err() {
+                tracing::info!("attachment download cut off: the client stopped reading");
+                return;
+            }
+            if last {
+                return;
             }
         }
     });
+    let parts = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     Ok((headers, RawBody::from_stream(parts)).into_response())
 }
 

@@ -163,6 +163,11 @@ pub struct Config {
     /// with `Retry-After`.
     #[arg(long, env = "ATTACHMENT_TRANSFER_WAIT_MS", default_value_t = 10_000)]
     pub attachment_transfer_wait_ms: u64,
+
+    /// Seconds an upload may send nothing, or a download's client read nothing, before
+    /// it is cut off and its slot freed.
+    #[arg(long, env = "ATTACHMENT_STALL_SECS", default_value_t = 30)]
+    pub attachment_stall_secs: u64,
 }
 
 /// Where the gateway runs, for what it may allow. (Variants carry no `///`: clap would
@@ -232,6 +237,7 @@ impl Config {
         at_least("MAX_HEADER_BYTES", self.max_header_bytes as u64, 1024)?;
         at_least("MAX_FRAME_BYTES", self.max_frame_bytes as u64, 1024)?;
         at_least("ATTACHMENT_TRANSFERS", self.attachment_transfers as u64, 1)?;
+        at_least("ATTACHMENT_STALL_SECS", self.attachment_stall_secs, 1)?;
         Ok(())
     }
 
@@ -294,11 +300,13 @@ impl Config {
         crate::rest_limits::RestRates { per_sec: self.rest_rate_per_sec, burst: self.rest_rate_burst }
     }
 
-    /// Attachment transfers at once, and how long one waits for a slot.
+    /// Attachment transfers at once, how long one waits for a slot, and how long a
+    /// stalled client keeps one.
     pub fn transfers(&self) -> crate::attachments::Transfers {
         crate::attachments::Transfers::new(
             self.attachment_transfers,
             Duration::from_millis(self.attachment_transfer_wait_ms),
+            Duration::from_secs(self.attachment_stall_secs),
         )
     }
 

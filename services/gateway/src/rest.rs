@@ -63,6 +63,7 @@ impl FromRequestParts<AppState> for User {
             .ok_or_else(|| HttpError::unauthorized("a Bearer token is required"))?;
         let claims = state.verifier().verify(token).map_err(|e| HttpError::unauthorized(e.to_string()))?;
         if let Err(wait) = state.rest_limits().check(&claims.sub, Instant::now()) {
+            state.metrics().rate_limited.inc();
             return Err(rate_limited("too many requests", wait));
         }
         Ok(User(claims))
@@ -129,6 +130,9 @@ fn spend_send(state: &AppState, user: &str) -> ApiResult<()> {
     let mut limiter = limits.connect(user);
     let verdict = limiter.check(Instant::now());
     limits.disconnect(user, limiter);
+    if verdict != Verdict::Allow {
+        state.metrics().rate_limited.inc();
+    }
     match verdict {
         Verdict::Allow => Ok(()),
         Verdict::Refuse(wait) => Err(rate_limited("too many sends", wait)),
