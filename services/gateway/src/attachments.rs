@@ -113,6 +113,15 @@ impl Transfers {
     }
 }
 
+/// A busy or unreachable message service (its own download streams all taken, say)
+/// answers like a full gateway: 503 with `Retry-After`.
+fn come_back(mut err: CommandError) -> HttpError {
+    if err.code == ErrorCode::Unavailable && err.retry_after_ms.is_none() {
+        err.retry_after_ms = Some(1000);
+    }
+    HttpError(err)
+}
+
 /// Reads an upload's body in parts of [`PART_BYTES`], never holding more than one.
 struct PartReader {
     body: BodyDataStream,
@@ -209,18 +218,18 @@ async fn upload(
         name: q.name.unwrap_or_default(),
         content_type: content_type.to_owned(),
     };
-    let upload_id = backend.begin_upload(begin).await?;
+    let upload_id = backend.begin_upload(begin).await.map_err(come_back)?;
     let stored = async {
         let mut next = Some(first);
         let mut part = 0;
         while let Some(data) = next {
             let req = pb::AppendUploadRequest { caller: Some(caller(&user)), upload_id: upload_id.clone(), part, data };
-            backend.append_upload(req).await?;
+            backend.append_upload(req).await.map_err(come_back)?;
             part += 1;
             next = parts.next_part().await?;
         }
         let finish = pb::FinishUploadRequest { caller: Some(caller(&user)), upload_id: upload_id.clone() };
-        Ok::<_, HttpError>(backend.finish_upload(finish).await?)
+        Ok::<_, HttpError>(backend.finish_upload(finish).await.map_err(come_back)?)
     };
     match stored.await {
         Ok(attachment) => Ok((StatusCode::CREATED, Json(json::attachment_body(&attachment))).into_response()),
@@ -254,8 +263,9 @@ async fn download(
     let mut stream = state
         .backend()
         .read_attachment(pb::GetAttachmentRequest { caller: Some(caller(&user)), attachment_id: id })
-        .await?;
-    let first = stream.message().await.map_err(CommandError::from)?;
+        .await
+        .map_err(come_back)?;
+    let first = stream.message().await.map_err(|status| come_back(status.into()))?;
     let meta = first.and_then(|chunk| chunk.attachment).ok_or_else(|| {
         HttpError(CommandError::from(tonic::Status::internal("the attachment stream had no metadata")))
     })?;

@@ -29,7 +29,8 @@ pub struct GrpcHandlers {
 }
 
 impl GrpcHandlers {
-    /// The service over its backends.
+    /// The service over its backends, with no upload quota until
+    /// [`GrpcHandlers::with_attachment_limits`] sets one.
     pub fn new(store: Store, committer: Committer, events: EventBus, max_text_chars: usize, metrics: Metrics) -> Self {
         let attachments = AttachmentLimits::new(0, std::time::Duration::ZERO, DEFAULT_STREAMS);
         Self { store, committer, events, max_text_chars, metrics, attachments }
@@ -42,7 +43,6 @@ impl GrpcHandlers {
     }
 }
 
-/// Every request must say who is calling; the gateway fills this from the verified token.
 /// A stream of one attachment: metadata, then its parts.
 pub type AttachmentStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<AttachmentChunk, Status>> + Send>>;
 
@@ -51,6 +51,7 @@ fn upload_id(id: &str) -> Result<i64, ServiceError> {
     id.parse::<i64>().map_err(|_| ServiceError::NotFound("upload"))
 }
 
+/// Every request must say who is calling; the gateway fills this from the verified token.
 fn caller(caller: Option<Caller>) -> Result<Caller, ServiceError> {
     let caller = caller.ok_or_else(|| ServiceError::InvalidArgument("caller is required".into()))?;
     validate::user_id(&caller.user_id)?;
