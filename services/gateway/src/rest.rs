@@ -145,7 +145,7 @@ fn created<T: Serialize>(body: T) -> Response {
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
-#[utoipa::path(post, path = "/v1/rooms", tag = "rooms", request_body = CreateRoom, responses((status = 201, description = "`{room}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(post, path = "/v1/rooms", tag = "rooms", request_body = CreateRoom, responses((status = 201, description = "`{room}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/rooms` → 201 `{room}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn create_room(
@@ -163,7 +163,7 @@ async fn create_room(
     Ok(created(json::room_body(&room)))
 }
 
-#[utoipa::path(get, path = "/v1/rooms", tag = "rooms", responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}]}`"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(get, path = "/v1/rooms", tag = "rooms", responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}]}`"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/rooms` → `{rooms}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn list_rooms(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
@@ -178,7 +178,7 @@ struct HistoryQuery {
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id"), ("before_seq" = Option<i64>, Query), ("after_seq" = Option<i64>, Query), ("limit" = Option<u32>, Query, description = "1..=100, default 50")), responses((status = 200, description = "`{messages, has_more}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room")))]
+#[utoipa::path(get, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id"), ("before_seq" = Option<i64>, Query), ("after_seq" = Option<i64>, Query), ("limit" = Option<u32>, Query, description = "1..=100, default 50")), responses((status = 200, description = "`{messages, has_more}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/rooms/{id}/messages?before_seq=&after_seq=&limit=` → `{messages, has_more}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
 async fn history(
@@ -228,14 +228,14 @@ async fn status_of(state: &AppState, user_id: String) -> ApiResult<Response> {
     Ok(Json(json::status_body(&user_id, connections)).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/me/status", tag = "presence", responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(get, path = "/v1/me/status", tag = "presence", responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/me/status` → `{user_id, online, connections}` across the cluster.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn me_status(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
     status_of(&state, user.sub).await
 }
 
-#[utoipa::path(get, path = "/v1/users/{id}/status", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(get, path = "/v1/users/{id}/status", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/users/{id}/status` (admin) → `{user_id, online, connections}`.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
 async fn user_status(
@@ -246,7 +246,7 @@ async fn user_status(
     status_of(&state, user_id).await
 }
 
-#[utoipa::path(get, path = "/v1/connections", tag = "admin", responses((status = 200, description = "`{users:[{user_id, connections}]}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(get, path = "/v1/connections", tag = "admin", responses((status = 200, description = "`{users:[{user_id, connections}]}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/connections` (admin) → `{users:[{user_id, connections}]}` across the cluster.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
 async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiResult<Response> {
@@ -254,7 +254,7 @@ async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiR
     Ok(Json(json::connections_body(users)).into_response())
 }
 
-#[utoipa::path(delete, path = "/v1/users/{id}/connections", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 204, description = "the user's sockets close with 1008 on every gateway"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(delete, path = "/v1/users/{id}/connections", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 204, description = "the user's sockets close with 1008 on every gateway"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `DELETE /v1/users/{id}/connections` (admin) → 204; the user's sockets on every
 /// gateway close with 1008.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
@@ -268,7 +268,7 @@ async fn disconnect(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(post, path = "/v1/push", tag = "admin", request_body = PushReq, responses((status = 202, description = "delivered as `push` to every connection addressed"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(post, path = "/v1/push", tag = "admin", request_body = PushReq, responses((status = 202, description = "delivered as `push` to every connection addressed"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/push` (admin) `{user_ids:[...] | all:true, event, data}` → 202; every
 /// connection of those users (or of everyone), on every gateway, gets `push`.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
@@ -291,7 +291,7 @@ async fn push(State(state): State<AppState>, Admin(admin): Admin, Body(req): Bod
     Ok((StatusCode::ACCEPTED, Json(json::empty_body())).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/notifications", tag = "notifications", request_body = NotifyReq, responses((status = 201, description = "`{notifications}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(post, path = "/v1/notifications", tag = "notifications", request_body = NotifyReq, responses((status = 201, description = "`{notifications}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/notifications` (admin) → 201 `{notifications}`; stored, and delivered live
 /// as `notification` to every connection of each user.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
@@ -315,7 +315,7 @@ struct NotificationsQuery {
     unread: bool,
 }
 
-#[utoipa::path(get, path = "/v1/notifications", tag = "notifications", params(("before" = Option<String>, Query, description = "notification id: older ones only"), ("limit" = Option<u32>, Query), ("unread" = Option<bool>, Query)), responses((status = 200, description = "`{notifications, has_more, unread}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(get, path = "/v1/notifications", tag = "notifications", params(("before" = Option<String>, Query, description = "notification id: older ones only"), ("limit" = Option<u32>, Query), ("unread" = Option<bool>, Query)), responses((status = 200, description = "`{notifications, has_more, unread}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/notifications?before=&limit=&unread=` → `{notifications, has_more, unread}`,
 /// the caller's own, newest first.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
@@ -331,7 +331,7 @@ async fn list_notifications(
     Ok(Json(json::notifications_page_body(&page)).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/notifications/read", tag = "notifications", request_body = MarkRead, responses((status = 200, description = "`{updated}`"), (status = 400, description = "neither ids nor all"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(post, path = "/v1/notifications/read", tag = "notifications", request_body = MarkRead, responses((status = 200, description = "`{updated}`"), (status = 400, description = "neither ids nor all"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/notifications/read {ids:[...] | all:true}` → `{updated}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn mark_notifications_read(
