@@ -229,7 +229,7 @@ async fn upload(
             next = parts.next_part().await?;
         }
         let finish = pb::FinishUploadRequest { caller: Some(caller(&user)), upload_id: upload_id.clone() };
-        Ok::<_, HttpError>(backend.finish_upload(finish).await.map_err(come_back)?)
+        backend.finish_upload(finish).await.map_err(come_back)
     };
     match stored.await {
         Ok(attachment) => Ok((StatusCode::CREATED, Json(json::attachment_body(&attachment))).into_response()),
