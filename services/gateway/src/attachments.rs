@@ -334,6 +334,53 @@ pub fn content_disposition(name: &str, inline: bool) -> String {
 mod tests {
     use super::*;
 
+    fn body_of(frames: Vec<Vec<u8>>) -> RawBody {
+        let frames = frames.into_iter().map(|f| Ok::<_, std::io::Error>(Bytes::from(f)));
+        RawBody::from_stream(futures_util::stream::iter(frames))
+    }
+
+    async fn parts_of(frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, HttpError> {
+        let mut reader = PartReader::new(body_of(frames), Duration::from_secs(5));
+        let mut parts = Vec::new();
+        while let Some(part) = reader.next_part().await? {
+            parts.push(part);
+        }
+        Ok(parts)
+    }
+
+    #[tokio::test]
+    async fn a_body_is_cut_into_full_parts_whatever_its_frames_but_the_last() {
+        let data: Vec<u8> = (0..(2 * PART_BYTES + 100)).map(|i| (i % 251) as u8).collect();
+        // Frames that straddle part boundaries, one empty.
+        let frames = vec![
+            data[..1000].to_vec(),
+            Vec::new(),
+            data[1000..PART_BYTES + 7].to_vec(),
+            data[PART_BYTES + 7..].to_vec(),
+        ];
+        let parts = parts_of(frames).await.unwrap();
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [PART_BYTES, PART_BYTES, 100]);
+        assert_eq!(parts.concat(), data);
+        assert!(parts_of(vec![Vec::new()]).await.unwrap().is_empty(), "an empty body has no part");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_refused_as_soon_as_it_passes() {
+        let frames = vec![vec![0u8; MAX_UPLOAD], vec![0u8; 1]];
+        let err = parts_of(frames).await.unwrap_err();
+        assert_eq!(err.0.code, ErrorCode::TooLarge);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_refused_after_the_stall_time() {
+        let frames = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abc"))])
+            .chain(futures_util::stream::pending());
+        let mut reader = PartReader::new(RawBody::from_stream(frames), Duration::from_secs(30));
+        let err = reader.next_part().await.unwrap_err();
+        assert_eq!(err.0.code, ErrorCode::BadRequest);
+        assert!(err.0.message.contains("stalled"), "{}", err.0.message);
+    }
+
     #[test]
     fn only_allowlisted_types_survive() {
         assert_eq!(allowed_type(Some("image/png")), "image/png");
