@@ -219,6 +219,8 @@ async fn upload(
         content_type: content_type.to_owned(),
     };
     let upload_id = backend.begin_upload(begin).await.map_err(come_back)?;
+    // Dropped if this handler is (the client went); on an error, dropped before answering.
+    let mut unfinished = Unfinished { state: state.clone(), caller: caller(&user), upload_id: Some(upload_id.clone()) };
     let stored = async {
         let mut next = Some(first);
         let mut part = 0;
@@ -231,16 +233,42 @@ async fn upload(
         let finish = pb::FinishUploadRequest { caller: Some(caller(&user)), upload_id: upload_id.clone() };
         backend.finish_upload(finish).await.map_err(come_back)
     };
-    match stored.await {
+    let result = stored.await;
+    unfinished.upload_id = None;
+    match result {
         Ok(attachment) => Ok((StatusCode::CREATED, Json(json::attachment_body(&attachment))).into_response()),
         Err(err) => {
-            // Best effort: what stays behind is collected with the uploads never sent.
             let abort = pb::AbortUploadRequest { caller: Some(caller(&user)), upload_id };
             if let Err(abort_err) = backend.abort_upload(abort).await {
                 tracing::warn!(%abort_err, "could not drop a failed upload; the collector will");
             }
             Err(err)
         }
+    }
+}
+
+/// An upload begun and not finished, dropped if its handler is (hyper drops it when the
+/// client goes): left behind, it would count against the user's quota until the
+/// collector takes it.
+struct Unfinished {
+    state: AppState,
+    caller: pb::Caller,
+    upload_id: Option<String>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(upload_id) = self.upload_id.take() else { return };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return; // The runtime is gone: the collector will take it.
+        }
+        let backend = self.state.backend().clone();
+        let abort = pb::AbortUploadRequest { caller: Some(self.caller.clone()), upload_id };
+        self.state.tasks().spawn(async move {
+            if let Err(err) = backend.abort_upload(abort).await {
+                tracing::warn!(%err, "could not drop a failed upload; the collector will");
+            }
+        });
     }
 }
 
