@@ -199,17 +199,34 @@ impl Backend {
         Ok(call!(self, mark_notifications_read, req).updated)
     }
 
-    /// Stores an uploaded file.
-    pub async fn upload_attachment(&self, req: pb::UploadAttachmentRequest) -> Result<pb::Attachment, CommandError> {
-        call!(self, upload_attachment, req).attachment.ok_or_else(missing)
+    /// Starts an upload for the caller; returns its id.
+    pub async fn begin_upload(&self, req: pb::BeginUploadRequest) -> Result<String, CommandError> {
+        Ok(call!(self, begin_upload, req).upload_id)
     }
 
-    /// An attachment and its bytes, if the caller may read it.
-    pub async fn get_attachment(
+    /// Appends the next part of an upload.
+    pub async fn append_upload(&self, req: pb::AppendUploadRequest) -> Result<i64, CommandError> {
+        Ok(call!(self, append_upload, req).size)
+    }
+
+    /// Completes an upload.
+    pub async fn finish_upload(&self, req: pb::FinishUploadRequest) -> Result<pb::Attachment, CommandError> {
+        call!(self, finish_upload, req).attachment.ok_or_else(missing)
+    }
+
+    /// Drops an unfinished upload.
+    pub async fn abort_upload(&self, req: pb::AbortUploadRequest) -> Result<(), CommandError> {
+        call!(self, abort_upload, req);
+        Ok(())
+    }
+
+    /// An attachment as a stream, if the caller may read it: its metadata first, then its
+    /// bytes in parts. (The latency recorded is until the stream starts.)
+    pub async fn read_attachment(
         &self,
         req: pb::GetAttachmentRequest,
-    ) -> Result<pb::GetAttachmentResponse, CommandError> {
-        Ok(call!(self, get_attachment, req))
+    ) -> Result<tonic::Streaming<pb::AttachmentChunk>, CommandError> {
+        Ok(call!(self, read_attachment, req))
     }
 
     /// The rooms a user belongs to (internal).

@@ -172,6 +172,30 @@ pub struct Config {
     /// Log format and trace export.
     #[command(flatten)]
     pub telemetry: chat_common::telemetry::TelemetryConfig,
+
+    /// `/v1` requests per second one user may make on a gateway (0: unlimited); past it,
+    /// 429 `rate_limited` with `Retry-After`. A REST send also spends a token of the
+    /// user's WebSocket command bucket (RATE_USER_*), like a WebSocket send.
+    #[arg(long, env = "REST_RATE_PER_SEC", default_value_t = 20)]
+    pub rest_rate_per_sec: u32,
+
+    /// ... and how many at once.
+    #[arg(long, env = "REST_RATE_BURST", default_value_t = 100)]
+    pub rest_rate_burst: u32,
+
+    /// Attachment uploads and downloads a gateway streams at once.
+    #[arg(long, env = "ATTACHMENT_TRANSFERS", default_value_t = 16)]
+    pub attachment_transfers: usize,
+
+    /// Milliseconds a transfer waits for a free slot before it gets 503 `unavailable`
+    /// with `Retry-After`.
+    #[arg(long, env = "ATTACHMENT_TRANSFER_WAIT_MS", default_value_t = 10_000)]
+    pub attachment_transfer_wait_ms: u64,
+
+    /// Seconds an upload may send nothing, or a download's client read nothing, before
+    /// it is cut off and its slot freed.
+    #[arg(long, env = "ATTACHMENT_STALL_SECS", default_value_t = 30)]
+    pub attachment_stall_secs: u64,
 }
 
 /// Where the gateway runs, for what it may allow. (Variants carry no `///`: clap would
@@ -255,6 +279,8 @@ impl Config {
         at_least("MAX_FRAME_BYTES", self.max_frame_bytes as u64, 1024)?;
         at_least("RATE_ABUSE_AFTER_SECS", self.rate_abuse_after_secs, 1)?;
         at_least("WRITE_STALL_TIMEOUT_MS", self.write_stall_timeout_ms, 100)?;
+        at_least("ATTACHMENT_TRANSFERS", self.attachment_transfers as u64, 1)?;
+        at_least("ATTACHMENT_STALL_SECS", self.attachment_stall_secs, 1)?;
         Ok(())
     }
 
@@ -311,6 +337,21 @@ impl Config {
             user_burst: self.rate_user_burst,
             abuse_after: Duration::from_secs(self.rate_abuse_after_secs),
         }
+    }
+
+    /// `/v1` request rates per user.
+    pub fn rest_rates(&self) -> crate::rest_limits::RestRates {
+        crate::rest_limits::RestRates { per_sec: self.rest_rate_per_sec, burst: self.rest_rate_burst }
+    }
+
+    /// Attachment transfers at once, how long one waits for a slot, and how long a
+    /// stalled client keeps one.
+    pub fn transfers(&self) -> crate::attachments::Transfers {
+        crate::attachments::Transfers::new(
+            self.attachment_transfers,
+            Duration::from_millis(self.attachment_transfer_wait_ms),
+            Duration::from_secs(self.attachment_stall_secs),
+        )
     }
 
     /// How often the message service's names are resolved again.

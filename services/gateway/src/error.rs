@@ -18,6 +18,10 @@ pub enum ErrorCode {
     Internal,
 }
 
+/// The metadata key of the message service's RESOURCE_EXHAUSTED statuses that says when
+/// to retry, in milliseconds.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 /// A command failed: what the client sees in its `error` reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code:?}: {message}")]
@@ -51,6 +55,12 @@ impl From<tonic::Status> for CommandError {
         // refused or reset, GOAWAY from a message service shutting down, h2 errors), not
         // by the message service: the call may succeed elsewhere, so the client retries.
         let from_transport = std::error::Error::source(&status).is_some();
+        // An allowance the caller used up (the upload quota): the message service says
+        // when it frees up.
+        let retry_after_ms = status.metadata().get(RETRY_AFTER_MS).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let (Code::ResourceExhausted, Some(ms), false) = (status.code(), retry_after_ms, from_transport) {
+            return Self::rate_limited(status.message(), ms);
+        }
         let code = match status.code() {
             _ if from_transport => ErrorCode::Unavailable,
             Code::InvalidArgument | Code::OutOfRange => ErrorCode::BadRequest,
@@ -115,6 +125,27 @@ mod tests {
         for (grpc, want) in cases {
             assert_eq!(CommandError::from(tonic::Status::new(grpc, "m")).code, want, "{grpc:?}");
         }
+    }
+
+    #[test]
+    fn an_exhausted_allowance_is_rate_limited_with_its_wait() {
+        let mut status = tonic::Status::resource_exhausted("upload quota used");
+        status.metadata_mut().insert(RETRY_AFTER_MS, 1500u64.into());
+        let err = CommandError::from(status);
+        assert_eq!((err.code, err.retry_after_ms), (ErrorCode::RateLimited, Some(1500)));
+        // Without a wait it is tonic's own (a message over the size limit): unavailable.
+        let err = CommandError::from(tonic::Status::resource_exhausted("message too large"));
+        assert_eq!(err.code, ErrorCode::Unavailable);
+    }
+
+    #[test]
+    fn rate_limited_responses_carry_retry_after_in_whole_seconds_rounded_up() {
+        use axum::response::IntoResponse;
+        let res = HttpError(CommandError::rate_limited("slow down", 1001)).into_response();
+        assert_eq!(res.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()[axum::http::header::RETRY_AFTER], "2");
+        let res = HttpError(CommandError::rate_limited("slow down", 10)).into_response();
+        assert_eq!(res.headers()[axum::http::header::RETRY_AFTER], "1");
     }
 
     #[test]
@@ -212,6 +243,11 @@ impl ErrorCode {
 impl axum::response::IntoResponse for HttpError {
     fn into_response(self) -> axum::response::Response {
         let body = crate::protocol::json::http_error_body(&self.0);
-        (self.0.code.http_status(), axum::Json(body)).into_response()
+        let mut res = (self.0.code.http_status(), axum::Json(body)).into_response();
+        // `Retry-After` is in whole seconds: round up, so a client that waits it is never early.
+        if let Some(ms) = self.0.retry_after_ms {
+            res.headers_mut().insert(axum::http::header::RETRY_AFTER, ms.div_ceil(1000).max(1).into());
+        }
+        res
     }
 }

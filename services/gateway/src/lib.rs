@@ -18,6 +18,7 @@ pub mod presence;
 pub mod protocol;
 pub mod ratelimit;
 pub mod rest;
+pub mod rest_limits;
 pub mod room;
 pub mod session;
 pub mod socket;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Messages fetched from the message service to fill a gap in the fan-out.
     pub gap_repairs: Counter,
+    /// Attachment uploads and downloads streaming now (at most `ATTACHMENT_TRANSFERS`).
+    pub attachment_transfers: Gauge<i64, AtomicI64>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -77,6 +79,12 @@ impl Metrics {
         registry.register("rate_limited", "Commands refused by a rate limit", rate_limited.clone());
         let gap_repairs = Counter::default();
         registry.register("gap_repairs", "Messages fetched to fill a fan-out gap", gap_repairs.clone());
+        let attachment_transfers = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "attachment_transfers",
+            "Attachment uploads and downloads streaming now",
+            attachment_transfers.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             connections,
@@ -87,6 +95,7 @@ impl Metrics {
             outbound_drops,
             rate_limited,
             gap_repairs,
+            attachment_transfers,
         }
     }
 

@@ -2,6 +2,8 @@
 //! pushes, notifications and disconnects. Same authorization as over WebSocket: every
 //! call goes the same gRPC path, with the caller from the Bearer token.
 
+use std::time::{Duration, Instant};
+
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -16,6 +18,7 @@ use crate::backend::caller;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::client::{self, CreateRoom, MarkRead, NotifyReq, PushReq, SendReq};
 use crate::protocol::{json, Id};
+use crate::ratelimit::Verdict;
 use crate::state::AppState;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -42,7 +45,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 type ApiResult<T> = Result<T, HttpError>;
 
-/// The caller, from `Authorization: Bearer <jwt>` (401 without a valid one).
+/// The caller, from `Authorization: Bearer <jwt>` (401 without a valid one), within
+/// their request rate (429 `rate_limited` with `Retry-After` past it). Every `/v1` route
+/// with a caller takes this (or [`Admin`]), so none escapes the limit; the limit is
+/// checked before any body is read.
 pub struct User(pub Claims);
 
 impl FromRequestParts<AppState> for User {
@@ -56,6 +62,10 @@ impl FromRequestParts<AppState> for User {
             .and_then(auth::bearer)
             .ok_or_else(|| HttpError::unauthorized("a Bearer token is required"))?;
         let claims = state.verifier().verify(token).map_err(|e| HttpError::unauthorized(e.to_string()))?;
+        if let Err(wait) = state.rest_limits().check(&claims.sub, Instant::now()) {
+            state.metrics().rate_limited.inc();
+            return Err(rate_limited("too many requests", wait));
+        }
         Ok(User(claims))
     }
 }
@@ -107,11 +117,35 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     }
 }
 
+/// A 429 telling the client how long to wait.
+fn rate_limited(message: &str, wait: Duration) -> HttpError {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    HttpError(CommandError::rate_limited(format!("{message}; retry in {ms} ms"), ms))
+}
+
+/// A REST send spends a token of the user's command bucket on this gateway, shared with
+/// their WebSocket connections, so switching to HTTP buys no extra sends.
+fn spend_send(state: &AppState, user: &str) -> ApiResult<()> {
+    let limits = state.limits();
+    let mut limiter = limits.connect(user);
+    let verdict = limiter.check(Instant::now());
+    limits.disconnect(user, limiter);
+    if verdict != Verdict::Allow {
+        state.metrics().rate_limited.inc();
+    }
+    match verdict {
+        Verdict::Allow => Ok(()),
+        Verdict::Refuse(wait) => Err(rate_limited("too many sends", wait)),
+        // A limiter that refused just once is never abuse; should that change, still only 429.
+        _ => Err(rate_limited("too many sends", Duration::from_secs(1))),
+    }
+}
+
 fn created<T: Serialize>(body: T) -> Response {
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
-#[utoipa::path(post, path = "/v1/rooms", tag = "rooms", request_body = CreateRoom, responses((status = 201, description = "`{room}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(post, path = "/v1/rooms", tag = "rooms", request_body = CreateRoom, responses((status = 201, description = "`{room}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/rooms` → 201 `{room}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn create_room(
@@ -135,7 +169,7 @@ struct RoomsQuery {
     after: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/rooms", tag = "rooms", params(("limit" = Option<u32>, Query, description = "1..=MAX_ROOMS_PER_USER (default: that cap, 1000)"), ("after" = Option<String>, Query, description = "the previous page's `next`")), responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}], has_more, next?}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(get, path = "/v1/rooms", tag = "rooms", params(("limit" = Option<u32>, Query, description = "1..=MAX_ROOMS_PER_USER (default: that cap, 1000)"), ("after" = Option<String>, Query, description = "the previous page's `next`")), responses((status = 200, description = "`{rooms:[{id,name,kind,last_seq,unread,last_message}], has_more, next?}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/rooms?limit=&after=` → `{rooms, has_more, next?}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn list_rooms(
@@ -154,7 +188,7 @@ struct HistoryQuery {
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id"), ("before_seq" = Option<i64>, Query), ("after_seq" = Option<i64>, Query), ("limit" = Option<u32>, Query, description = "1..=100, default 50")), responses((status = 200, description = "`{messages, has_more}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room")))]
+#[utoipa::path(get, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id"), ("before_seq" = Option<i64>, Query), ("after_seq" = Option<i64>, Query), ("limit" = Option<u32>, Query, description = "1..=100, default 50")), responses((status = 200, description = "`{messages, has_more}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/rooms/{id}/messages?before_seq=&after_seq=&limit=` → `{messages, has_more}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
 async fn history(
@@ -176,7 +210,7 @@ async fn history(
     Ok(Json(json::page_body(&page)).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id")), request_body = SendReq, responses((status = 201, description = "`{message}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 413, description = "body over 64 KiB")))]
+#[utoipa::path(post, path = "/v1/rooms/{id}/messages", tag = "rooms", params(("id" = String, Path, description = "room id")), request_body = SendReq, responses((status = 201, description = "`{message}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 413, description = "body over 64 KiB"), (status = 429, description = "over the user's request or send rate; `Retry-After` says when to retry")))]
 /// `POST /v1/rooms/{id}/messages` → 201 `{message}`: the same path as a WebSocket
 /// `send`, so every joined connection on every gateway gets the `message` event.
 #[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
@@ -187,6 +221,7 @@ async fn send(
     Body(req): Body<SendReq>,
 ) -> ApiResult<Response> {
     let room = Id::parse(room)?;
+    spend_send(&state, &user.sub)?;
     let req = pb::SendMessageRequest {
         caller: Some(caller(&user)),
         room_id: room.into_string(),
@@ -205,14 +240,14 @@ async fn status_of(state: &AppState, user_id: String) -> ApiResult<Response> {
     Ok(Json(json::status_body(&user_id, connections)).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/me/status", tag = "presence", responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(get, path = "/v1/me/status", tag = "presence", responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/me/status` → `{user_id, online, connections}` across the cluster.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn me_status(State(state): State<AppState>, User(user): User) -> ApiResult<Response> {
     status_of(&state, user.sub).await
 }
 
-#[utoipa::path(get, path = "/v1/users/{id}/status", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(get, path = "/v1/users/{id}/status", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 200, description = "`{user_id, online, connections}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/users/{id}/status` (admin) → `{user_id, online, connections}`.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
 async fn user_status(
@@ -223,7 +258,7 @@ async fn user_status(
     status_of(&state, user_id).await
 }
 
-#[utoipa::path(get, path = "/v1/connections", tag = "admin", responses((status = 200, description = "`{users:[{user_id, connections}]}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(get, path = "/v1/connections", tag = "admin", responses((status = 200, description = "`{users:[{user_id, connections}]}`"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/connections` (admin) → `{users:[{user_id, connections}]}` across the cluster.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
 async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiResult<Response> {
@@ -231,7 +266,7 @@ async fn connections(State(state): State<AppState>, Admin(admin): Admin) -> ApiR
     Ok(Json(json::connections_body(users)).into_response())
 }
 
-#[utoipa::path(delete, path = "/v1/users/{id}/connections", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 204, description = "the user's sockets close with 1008 on every gateway"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(delete, path = "/v1/users/{id}/connections", tag = "admin", params(("id" = String, Path, description = "user id")), responses((status = 204, description = "the user's sockets close with 1008 on every gateway"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `DELETE /v1/users/{id}/connections` (admin) → 204; the user's sockets on every
 /// gateway close with 1008.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub, target = %user_id))]
@@ -245,7 +280,7 @@ async fn disconnect(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(post, path = "/v1/push", tag = "admin", request_body = PushReq, responses((status = 202, description = "delivered as `push` to every connection addressed"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(post, path = "/v1/push", tag = "admin", request_body = PushReq, responses((status = 202, description = "delivered as `push` to every connection addressed"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/push` (admin) `{user_ids:[...] | all:true, event, data}` → 202; every
 /// connection of those users (or of everyone), on every gateway, gets `push`.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
@@ -268,7 +303,7 @@ async fn push(State(state): State<AppState>, Admin(admin): Admin, Body(req): Bod
     Ok((StatusCode::ACCEPTED, Json(json::empty_body())).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/notifications", tag = "notifications", request_body = NotifyReq, responses((status = 201, description = "`{notifications}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only")))]
+#[utoipa::path(post, path = "/v1/notifications", tag = "notifications", request_body = NotifyReq, responses((status = 201, description = "`{notifications}`"), (status = 400, description = "invalid fields"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/notifications` (admin) → 201 `{notifications}`; stored, and delivered live
 /// as `notification` to every connection of each user.
 #[tracing::instrument(skip_all, fields(admin = %admin.sub))]
@@ -292,7 +327,7 @@ struct NotificationsQuery {
     unread: bool,
 }
 
-#[utoipa::path(get, path = "/v1/notifications", tag = "notifications", params(("before" = Option<String>, Query, description = "notification id: older ones only"), ("limit" = Option<u32>, Query), ("unread" = Option<bool>, Query)), responses((status = 200, description = "`{notifications, has_more, unread}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(get, path = "/v1/notifications", tag = "notifications", params(("before" = Option<String>, Query, description = "notification id: older ones only"), ("limit" = Option<u32>, Query), ("unread" = Option<bool>, Query)), responses((status = 200, description = "`{notifications, has_more, unread}`"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `GET /v1/notifications?before=&limit=&unread=` → `{notifications, has_more, unread}`,
 /// the caller's own, newest first.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
@@ -308,7 +343,7 @@ async fn list_notifications(
     Ok(Json(json::notifications_page_body(&page)).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/notifications/read", tag = "notifications", request_body = MarkRead, responses((status = 200, description = "`{updated}`"), (status = 400, description = "neither ids nor all"), (status = 401, description = "no valid Bearer token")))]
+#[utoipa::path(post, path = "/v1/notifications/read", tag = "notifications", request_body = MarkRead, responses((status = 200, description = "`{updated}`"), (status = 400, description = "neither ids nor all"), (status = 401, description = "no valid Bearer token"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
 /// `POST /v1/notifications/read {ids:[...] | all:true}` → `{updated}`.
 #[tracing::instrument(skip_all, fields(user = %user.sub))]
 async fn mark_notifications_read(

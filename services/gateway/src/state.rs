@@ -8,6 +8,7 @@ use chat_common::events::EventBus;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::attachments::Transfers;
 use crate::auth::Verifier;
 use crate::backend::Backend;
 use crate::config::Config;
@@ -17,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Registry;
 use crate::presence::Presence;
 use crate::ratelimit::Limits;
+use crate::rest_limits::RestLimits;
 use crate::StartupError;
 
 /// Per-connection limits and timings, from the config.
@@ -50,6 +52,10 @@ struct Shared {
     metrics: Metrics,
     settings: ConnSettings,
     dev_tokens: Option<DevTokens>,
+    /// `/v1` request rates per user.
+    rest_limits: RestLimits,
+    /// Attachment uploads and downloads in flight.
+    transfers: Transfers,
     shutdown: CancellationToken,
     /// Open connections, told to reconnect and closed with 1012 after the drain delay.
     open: Registry,
@@ -90,6 +96,8 @@ impl AppState {
                 metrics,
                 settings: config.conn_settings(),
                 dev_tokens: config.dev_tokens(),
+                rest_limits: RestLimits::new(config.rest_rates()),
+                transfers: config.transfers(),
                 shutdown,
                 open: Registry::default(),
                 connections: TaskTracker::new(),
@@ -134,6 +142,16 @@ impl AppState {
 
     pub fn settings(&self) -> &ConnSettings {
         &self.inner.settings
+    }
+
+    /// `/v1` request rates per user.
+    pub fn rest_limits(&self) -> &RestLimits {
+        &self.inner.rest_limits
+    }
+
+    /// Attachment transfer slots.
+    pub fn transfers(&self) -> &Transfers {
+        &self.inner.transfers
     }
 
     /// The dev-token signer; `None` unless `DEV_TOKENS` is on.

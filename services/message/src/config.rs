@@ -65,6 +65,25 @@ pub struct Config {
     /// Log format and trace export.
     #[command(flatten)]
     pub telemetry: chat_common::telemetry::TelemetryConfig,
+
+    /// Bytes one user may upload per ATTACHMENT_QUOTA_WINDOW_SECS, finished or not, sent
+    /// or not (0: no quota). Past it uploads get `rate_limited` until old ones age out.
+    #[arg(long, env = "ATTACHMENT_QUOTA_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub attachment_quota_bytes: u64,
+
+    /// The rolling window of the upload quota, in seconds.
+    #[arg(long, env = "ATTACHMENT_QUOTA_WINDOW_SECS", default_value_t = 86_400)]
+    pub attachment_quota_window_secs: u64,
+
+    /// Seconds after which an upload that no message carries is deleted (by a collector
+    /// that runs at half this interval, at most every 5 minutes).
+    #[arg(long, env = "ATTACHMENT_UNATTACHED_TTL_SECS", default_value_t = 86_400)]
+    pub attachment_unattached_ttl_secs: u64,
+
+    /// Attachment downloads one replica streams at once; more wait up to 2 s, then get
+    /// `unavailable`.
+    #[arg(long, env = "ATTACHMENT_STREAMS", default_value_t = crate::grpc::DEFAULT_STREAMS)]
+    pub attachment_streams: usize,
 }
 
 /// A setting that parses but cannot work; the message names the setting.
@@ -106,6 +125,15 @@ impl Config {
         if self.commit_workers == 0 || self.commit_workers > self.db_max_connections {
             return Err(ConfigError::CommitWorkers);
         }
+        if self.attachment_quota_window_secs == 0 {
+            return Err(ConfigError::Zero("ATTACHMENT_QUOTA_WINDOW_SECS"));
+        }
+        if self.attachment_unattached_ttl_secs == 0 {
+            return Err(ConfigError::Zero("ATTACHMENT_UNATTACHED_TTL_SECS"));
+        }
+        if self.attachment_streams == 0 {
+            return Err(ConfigError::Zero("ATTACHMENT_STREAMS"));
+        }
         Ok(())
     }
 
@@ -139,6 +167,20 @@ impl Config {
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The upload quota and the downloads streamed at once.
+    pub fn attachment_limits(&self) -> crate::attachments::AttachmentLimits {
+        crate::attachments::AttachmentLimits::new(
+            self.attachment_quota_bytes,
+            Duration::from_secs(self.attachment_quota_window_secs),
+            self.attachment_streams,
+        )
+    }
+
+    /// How old an upload no message carries may get.
+    pub fn unattached_ttl(&self) -> Duration {
+        Duration::from_secs(self.attachment_unattached_ttl_secs)
     }
 }
 

@@ -27,7 +27,18 @@ pub enum ServiceError {
     /// Anything else; the cause is logged, never sent to the client (protocol `internal`).
     #[error("internal error")]
     Internal(#[source] Arc<sqlx::Error>),
+    /// The caller has used up an allowance (the upload quota) until `retry_after_ms` has
+    /// passed (protocol `rate_limited`: RESOURCE_EXHAUSTED with `retry-after-ms` metadata).
+    #[error("{message}")]
+    Exhausted { message: String, retry_after_ms: u64 },
+    /// Every slot for this kind of work is taken; the caller may retry soon (protocol
+    /// `unavailable`).
+    #[error("{0}")]
+    Busy(&'static str),
 }
+
+/// The metadata key carrying how long a RESOURCE_EXHAUSTED caller should wait.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 impl From<sqlx::Error> for ServiceError {
     fn from(err: sqlx::Error) -> Self {
@@ -73,6 +84,11 @@ impl From<ServiceError> for Status {
             ServiceError::Internal(cause) => tracing::error!(error = %cause, "internal error"),
             _ => {}
         }
+        if let ServiceError::Exhausted { message, retry_after_ms } = &err {
+            let mut status = Status::resource_exhausted(message.clone());
+            status.metadata_mut().insert(RETRY_AFTER_MS, (*retry_after_ms).into());
+            return status;
+        }
         let code = match err {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
             ServiceError::NotFound(_) => Code::NotFound,
@@ -80,6 +96,8 @@ impl From<ServiceError> for Status {
             ServiceError::Conflict(_) => Code::AlreadyExists,
             ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::Internal(_) => Code::Internal,
+            ServiceError::Exhausted { .. } => Code::ResourceExhausted,
+            ServiceError::Busy(_) => Code::Unavailable,
         };
         Status::new(code, err.to_string())
     }
@@ -104,6 +122,14 @@ mod tests {
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), message);
         }
+    }
+
+    #[test]
+    fn an_exhausted_allowance_says_when_to_retry() {
+        let status = Status::from(ServiceError::Exhausted { message: "quota".into(), retry_after_ms: 1500 });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.metadata().get(RETRY_AFTER_MS).and_then(|v| v.to_str().ok()), Some("1500"));
+        assert_eq!(Status::from(ServiceError::Busy("busy")).code(), Code::Unavailable);
     }
 
     #[test]

@@ -4,8 +4,11 @@ use chat_common::events::{EventBus, PublishError};
 use chat_proto::v1::chat_service_server::ChatService;
 use chat_proto::v1::envelope::Event;
 use chat_proto::v1::*;
+use futures_util::StreamExt;
 use tonic::{Request, Response, Status};
 
+use crate::attachments::AttachmentLimits;
+use crate::blobs::PART_BYTES;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::store::{parse_rooms_cursor, Committer, NewMessage, Page, RoomsPage, Store};
@@ -21,13 +24,31 @@ pub struct GrpcHandlers {
     /// Longest message text accepted, in characters.
     max_text_chars: usize,
     metrics: Metrics,
+    /// Upload quota and download streams.
+    attachments: AttachmentLimits,
 }
 
 impl GrpcHandlers {
-    /// The service over its backends.
+    /// The service over its backends, with no upload quota until
+    /// [`GrpcHandlers::with_attachment_limits`] sets one.
     pub fn new(store: Store, committer: Committer, events: EventBus, max_text_chars: usize, metrics: Metrics) -> Self {
-        Self { store, committer, events, max_text_chars, metrics }
+        let attachments = AttachmentLimits::new(0, std::time::Duration::ZERO, DEFAULT_STREAMS);
+        Self { store, committer, events, max_text_chars, metrics, attachments }
     }
+
+    /// The same service with these attachment limits.
+    pub fn with_attachment_limits(mut self, limits: AttachmentLimits) -> Self {
+        self.attachments = limits;
+        self
+    }
+}
+
+/// A stream of one attachment: metadata, then its parts.
+pub type AttachmentStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<AttachmentChunk, Status>> + Send>>;
+
+/// An upload id as issued by `BeginUpload`; anything else names nothing.
+fn upload_id(id: &str) -> Result<i64, ServiceError> {
+    id.parse::<i64>().map_err(|_| ServiceError::NotFound("upload"))
 }
 
 /// Every request must say who is calling; the gateway fills this from the verified token.
@@ -38,6 +59,9 @@ fn caller(caller: Option<Caller>) -> Result<Caller, ServiceError> {
     tracing::Span::current().record("user", caller.user_id.as_str());
     Ok(caller)
 }
+
+/// Downloads at once when nothing else is configured (`ATTACHMENT_STREAMS`'s default).
+pub const DEFAULT_STREAMS: usize = 32;
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -277,26 +301,72 @@ impl ChatService for GrpcHandlers {
         Ok(Response::new(MarkNotificationsReadResponse { updated }))
     }
 
-    #[tracing::instrument(skip_all, fields(user, size = req.get_ref().data.len()))]
-    async fn upload_attachment(&self, req: Request<UploadAttachmentRequest>) -> Reply<UploadAttachmentResponse> {
+    #[tracing::instrument(skip_all, fields(user))]
+    async fn begin_upload(&self, req: Request<BeginUploadRequest>) -> Reply<BeginUploadResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
-        if req.data.len() > validate::MAX_ATTACHMENT_BYTES {
-            return Err(ServiceError::InvalidArgument("attachments are at most 10 MiB".into()).into());
-        }
+        self.attachments.check_quota(&self.store, &caller.user_id, 0).await?;
         let name = validate::file_name(&req.name)?;
         validate::content_type(&req.content_type)?;
-        let attachment = self.store.create_attachment(&caller, &name, &req.content_type, &req.data).await?;
+        let id = self.store.begin_upload(&caller, &name, &req.content_type).await?;
+        Ok(Response::new(BeginUploadResponse { upload_id: id.to_string() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, upload = %req.get_ref().upload_id, part = req.get_ref().part))]
+    async fn append_upload(&self, req: Request<AppendUploadRequest>) -> Reply<AppendUploadResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let id = upload_id(&req.upload_id)?;
+        if req.data.is_empty() || req.data.len() > PART_BYTES || req.part < 0 {
+            return Err(ServiceError::InvalidArgument(format!("a part is 1 to {PART_BYTES} bytes")).into());
+        }
+        self.attachments.check_quota(&self.store, &caller.user_id, req.data.len() as u64).await?;
+        let size = self.store.append_upload(&caller, id, req.part, &req.data, validate::MAX_ATTACHMENT_BYTES).await?;
+        Ok(Response::new(AppendUploadResponse { size: size as i64 }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, upload = %req.get_ref().upload_id))]
+    async fn finish_upload(&self, req: Request<FinishUploadRequest>) -> Reply<UploadAttachmentResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let attachment = self.store.finish_upload(&caller, upload_id(&req.upload_id)?).await?;
         Ok(Response::new(UploadAttachmentResponse { attachment: Some(attachment) }))
     }
 
+    #[tracing::instrument(skip_all, fields(user, upload = %req.get_ref().upload_id))]
+    async fn abort_upload(&self, req: Request<AbortUploadRequest>) -> Reply<AbortUploadResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        self.store.abort_upload(&caller, upload_id(&req.upload_id)?).await?;
+        Ok(Response::new(AbortUploadResponse {}))
+    }
+
+    type ReadAttachmentStream = AttachmentStream;
+
     #[tracing::instrument(skip_all, fields(user, attachment = %req.get_ref().attachment_id))]
-    async fn get_attachment(&self, req: Request<GetAttachmentRequest>) -> Reply<GetAttachmentResponse> {
+    async fn read_attachment(&self, req: Request<GetAttachmentRequest>) -> Reply<AttachmentStream> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
         let id = validate::attachment_id(&req.attachment_id)?;
-        let (attachment, data) = self.store.attachment(&caller, id).await?;
-        Ok(Response::new(GetAttachmentResponse { attachment: Some(attachment), data }))
+        let attachment = self.store.attachment(&caller, id).await?;
+        let slot = self.attachments.stream_slot().await?;
+        let first = AttachmentChunk { attachment: Some(attachment), data: Vec::new() };
+        // One part read per poll: the HTTP/2 window, not this service, decides how far
+        // ahead of a slow reader the stream runs. The slot goes with the stream.
+        let store = self.store.clone();
+        let parts = futures_util::stream::unfold(Some((0, slot)), move |state| {
+            let store = store.clone();
+            async move {
+                let (part, slot) = state?;
+                match store.attachment_part(id, part).await {
+                    Ok(Some(data)) => Some((Ok(AttachmentChunk { attachment: None, data }), Some((part + 1, slot)))),
+                    Ok(None) => None,
+                    Err(err) => Some((Err(Status::from(err)), None)),
+                }
+            }
+        });
+        let stream = futures_util::stream::once(async move { Ok(first) }).chain(parts);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn user_rooms(&self, req: Request<UserRoomsRequest>) -> Reply<UserRoomsResponse> {

@@ -1,6 +1,7 @@
 //! The message service: the one writer of rooms and messages. It stores each message in
 //! Postgres (gapless per-room seq) and then publishes it to Redis for the gateways.
 
+pub mod attachments;
 pub mod blobs;
 pub mod config;
 pub mod error;
@@ -49,6 +50,8 @@ pub struct Application {
     store: Store,
     events: EventBus,
     grace: Duration,
+    attachments: attachments::AttachmentLimits,
+    unattached_ttl: Duration,
 }
 
 impl Application {
@@ -80,6 +83,8 @@ impl Application {
             store,
             events,
             grace: config.shutdown_grace(),
+            attachments: config.attachment_limits(),
+            unattached_ttl: config.unattached_ttl(),
         })
     }
 
@@ -106,7 +111,9 @@ impl Application {
             self.events.clone(),
             self.max_text_chars,
             self.metrics.clone(),
-        );
+        )
+        .with_attachment_limits(self.attachments.clone());
+        tasks.spawn(attachments::collect_unattached(self.store.clone(), self.unattached_ttl, shutdown.clone()));
         tasks.spawn(report_health(reporter, self.store.clone(), self.events.clone(), shutdown.clone()));
         tasks.spawn(self.metrics.clone().serve(self.metrics_listener, shutdown.clone()));
 

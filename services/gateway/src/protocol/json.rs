@@ -269,7 +269,10 @@ pub fn dev_token_body<'a>(token: &'a str, user_id: &'a str, exp: i64) -> impl Se
 
 /// `{"error":{"code","message"}}`: every HTTP error response.
 pub fn http_error_body(err: &CommandError) -> Value {
-    json!({"error": {"code": err.code, "message": err.message}})
+    match err.retry_after_ms {
+        Some(ms) => json!({"error": {"code": err.code, "message": err.message, "retry_after_ms": ms}}),
+        None => json!({"error": {"code": err.code, "message": err.message}}),
+    }
 }
 
 /// `{status:"ok"}`: liveness.

@@ -1,4 +1,7 @@
-//! Attachment metadata and access rules; the bytes go through the blob store.
+//! Attachment metadata, access rules, chunked uploads and the collection of uploads
+//! never sent; the bytes go through the blob store.
+
+use std::time::Duration;
 
 use chat_proto::v1::{Attachment, Caller, Message};
 use sqlx::PgConnection;
@@ -60,8 +63,102 @@ pub(super) async fn link(
 }
 
 impl Store {
-    /// Stores an upload: metadata row, then bytes in the blob store.
-    #[tracing::instrument(name = "db.create_attachment", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
+    /// Starts an upload: a metadata row, invisible (not sendable, not downloadable) until
+    /// [`Store::finish_upload`]. Its id is the upload id.
+    #[tracing::instrument(name = "db.begin_upload", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
+    pub async fn begin_upload(&self, caller: &Caller, name: &str, content_type: &str) -> Result<i64, ServiceError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO attachments (uploader_id, name, content_type, size, complete) VALUES ($1, $2, $3, 0, false) \
+             RETURNING id",
+        )
+        .bind(&caller.user_id)
+        .bind(name)
+        .bind(content_type)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Bytes `user` uploaded within `window` (finished or not), and how many ms until the
+    /// oldest of them leaves it.
+    #[tracing::instrument(name = "db.uploaded_since", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
+    pub async fn uploaded_within(&self, user: &str, window: Duration) -> Result<(u64, u64), ServiceError> {
+        let (bytes, frees_in_ms): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(sum(size), 0)::bigint, \
+               COALESCE(ceil(EXTRACT(EPOCH FROM min(created_at) + make_interval(secs => $2) - now()) * 1000), 0)::bigint \
+             FROM attachments WHERE uploader_id = $1 AND created_at > now() - make_interval(secs => $2)",
+        )
+        .bind(user)
+        .bind(window.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((bytes.max(0) as u64, frees_in_ms.max(0) as u64))
+    }
+
+    /// Appends part `part` of the caller's unfinished upload `id`, keeping the whole at
+    /// most `max_bytes`; returns the bytes stored so far.
+    #[tracing::instrument(name = "db.append_upload", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
+    pub async fn append_upload(
+        &self,
+        caller: &Caller,
+        id: i64,
+        part: i32,
+        data: &[u8],
+        max_bytes: usize,
+    ) -> Result<u64, ServiceError> {
+        let size: Option<i64> = sqlx::query_scalar(
+            "UPDATE attachments SET size = size + $3 \
+             WHERE id = $1 AND uploader_id = $2 AND NOT complete AND size + $3 <= $4 RETURNING size",
+        )
+        .bind(id)
+        .bind(&caller.user_id)
+        .bind(data.len() as i64)
+        .bind(max_bytes as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        let size = match size {
+            Some(size) => size,
+            None if self.upload_exists(caller, id).await? => {
+                return Err(ServiceError::InvalidArgument(format!("attachments are at most {max_bytes} bytes")));
+            }
+            None => return Err(ServiceError::NotFound("upload")),
+        };
+        // A failed part leaves the upload unfinishable in practice: the gateway aborts it,
+        // and failing that the collector takes it.
+        self.blobs.put_part(id, part, data).await?;
+        Ok(size as u64)
+    }
+
+    async fn upload_exists(&self, caller: &Caller, id: i64) -> Result<bool, ServiceError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM attachments WHERE id = $1 AND uploader_id = $2 AND NOT complete)",
+        )
+        .bind(id)
+        .bind(&caller.user_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Completes the caller's upload `id`: from now on it can be sent and downloaded.
+    #[tracing::instrument(name = "db.finish_upload", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
+    pub async fn finish_upload(&self, caller: &Caller, id: i64) -> Result<Attachment, ServiceError> {
+        let row: Option<Row> = sqlx::query_as(
+            "UPDATE attachments SET complete = true WHERE id = $1 AND uploader_id = $2 AND NOT complete AND size > 0 \
+             RETURNING id, name, content_type, size",
+        )
+        .bind(id)
+        .bind(&caller.user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.into()),
+            None if self.upload_exists(caller, id).await? => {
+                Err(ServiceError::InvalidArgument("the upload is empty".into()))
+            }
+            None => Err(ServiceError::NotFound("upload")),
+        }
+    }
+
+    /// Stores a whole file at once (small files: tests and tools); the gateway streams.
     pub async fn create_attachment(
         &self,
         caller: &Caller,
@@ -69,35 +166,42 @@ impl Store {
         content_type: &str,
         data: &[u8],
     ) -> Result<Attachment, ServiceError> {
-        let row: Row = sqlx::query_as(
-            "INSERT INTO attachments (uploader_id, name, content_type, size) VALUES ($1, $2, $3, $4) \
-             RETURNING id, name, content_type, size",
-        )
-        .bind(&caller.user_id)
-        .bind(name)
-        .bind(content_type)
-        .bind(data.len() as i64)
-        .fetch_one(&self.pool)
-        .await?;
-        if let Err(err) = self.blobs.put(row.id, data).await {
-            // No metadata without bytes.
-            let _ = sqlx::query("DELETE FROM attachments WHERE id = $1").bind(row.id).execute(&self.pool).await;
-            return Err(err);
+        let id = self.begin_upload(caller, name, content_type).await?;
+        let stored = async {
+            for (part, chunk) in (0..).zip(data.chunks(crate::blobs::PART_BYTES)) {
+                self.append_upload(caller, id, part, chunk, data.len()).await?;
+            }
+            self.finish_upload(caller, id).await
+        };
+        let result = stored.await;
+        if result.is_err() {
+            let _ = self.abort_upload(caller, id).await;
         }
-        Ok(row.into())
+        result
     }
 
-    /// An attachment and its bytes, for its uploader or for a member of a room with a
-    /// message carrying it (admins too, in support rooms).
+    /// Drops the caller's unfinished upload `id` and its parts.
+    #[tracing::instrument(name = "db.abort_upload", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
+    pub async fn abort_upload(&self, caller: &Caller, id: i64) -> Result<(), ServiceError> {
+        sqlx::query("DELETE FROM attachments WHERE id = $1 AND uploader_id = $2 AND NOT complete")
+            .bind(id)
+            .bind(&caller.user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A finished attachment's metadata, for its uploader or for a member of a room with a
+    /// message carrying it (admins too, in support rooms). Its bytes: [`Store::attachment_part`].
     #[tracing::instrument(name = "db.attachment", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
-    pub async fn attachment(&self, caller: &Caller, id: i64) -> Result<(Attachment, Vec<u8>), ServiceError> {
+    pub async fn attachment(&self, caller: &Caller, id: i64) -> Result<Attachment, ServiceError> {
         let row: Option<(i64, String, String, i64, String, bool)> = sqlx::query_as(
             "SELECT a.id, a.name, a.content_type, a.size, a.uploader_id, EXISTS ( \
                SELECT 1 FROM message_attachments ma JOIN messages m ON m.id = ma.message_id \
                JOIN rooms r ON r.id = m.room_id \
                LEFT JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = $2 \
                WHERE ma.attachment_id = a.id AND (rm.user_id IS NOT NULL OR (r.kind = 'support' AND $3))) \
-             FROM attachments a WHERE a.id = $1",
+             FROM attachments a WHERE a.id = $1 AND a.complete",
         )
         .bind(id)
         .bind(&caller.user_id)
@@ -108,8 +212,33 @@ impl Store {
         if uploader != caller.user_id && !shared {
             return Err(ServiceError::Forbidden("not the uploader, nor a member of a room where it was shared"));
         }
-        let data = self.blobs.get(id).await?.ok_or(ServiceError::NotFound("attachment"))?;
-        Ok((Row { id, name, content_type, size }.into(), data))
+        Ok(Row { id, name, content_type, size }.into())
+    }
+
+    /// Part `part` of an attachment's bytes (access checked by [`Store::attachment`]);
+    /// `None` past the last.
+    pub async fn attachment_part(&self, id: i64, part: i32) -> Result<Option<Vec<u8>>, ServiceError> {
+        self.blobs.part(id, part).await
+    }
+
+    /// Deletes up to `batch` attachments (with their bytes) that no message carries and
+    /// that are older than `ttl`: uploads never sent, and uploads abandoned half way.
+    /// Rows another replica's collector (or a send linking them) holds are skipped, so
+    /// several replicas can run this at once. Returns how many it deleted.
+    #[tracing::instrument(name = "db.collect_unattached", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
+    pub async fn collect_unattached(&self, ttl: Duration, batch: i64) -> Result<u64, ServiceError> {
+        let done = sqlx::query(
+            "DELETE FROM attachments WHERE id IN ( \
+               SELECT a.id FROM attachments a \
+               WHERE a.created_at < now() - make_interval(secs => $1) \
+                 AND NOT EXISTS (SELECT 1 FROM message_attachments ma WHERE ma.attachment_id = a.id) \
+               ORDER BY a.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(ttl.as_secs_f64())
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Checks that every id names an attachment the sender uploaded.
@@ -118,11 +247,12 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM attachments WHERE id = ANY($1) AND uploader_id = $2")
-            .bind(ids)
-            .bind(sender)
-            .fetch_one(&self.pool)
-            .await?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM attachments WHERE id = ANY($1) AND uploader_id = $2 AND complete")
+                .bind(ids)
+                .bind(sender)
+                .fetch_one(&self.pool)
+                .await?;
         if found != ids.len() as i64 {
             return Err(ServiceError::InvalidArgument("attachments must name files you uploaded".into()));
         }
