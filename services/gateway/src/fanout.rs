@@ -392,25 +392,32 @@ impl Fanout {
             .await;
     }
 
-    /// Stops `user`'s local connections listening to `room`, behind every event of the
-    /// room already handed to its task, so none queued after the removal reaches them.
-    fn evict(&self, user: &str, room: &str, conns: &[Outbox]) {
+    /// Tells `user`'s local connections they left `room` (`frame`, a `room_removed`)
+    /// and stops those listening to it. A listening connection is told by the room's
+    /// task, behind every event of the room already handed to it: it reads the room's
+    /// last events, then the notice, then nothing more of the room, even while the
+    /// removal races new messages.
+    fn evict(&self, user: &str, room: &str, conns: &[Outbox], frame: &Utf8Bytes) {
         let ids: Vec<u64> = conns.iter().map(Outbox::id).collect();
         let evicted = self.inner.listening.strike(&ids, room);
+        // No room task: a join in flight, whose mark is struck and which will refuse.
+        let hub = if evicted.is_empty() { None } else { read(&self.inner.rooms).get(room).cloned() };
+        for outbox in conns {
+            let told_by_room = hub.as_ref().is_some_and(|hub| {
+                evicted.contains(&outbox.id()) && hub.evict(outbox.id(), outbox, WsMessage::Text(frame.clone()))
+            });
+            if !told_by_room {
+                if evicted.contains(&outbox.id()) && hub.is_some() {
+                    tracing::warn!(%user, %room, conn = outbox.id(), "room queue full; the eviction waits its turn");
+                }
+                outbox.push_event(WsMessage::Text(frame.clone()));
+            }
+        }
         if evicted.is_empty() {
             return;
         }
-        let hub = read(&self.inner.rooms).get(room).cloned();
         let fanout = self.clone();
-        let (user, room) = (user.to_owned(), room.to_owned());
-        // No room task: a join in flight, whose mark is struck and which will refuse.
-        if let Some(hub) = hub {
-            for &conn in &evicted {
-                if !hub.evict(conn) {
-                    tracing::warn!(%user, %room, conn, "room queue full; the eviction waits its turn");
-                }
-            }
-        }
+        let room = room.to_owned();
         // Stops the room task (and unsubscribes) when nobody is left, and retries an
         // eviction the full queue refused.
         self.inner.tasks.spawn(async move {
@@ -470,13 +477,14 @@ impl Fanout {
         }
         let Some(frame) = server::event_frame(&event) else { return };
         let frame = Utf8Bytes::from(frame);
-        for outbox in &conns {
-            outbox.push_event(WsMessage::Text(frame.clone()));
-        }
         if let Event::RoomRemoved(removed) = event {
             // The removed user's connections stop hearing the room at once, joins in
             // flight included.
-            self.evict(user, &removed.room_id, &conns);
+            self.evict(user, &removed.room_id, &conns, &frame);
+            return;
+        }
+        for outbox in &conns {
+            outbox.push_event(WsMessage::Text(frame.clone()));
         }
     }
 }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::Message as WsMessage;
 use chat_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -76,6 +77,9 @@ enum Mail {
     },
     Leave {
         conn: u64,
+        /// Pushed to this outbox once the listener is gone (a `room_removed`), so the
+        /// connection reads it after the room's last event for it and before nothing more.
+        farewell: Option<(Outbox, WsMessage)>,
         reply: oneshot::Sender<usize>,
     },
     StopIfEmpty {
@@ -131,18 +135,19 @@ impl RoomHandle {
     /// Removes a listener; returns how many remain.
     pub async fn leave(&self, conn: u64) -> usize {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Mail::Leave { conn, reply }).await.is_err() {
+        if self.tx.send(Mail::Leave { conn, farewell: None, reply }).await.is_err() {
             return 0;
         }
         rx.await.unwrap_or(0)
     }
 
-    /// Removes a listener without waiting, behind the events already queued, so a
-    /// removal is ordered with the room's events; false when the queue is full (or
-    /// the task is gone), and the caller falls back to `leave`.
-    pub fn evict(&self, conn: u64) -> bool {
+    /// Removes a listener without waiting, behind the events already queued, then
+    /// pushes `farewell` to `outbox`: the removal is ordered with the room's events, and
+    /// its notice comes after the last of them. False when the queue is full (or the
+    /// task is gone): the caller delivers `farewell` itself and falls back to `leave`.
+    pub fn evict(&self, conn: u64, outbox: &Outbox, farewell: WsMessage) -> bool {
         let (reply, _) = oneshot::channel();
-        self.tx.try_send(Mail::Leave { conn, reply }).is_ok()
+        self.tx.try_send(Mail::Leave { conn, farewell: Some((outbox.clone(), farewell)), reply }).is_ok()
     }
 
     /// Stops the task if nobody listens; true when it stopped (or was already gone).

@@ -98,13 +98,16 @@ impl<L: RoomLog> RoomTask<L> {
             match mail {
                 Mail::Event(envelope) => self.on_envelope(*envelope).await,
                 Mail::Join { listener, since, reply } => self.join(listener, since, reply),
-                Mail::Leave { conn, reply } => {
+                Mail::Leave { conn, farewell, reply } => {
                     self.listeners.remove(&conn);
                     if let Some(pending) = self.pending.remove(&conn) {
                         // Answered, not dropped: a dropped reply reads as a stopped task,
                         // and the join would be retried on a new one.
                         let left = CommandError::new(ErrorCode::Forbidden, "removed from the room while joining");
                         let _ = pending.reply.send(Err(left));
+                    }
+                    if let Some((outbox, frame)) = farewell {
+                        outbox.push_event(frame);
                     }
                     let _ = reply.send(self.listeners.len() + self.pending.len());
                 }

@@ -528,3 +528,28 @@ async fn a_join_that_falls_too_far_behind_while_fetching_is_refused_and_delivers
     assert!(take(&carol_rx).is_empty(), "nothing queued for the refused join");
     assert_eq!(seqs(&take(&bob_rx)), (11..=newest).collect::<Vec<_>>());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_evicted_listener_reads_the_rooms_earlier_events_then_the_notice_then_nothing() {
+    let log = FakeLog::with(1..=3);
+    let (room, _) = spawn_room(0, &log);
+    let (bob, bob_rx) = connection(1, "bob");
+    let (carol, carol_rx) = connection(2, "carol");
+    join(&room, &bob, None).await;
+    join(&room, &carol, None).await;
+
+    // Seq 1 was dispatched before the removal, seq 2 and 3 after it; the task has not
+    // run yet when the removal is handed over, as when a removal races new messages.
+    room.event(live(1));
+    let notice = r#"{"type":"room_removed","room":"7"}"#;
+    assert!(room.evict(bob.outbox.id(), &bob.outbox, WsMessage::Text(notice.into())));
+    room.event(live(2));
+    room.event(live(3));
+    settle(&room).await;
+
+    let frames = take(&bob_rx);
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(seqs(&frames[..1]), [1]);
+    assert_eq!(frames[1], notice, "the notice follows the room's last event for bob");
+    assert_eq!(seqs(&take(&carol_rx)), [1, 2, 3]);
+}
