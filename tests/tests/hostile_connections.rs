@@ -282,6 +282,9 @@ async fn a_client_that_stops_reading_is_cut_off_when_its_writes_stall() -> Resul
         .env("OUTBOUND_QUEUE", "100000")
         .env("RATE_CONN_PER_SEC", "10000")
         .env("RATE_CONN_BURST", "10000")
+        // Filling the kernel's buffers towards Carol takes a thousand sends and more.
+        .env("RATE_USER_PER_SEC", "10000")
+        .env("RATE_USER_BURST", "10000")
         // The staller answers no ping: keep the heartbeat out of the way.
         .env("HEARTBEAT_MS", "120000")
         .start()
@@ -299,6 +302,9 @@ async fn a_full_queue_cuts_off_a_client_even_while_a_write_to_it_is_blocked() ->
         .env("OUTBOUND_QUEUE", "16")
         .env("RATE_CONN_PER_SEC", "10000")
         .env("RATE_CONN_BURST", "10000")
+        // Filling the kernel's buffers towards Carol takes a thousand sends and more.
+        .env("RATE_USER_PER_SEC", "10000")
+        .env("RATE_USER_BURST", "10000")
         // The staller answers no ping: keep the heartbeat out of the way.
         .env("HEARTBEAT_MS", "120000")
         .start()
