@@ -267,3 +267,47 @@ async fn a_download_whose_client_stops_reading_is_cut_off_and_frees_its_slot() -
     drop(never_reads);
     Ok(())
 }
+
+#[tokio::test]
+async fn one_user_cannot_hold_every_transfer_slot() -> Result<()> {
+    let cluster = Cluster::builder()
+        .env("ATTACHMENT_TRANSFERS", "4")
+        .env("ATTACHMENT_TRANSFERS_PER_USER", "2")
+        .env("ATTACHMENT_TRANSFER_WAIT_MS", "200")
+        .env("REST_RATE_PER_SEC", "1000")
+        .env("REST_RATE_BURST", "1000")
+        .start()
+        .await?;
+    let gw = cluster.gateways[0].as_str();
+    // Mallory starts uploads that trickle, to hold slots for as long as the stall time
+    // allows: only her share of them.
+    let mut trickles = Vec::new();
+    for _ in 0..4 {
+        let mut stalled = TcpStream::connect(gw).await?;
+        let head = format!(
+            "POST /v1/attachments?name=slow.bin HTTP/1.1\r\nHost: {gw}\r\nContent-Length: 1000000\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            token("mallory")
+        );
+        stalled.write_all(head.as_bytes()).await?;
+        stalled.write_all(&pattern(100_000)).await?;
+        trickles.push(stalled);
+    }
+    eventually(Duration::from_secs(10), async || -> Result<()> {
+        let m = Metrics::scrape(gw).await?;
+        ensure!(m.value("chat_gateway_attachment_transfers") == 2.0, "transfers in flight: {m}");
+        Ok(())
+    })
+    .await?;
+    let refused = upload(gw, "mallory", b"one more").await?;
+    assert_rate_limited(&refused);
+
+    // Everyone else still finds free slots.
+    let bytes = pattern(300_000);
+    let id = uploaded_id(gw, "alice", &bytes).await?;
+    let got = download(gw, "alice", &id).await?;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.raw == bytes);
+    drop(trickles);
+    Ok(())
+}

@@ -3,8 +3,9 @@
 //! under a hard limit, types checked against an allowlist, downloads served with headers
 //! that keep browsers from running them.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicI64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body as RawBody, BodyDataStream, Bytes};
@@ -71,6 +72,10 @@ fn too_large() -> HttpError {
 /// the load this gateway puts on the message service.
 pub struct Transfers {
     slots: Arc<Semaphore>,
+    /// Transfers each user has in flight or waiting: one user may hold at most
+    /// `per_user` of the slots, so a slow or hostile client cannot take them all.
+    users: Arc<Mutex<HashMap<String, usize>>>,
+    per_user: usize,
     /// How long a transfer waits for a slot before it is refused (503).
     wait: Duration,
     /// A client that neither sends (upload) nor reads (download) for this long is cut
@@ -81,7 +86,26 @@ pub struct Transfers {
 /// A transfer's slot, counted in the `attachment_transfers` gauge while held.
 pub struct TransferSlot {
     _permit: OwnedSemaphorePermit,
+    _share: UserShare,
     gauge: Gauge<i64, AtomicI64>,
+}
+
+/// One of a user's transfers, counted from the moment it asks for a slot.
+struct UserShare {
+    users: Arc<Mutex<HashMap<String, usize>>>,
+    user: String,
+}
+
+impl Drop for UserShare {
+    fn drop(&mut self) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = users.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl Drop for TransferSlot {
@@ -91,18 +115,34 @@ impl Drop for TransferSlot {
 }
 
 impl Transfers {
-    /// `slots` transfers at once; more wait up to `wait`; a client stalled for `stall`
-    /// loses its slot.
-    pub fn new(slots: usize, wait: Duration, stall: Duration) -> Self {
-        Self { slots: Arc::new(Semaphore::new(slots)), wait, stall }
+    /// `slots` transfers at once, at most `per_user` of them one user's; more wait up to
+    /// `wait`; a client stalled for `stall` loses its slot.
+    pub fn new(slots: usize, per_user: usize, wait: Duration, stall: Duration) -> Self {
+        let users = Arc::new(Mutex::new(HashMap::new()));
+        Self { slots: Arc::new(Semaphore::new(slots)), users, per_user, wait, stall }
     }
 
-    /// A slot, or 503 `unavailable` with `Retry-After` once none freed up within the wait.
-    pub async fn slot(&self, metrics: &Metrics) -> Result<TransferSlot, HttpError> {
+    /// A slot for `user`: 429 `rate_limited` when they already have `per_user` transfers
+    /// in flight (or waiting), else 503 `unavailable` with `Retry-After` once none freed
+    /// up within the wait.
+    pub async fn slot(&self, user: &str, metrics: &Metrics) -> Result<TransferSlot, HttpError> {
+        let share = {
+            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let n = users.entry(user.to_owned()).or_insert(0);
+            if *n >= self.per_user {
+                return Err(HttpError(CommandError {
+                    code: ErrorCode::RateLimited,
+                    message: format!("at most {} attachment transfers of yours at once", self.per_user),
+                    retry_after_ms: Some(1000),
+                }));
+            }
+            *n += 1;
+            UserShare { users: self.users.clone(), user: user.to_owned() }
+        };
         match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => {
                 metrics.attachment_transfers.inc();
-                Ok(TransferSlot { _permit: permit, gauge: metrics.attachment_transfers.clone() })
+                Ok(TransferSlot { _permit: permit, _share: share, gauge: metrics.attachment_transfers.clone() })
             }
             _ => Err(HttpError(CommandError {
                 code: ErrorCode::Unavailable,
@@ -205,7 +245,7 @@ async fn upload(
     if declared_len.is_some_and(|n| n > MAX_UPLOAD) {
         return Err(too_large());
     }
-    let _slot = state.transfers().slot(state.metrics()).await?;
+    let _slot = state.transfers().slot(&user.sub, state.metrics()).await?;
     let mut parts = PartReader::new(body, state.transfers().stall);
     // The first part before anything is stored: an empty body costs nothing.
     let Some(first) = parts.next_part().await? else {
@@ -287,7 +327,7 @@ async fn download(
     User(user): User,
     Path(id): Path<String>,
 ) -> Result<Response, HttpError> {
-    let slot = state.transfers().slot(state.metrics()).await?;
+    let slot = state.transfers().slot(&user.sub, state.metrics()).await?;
     let mut stream = state
         .backend()
         .read_attachment(pb::GetAttachmentRequest { caller: Some(caller(&user)), attachment_id: id })

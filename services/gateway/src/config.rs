@@ -187,6 +187,11 @@ pub struct Config {
     #[arg(long, env = "ATTACHMENT_TRANSFERS", default_value_t = 16)]
     pub attachment_transfers: usize,
 
+    /// Of those, how many one user may have at once (more: 429 `rate_limited`), so a
+    /// slow or hostile client cannot hold every slot.
+    #[arg(long, env = "ATTACHMENT_TRANSFERS_PER_USER", default_value_t = 4)]
+    pub attachment_transfers_per_user: usize,
+
     /// Milliseconds a transfer waits for a free slot before it gets 503 `unavailable`
     /// with `Retry-After`.
     #[arg(long, env = "ATTACHMENT_TRANSFER_WAIT_MS", default_value_t = 10_000)]
@@ -280,6 +285,7 @@ impl Config {
         at_least("RATE_ABUSE_AFTER_SECS", self.rate_abuse_after_secs, 1)?;
         at_least("WRITE_STALL_TIMEOUT_MS", self.write_stall_timeout_ms, 100)?;
         at_least("ATTACHMENT_TRANSFERS", self.attachment_transfers as u64, 1)?;
+        at_least("ATTACHMENT_TRANSFERS_PER_USER", self.attachment_transfers_per_user as u64, 1)?;
         at_least("ATTACHMENT_STALL_SECS", self.attachment_stall_secs, 1)?;
         Ok(())
     }
@@ -349,6 +355,7 @@ impl Config {
     pub fn transfers(&self) -> crate::attachments::Transfers {
         crate::attachments::Transfers::new(
             self.attachment_transfers,
+            self.attachment_transfers_per_user,
             Duration::from_millis(self.attachment_transfer_wait_ms),
             Duration::from_secs(self.attachment_stall_secs),
         )
