@@ -63,6 +63,8 @@ pub struct Socket {
     /// Armed while a write waits for the client's receive window, dropped as soon as a
     /// write goes through. Boxed and only then, so an idle connection holds no timer.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// A write failed for making no progress: the client stopped reading.
+    write_stalled: bool,
     /// Set once closing has begun.
     closing: Option<Box<Linger>>,
 }
@@ -85,7 +87,7 @@ pub fn is_write_stall(err: &io::Error) -> bool {
 
 impl Socket {
     fn new(tcp: TcpStream, stall: Duration) -> Self {
-        Self { tcp, stall, stalled: None, closing: None }
+        Self { tcp, stall, stalled: None, write_stalled: false, closing: None }
     }
 
     /// After a write that is not ready: pending while the stall timer runs, the stall
@@ -95,6 +97,7 @@ impl Socket {
         let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
         ready!(timer.as_mut().poll(cx));
         self.stalled = None;
+        self.write_stalled = true;
         Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, WriteStalled(stall))))
     }
 
@@ -109,13 +112,14 @@ impl Socket {
     }
 }
 
-/// A socket dropped while a write to it is stuck is reset rather than closed: a plain
+/// A socket dropped while a write to it is stuck, or after one failed for a stall, is
+/// reset rather than closed: a plain
 /// close would leave the kernel holding its send buffer (up to megabytes) for minutes,
 /// retrying a client that reads nothing. Only a client that stopped reading loses the
 /// unsent bytes.
 impl Drop for Socket {
     fn drop(&mut self) {
-        if self.stalled.is_some() {
+        if self.stalled.is_some() || self.write_stalled {
             let _ = self.tcp.set_zero_linger();
         }
     }
@@ -218,6 +222,24 @@ mod tests {
         };
         assert!(is_write_stall(&err), "{err}");
         assert!(socket.stalled.is_none(), "the timer is re-armed only by the next blocked write");
+    }
+
+    #[tokio::test]
+    async fn a_socket_dropped_after_a_stalled_write_is_reset_so_the_kernel_lets_go_of_its_buffer() {
+        let (mut socket, mut peer) = pair(Duration::from_millis(200)).await;
+        let chunk = vec![0u8; 64 * 1024];
+        while tokio::time::timeout(Duration::from_secs(10), socket.write_all(&chunk)).await.expect("stalls").is_ok() {}
+        // hyper drops a connection whose write failed without writing again.
+        drop(socket);
+        let mut buf = vec![0u8; 64 * 1024];
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(10), peer.read(&mut buf)).await.expect("ends") {
+                Ok(0) => break None,
+                Ok(_) => continue,
+                Err(err) => break Some(err.kind()),
+            }
+        };
+        assert_eq!(ended, Some(io::ErrorKind::ConnectionReset), "closed behind the unsent bytes, not reset");
     }
 
     #[tokio::test]

@@ -58,6 +58,13 @@ impl From<sqlx::Error> for ServiceError {
                 tracing::info!(error = %err, "Postgres refused a value");
                 ServiceError::InvalidArgument("the request holds a value that cannot be stored".into())
             }
+            sqlx::Error::Database(ref db) if db.code().as_deref() == Some(FOREIGN_KEY_VIOLATION) => {
+                // What the request names was there when it was checked and is gone now (an
+                // upload collected, a message deleted): the request's fault, as if it had
+                // never been there.
+                tracing::info!(error = %err, "a row the request names is gone");
+                ServiceError::InvalidArgument("the request names something that no longer exists".into())
+            }
             _ => ServiceError::Internal(Arc::new(err)),
         }
     }
@@ -69,6 +76,9 @@ impl From<sqlx::Error> for ServiceError {
 fn is_transient(code: Option<&str>) -> bool {
     matches!(code.map(|c| &c[..2.min(c.len())]), Some("08" | "53" | "57" | "40"))
 }
+
+/// SQLSTATE 23503: a row refers to one that does not exist.
+const FOREIGN_KEY_VIOLATION: &str = "23503";
 
 /// SQLSTATE class 22, data exceptions: a value Postgres cannot take (U+0000 in `text` or
 /// `jsonb`, invalid JSON, a number out of range). Validation refuses the known ones first;
