@@ -141,6 +141,9 @@ async fn an_upload_past_the_quota_is_rate_limited_and_leaves_nothing_behind() ->
     let alices: i64 =
         sqlx::query_scalar("SELECT count(*) FROM attachments WHERE uploader_id = 'alice'").fetch_one(&mut db).await?;
     assert_eq!(alices, 1);
+    // Up to the quota exactly is allowed; then not one byte more.
+    uploaded_id(gw, "alice", &pattern(50_000)).await?;
+    assert_rate_limited(&upload(gw, "alice", b"x").await?);
     // Quotas are per user.
     uploaded_id(gw, "bob", &pattern(150_000)).await?;
     Ok(())

@@ -274,14 +274,18 @@ async fn upload(
         backend.finish_upload(finish).await.map_err(come_back)
     };
     let result = stored.await;
-    unfinished.upload_id = None;
     match result {
-        Ok(attachment) => Ok((StatusCode::CREATED, Json(json::attachment_body(&attachment))).into_response()),
+        Ok(attachment) => {
+            unfinished.upload_id = None;
+            Ok((StatusCode::CREATED, Json(json::attachment_body(&attachment))).into_response())
+        }
         Err(err) => {
             let abort = pb::AbortUploadRequest { caller: Some(caller(&user)), upload_id };
             if let Err(abort_err) = backend.abort_upload(abort).await {
                 tracing::warn!(%abort_err, "could not drop a failed upload; the collector will");
             }
+            // Only now: should the client go while the abort runs, the guard aborts again.
+            unfinished.upload_id = None;
             Err(err)
         }
     }

@@ -42,13 +42,17 @@ impl AttachmentLimits {
         }
     }
 
-    /// Refuses `user` when `adding` more bytes would pass their quota.
+    /// Refuses `user` when `adding` more bytes would pass their quota. Checked when an
+    /// upload begins (one byte more must fit) and when it finishes (what it stored must
+    /// fit), not for each part: the check sums the user's uploads in the window, and a
+    /// 10 MiB file has 160 parts. An upload in flight may pass the quota until it
+    /// finishes, by at most one file per upload in flight; it is then refused and dropped.
     pub async fn check_quota(&self, store: &Store, user: &str, adding: u64) -> Result<(), ServiceError> {
         if self.quota_bytes == 0 {
             return Ok(());
         }
         let (used, frees_in_ms) = store.uploaded_within(user, self.quota_window).await?;
-        if used.saturating_add(adding) > self.quota_bytes || (adding == 0 && used >= self.quota_bytes) {
+        if used.saturating_add(adding) > self.quota_bytes {
             return Err(ServiceError::Exhausted {
                 message: format!(
                     "upload quota used: at most {} bytes per {} s",

@@ -305,7 +305,7 @@ impl ChatService for GrpcHandlers {
     async fn begin_upload(&self, req: Request<BeginUploadRequest>) -> Reply<BeginUploadResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
-        self.attachments.check_quota(&self.store, &caller.user_id, 0).await?;
+        self.attachments.check_quota(&self.store, &caller.user_id, 1).await?;
         let name = validate::file_name(&req.name)?;
         validate::content_type(&req.content_type)?;
         let id = self.store.begin_upload(&caller, &name, &req.content_type).await?;
@@ -320,7 +320,6 @@ impl ChatService for GrpcHandlers {
         if req.data.is_empty() || req.data.len() > PART_BYTES || req.part < 0 {
             return Err(ServiceError::InvalidArgument(format!("a part is 1 to {PART_BYTES} bytes")).into());
         }
-        self.attachments.check_quota(&self.store, &caller.user_id, req.data.len() as u64).await?;
         let size = self.store.append_upload(&caller, id, req.part, &req.data, validate::MAX_ATTACHMENT_BYTES).await?;
         Ok(Response::new(AppendUploadResponse { size: size as i64 }))
     }
@@ -329,6 +328,8 @@ impl ChatService for GrpcHandlers {
     async fn finish_upload(&self, req: Request<FinishUploadRequest>) -> Reply<UploadAttachmentResponse> {
         let req = req.into_inner();
         let caller = caller(req.caller)?;
+        // The sizes counted include this upload's own, unfinished as it is.
+        self.attachments.check_quota(&self.store, &caller.user_id, 0).await?;
         let attachment = self.store.finish_upload(&caller, upload_id(&req.upload_id)?).await?;
         Ok(Response::new(UploadAttachmentResponse { attachment: Some(attachment) }))
     }
