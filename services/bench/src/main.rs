@@ -4,6 +4,7 @@
 
 mod client;
 mod fanout;
+mod floor;
 mod idle;
 mod persist;
 mod procstat;
@@ -131,6 +132,20 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         warmup_seconds: u64,
     },
+    /// The floor: CPU µs of one non-blocking send() of a frame on loopback TCP, the
+    /// receiving side included (no cluster needed).
+    Floor {
+        #[arg(long, default_value_t = 300)]
+        frame_bytes: usize,
+        /// Frames per second.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Append the JSON summary to this file too.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Writes the benchmark report from a run's JSON lines.
     Report(report::ReportArgs),
 }
@@ -140,12 +155,16 @@ fn target(common: &Common) -> Target {
     Target { gateways: common.gateways.clone(), secret: common.secret.clone(), sources: common.sources.clone(), run }
 }
 
-fn emit(common: &Common, mut summary: Value) -> Result<()> {
+fn emit(common: &Common, summary: Value) -> Result<()> {
+    emit_to(common.out.as_ref(), summary)
+}
+
+fn emit_to(out: Option<&PathBuf>, mut summary: Value) -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     summary["command"] = Value::from(args.join(" "));
     let line = summary.to_string();
     println!("{line}");
-    if let Some(path) = &common.out {
+    if let Some(path) = out {
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         writeln!(file, "{line}")?;
     }
@@ -207,6 +226,10 @@ async fn main() -> Result<()> {
                 reconnect::run(&target(&common), rooms, members, rate, kill_pid, Duration::from_secs(warmup_seconds))
                     .await?;
             emit(&common, summary)?;
+        }
+        Scenario::Floor { frame_bytes, rate, seconds, out } => {
+            let summary = tokio::task::spawn_blocking(move || floor::run(frame_bytes, rate, seconds)).await??;
+            emit_to(out.as_ref(), summary)?;
         }
         Scenario::Report(args) => report::write(&args)?,
     }
