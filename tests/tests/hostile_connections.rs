@@ -274,12 +274,11 @@ async fn a_staller_is_cut_off_while_its_room_keeps_flowing(cluster: Cluster) -> 
     Ok(cluster)
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_cut_off_when_its_writes_stall() -> Result<()> {
-    // A queue too long to fill: only the stall timer can cut Carol off.
-    let cluster = Cluster::builder()
-        .env("WRITE_STALL_TIMEOUT_MS", "1000")
-        .env("OUTBOUND_QUEUE", "100000")
+/// A cluster for the stalled-reader tests, with this stall timeout and queue length.
+async fn staller_cluster(write_stall_timeout_ms: &str, outbound_queue: &str) -> Result<Cluster> {
+    Cluster::builder()
+        .env("WRITE_STALL_TIMEOUT_MS", write_stall_timeout_ms)
+        .env("OUTBOUND_QUEUE", outbound_queue)
         .env("RATE_CONN_PER_SEC", "10000")
         .env("RATE_CONN_BURST", "10000")
         // Filling the kernel's buffers towards Carol takes a thousand sends and more.
@@ -288,7 +287,13 @@ async fn a_client_that_stops_reading_is_cut_off_when_its_writes_stall() -> Resul
         // The staller answers no ping: keep the heartbeat out of the way.
         .env("HEARTBEAT_MS", "120000")
         .start()
-        .await?;
+        .await
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_when_its_writes_stall() -> Result<()> {
+    // A queue too long to fill: only the stall timer can cut Carol off.
+    let cluster = staller_cluster("1000", "100000").await?;
     a_staller_is_cut_off_while_its_room_keeps_flowing(cluster).await?;
     Ok(())
 }
@@ -297,18 +302,7 @@ async fn a_client_that_stops_reading_is_cut_off_when_its_writes_stall() -> Resul
 async fn a_full_queue_cuts_off_a_client_even_while_a_write_to_it_is_blocked() -> Result<()> {
     // A stall timeout too long to matter: only the full queue can cut Carol off, while
     // her connection's task is stuck writing to her.
-    let cluster = Cluster::builder()
-        .env("WRITE_STALL_TIMEOUT_MS", "600000")
-        .env("OUTBOUND_QUEUE", "16")
-        .env("RATE_CONN_PER_SEC", "10000")
-        .env("RATE_CONN_BURST", "10000")
-        // Filling the kernel's buffers towards Carol takes a thousand sends and more.
-        .env("RATE_USER_PER_SEC", "10000")
-        .env("RATE_USER_BURST", "10000")
-        // The staller answers no ping: keep the heartbeat out of the way.
-        .env("HEARTBEAT_MS", "120000")
-        .start()
-        .await?;
+    let cluster = staller_cluster("600000", "16").await?;
     let cluster = a_staller_is_cut_off_while_its_room_keeps_flowing(cluster).await?;
     let drops = eventually(WAIT, async || -> Result<f64> {
         let drops = Metrics::scrape(&cluster.gateways[0]).await?.value("chat_gateway_outbound_drops_total");

@@ -63,6 +63,20 @@ async fn download(gw: &str, user: &str, id: &str) -> Result<HttpReply> {
     http(gw, "GET", &format!("/v1/attachments/{id}"), Some(&token(user)), "", b"").await
 }
 
+/// An upload of 1 MB by `user` that sends its first 100 kB and then nothing: it holds a
+/// transfer slot until the connection goes or the stall time passes.
+async fn stalled_upload(gw: &str, user: &str) -> Result<TcpStream> {
+    let mut stalled = TcpStream::connect(gw).await?;
+    let head = format!(
+        "POST /v1/attachments?name=slow.bin HTTP/1.1\r\nHost: {gw}\r\nContent-Length: 1000000\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        token(user)
+    );
+    stalled.write_all(head.as_bytes()).await?;
+    stalled.write_all(&pattern(100_000)).await?;
+    Ok(stalled)
+}
+
 #[tokio::test]
 async fn rest_over_the_limit_gets_429_with_retry_after_while_another_user_is_served() -> Result<()> {
     let cluster = Cluster::builder().env("REST_RATE_PER_SEC", "1").env("REST_RATE_BURST", "3").start().await?;
@@ -200,14 +214,7 @@ async fn attachments_stream_whole_through_a_bounded_number_of_transfer_slots() -
     assert!(got.raw == bytes, "the bytes downloaded are the bytes uploaded, in order");
 
     // An upload that stalls half way holds the one slot...
-    let mut stalled = TcpStream::connect(gw).await?;
-    let head = format!(
-        "POST /v1/attachments?name=slow.bin HTTP/1.1\r\nHost: {gw}\r\nContent-Length: 1000000\r\n\
-         Authorization: Bearer {}\r\n\r\n",
-        token("mallory")
-    );
-    stalled.write_all(head.as_bytes()).await?;
-    stalled.write_all(&pattern(100_000)).await?;
+    let stalled = stalled_upload(gw, "mallory").await?;
     eventually(Duration::from_secs(10), async || -> Result<()> {
         let m = Metrics::scrape(gw).await?;
         ensure!(m.value("chat_gateway_attachment_transfers") == 1.0, "transfers in flight: {m}");
@@ -286,15 +293,7 @@ async fn one_user_cannot_hold_every_transfer_slot() -> Result<()> {
     // allows: only her share of them.
     let mut trickles = Vec::new();
     for _ in 0..4 {
-        let mut stalled = TcpStream::connect(gw).await?;
-        let head = format!(
-            "POST /v1/attachments?name=slow.bin HTTP/1.1\r\nHost: {gw}\r\nContent-Length: 1000000\r\n\
-             Authorization: Bearer {}\r\n\r\n",
-            token("mallory")
-        );
-        stalled.write_all(head.as_bytes()).await?;
-        stalled.write_all(&pattern(100_000)).await?;
-        trickles.push(stalled);
+        trickles.push(stalled_upload(gw, "mallory").await?);
     }
     eventually(Duration::from_secs(10), async || -> Result<()> {
         let m = Metrics::scrape(gw).await?;
