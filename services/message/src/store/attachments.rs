@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use chat_proto::v1::{Attachment, Caller, Message};
-use sqlx::PgConnection;
 
 use super::Store;
 use crate::error::ServiceError;
@@ -21,45 +20,6 @@ impl From<Row> for Attachment {
     fn from(r: Row) -> Self {
         Attachment { id: r.id.to_string(), name: r.name, content_type: r.content_type, size: r.size }
     }
-}
-
-/// Links new messages to the files they carry, `(message, attachments)` with positions
-/// counting from 1 in the order given, in one statement for a whole group commit. Each
-/// link's file, ordered by message and position.
-pub(super) async fn link(
-    tx: &mut PgConnection,
-    links: &[(i64, &[i64])],
-) -> Result<Vec<(i64, Attachment)>, ServiceError> {
-    let mut message_ids: Vec<i64> = Vec::new();
-    let mut attachment_ids: Vec<i64> = Vec::new();
-    let mut positions: Vec<i32> = Vec::new();
-    for &(message_id, attachments) in links {
-        for (position, &attachment_id) in (1..).zip(attachments) {
-            message_ids.push(message_id);
-            attachment_ids.push(attachment_id);
-            positions.push(position);
-        }
-    }
-    if message_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows: Vec<(i64, i64, String, String, i64)> = sqlx::query_as(
-        "WITH linked AS ( \
-           INSERT INTO message_attachments (message_id, attachment_id, position) \
-           SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::int[]) \
-           RETURNING message_id, attachment_id, position) \
-         SELECT l.message_id, a.id, a.name, a.content_type, a.size FROM linked l \
-         JOIN attachments a ON a.id = l.attachment_id ORDER BY l.message_id, l.position",
-    )
-    .bind(&message_ids)
-    .bind(&attachment_ids)
-    .bind(&positions)
-    .fetch_all(tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(message_id, id, name, content_type, size)| (message_id, Row { id, name, content_type, size }.into()))
-        .collect())
 }
 
 impl Store {

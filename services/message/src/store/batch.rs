@@ -3,8 +3,11 @@
 //! commit (one fsync) per batch instead of one per message. `commit` stores a batch.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chat_proto::v1::{Caller, Message};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -15,6 +18,8 @@ use crate::error::ServiceError;
 const MAX_BATCH: usize = 256;
 /// Sends queued per worker before `submit` waits (back-pressure onto the gRPC handler).
 const QUEUE: usize = 4096;
+/// How long a worker keeps its connection between batches (see [`Lease`]).
+const HOLD_IDLE: Duration = Duration::from_secs(1);
 
 /// A validated message to store, owned so it can wait in a queue.
 #[derive(Debug, Clone)]
@@ -76,6 +81,7 @@ fn stopped() -> ServiceError {
 }
 
 async fn work(store: Store, mut rx: mpsc::Receiver<Job>) {
+    let mut lease = Lease::default();
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -88,9 +94,45 @@ async fn work(store: Store, mut rx: mpsc::Receiver<Job>) {
             tracing::info_span!("db.insert_batch", otel.kind = "client", db.system = "postgresql", batch = jobs.len());
         chat_common::propagation::serve_batch(&span, jobs.iter().map(|j| &j.span));
         let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| ((j.caller, j.msg), j.reply)).unzip();
-        let results = store.insert_batch(&requests).instrument(span).await;
+        let results = async {
+            match lease.connection(&store.pool).await {
+                Ok(conn) => store.insert_batch(conn, &requests).await,
+                Err(err) => vec![Err(err); requests.len()],
+            }
+        }
+        .instrument(span)
+        .await;
+        if results.iter().any(|r| matches!(r, Err(ServiceError::Unavailable(_)))) {
+            lease.discard();
+        }
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
+        }
+    }
+}
+
+/// A worker's connection, kept between batches: the pool pings every connection it hands
+/// out, a round trip as dear as the batch's own. One idle for `HOLD_IDLE` goes back to the
+/// pool and is taken again with that ping, since Postgres may have gone away meanwhile;
+/// one that met an unavailable database is closed.
+#[derive(Default)]
+struct Lease {
+    conn: Option<(PoolConnection<Postgres>, Instant)>,
+}
+
+impl Lease {
+    async fn connection(&mut self, pool: &PgPool) -> Result<&mut PgConnection, ServiceError> {
+        let conn = match self.conn.take() {
+            Some((conn, used)) if used.elapsed() < HOLD_IDLE => conn,
+            _ => pool.acquire().await?,
+        };
+        let (conn, _) = self.conn.insert((conn, Instant::now()));
+        Ok(&mut **conn)
+    }
+
+    fn discard(&mut self) {
+        if let Some((mut conn, _)) = self.conn.take() {
+            conn.close_on_drop();
         }
     }
 }

@@ -9,6 +9,7 @@ use chat_common::startup::Retry;
 use chat_proto::v1::{Caller, Message, RoomKind};
 use tokio_util::task::TaskTracker;
 
+use super::batch::Reply;
 use super::{Committer, NewMessage, Store};
 use crate::error::ServiceError;
 
@@ -60,6 +61,12 @@ async fn stored_seqs(store: &Store, room_id: i64) -> Result<Vec<i64>> {
         .bind(room_id)
         .fetch_all(&store.pool)
         .await?)
+}
+
+/// Stores one batch on a connection of the pool, as a commit worker does.
+async fn insert(store: &Store, batch: &[(Caller, NewMessage)]) -> Result<Vec<Reply>> {
+    let mut conn = store.pool.acquire().await?;
+    Ok(store.insert_batch(&mut conn, batch).await)
 }
 
 fn stored(reply: Result<(Message, bool), ServiceError>) -> Result<(Message, bool)> {
@@ -134,7 +141,7 @@ async fn a_retry_is_answered_with_the_stored_message() -> Result<()> {
 
     // A retry in the same batch as its original is answered with the message just stored.
     let batch = [(user("bob"), keyed(room_id, "hi", "c-1")), (user("bob"), keyed(room_id, "hi", "c-1"))];
-    let replies = db.store.insert_batch(&batch).await;
+    let replies = insert(&db.store, &batch).await?;
     let (original, duplicate) = stored(replies[0].clone())?;
     assert!(!duplicate, "another sender's c-1 is another message");
     assert_eq!(original.seq, 2);
@@ -159,7 +166,7 @@ async fn a_client_msg_id_reused_in_another_room_is_refused() -> Result<()> {
 
     // The same within one batch.
     let batch = [(user("ann"), keyed(first_room, "a", "c-2")), (user("ann"), keyed(second_room, "b", "c-2"))];
-    let replies = db.store.insert_batch(&batch).await;
+    let replies = insert(&db.store, &batch).await?;
     assert!(stored(replies[0].clone())?.0.seq == 2);
     assert!(matches!(&replies[1], Err(ServiceError::Conflict(_))));
 
@@ -183,7 +190,7 @@ async fn an_attachment_send_returns_and_stores_its_attachments_in_order() -> Res
 
     let with_files = NewMessage { kind: "file", attachments: ids.clone(), ..keyed(room_id, "", "c-1") };
     let batch = [(user("bob"), text(room_id, "plain")), (ann.clone(), with_files.clone())];
-    let replies = db.store.insert_batch(&batch).await;
+    let replies = insert(&db.store, &batch).await?;
     let (plain, _) = stored(replies[0].clone())?;
     assert!(plain.attachments.is_empty());
     let (message, duplicate) = stored(replies[1].clone())?;
@@ -224,7 +231,7 @@ async fn a_refused_request_does_not_fail_the_rest_of_its_batch() -> Result<()> {
         (user("bob"), NewMessage { reply_to: Some(elsewhere_id), ..text(room_id, "reply elsewhere") }),
         (user("bob"), text(room_id, "two")),
     ];
-    let replies = db.store.insert_batch(&batch).await;
+    let replies = insert(&db.store, &batch).await?;
     assert_eq!(stored(replies[0].clone())?.0.seq, 1);
     assert!(matches!(&replies[1], Err(ServiceError::Forbidden("not a member of this room"))));
     assert!(matches!(&replies[2], Err(ServiceError::NotFound("room"))));
@@ -262,7 +269,7 @@ async fn a_send_the_database_refuses_fails_alone_and_the_others_keep_gapless_seq
         (named, text(room_id, "from a bad name")),
         (user("bob"), text(room_id, "three")),
     ];
-    let replies = db.store.insert_batch(&batch).await;
+    let replies = insert(&db.store, &batch).await?;
     let seq = |i: usize| stored(replies[i].clone()).map(|(m, _)| m.seq);
     assert_eq!(seq(0)?, 1);
     assert_eq!(seq(2)?, 1, "another room's send");
@@ -285,10 +292,37 @@ async fn a_send_the_database_refuses_fails_alone_and_the_others_keep_gapless_seq
 async fn an_unavailable_database_answers_every_send_unavailable() -> Result<()> {
     let db = TestDb::new().await?;
     let room_id = room(&db.store, "ann", &["bob"]).await?;
-    db.store.pool.close().await;
+    // A worker's kept connection, cut off by the server: nothing is retried on it.
+    let mut conn = db.store.pool.acquire().await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await?;
+    sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&db.store.pool).await?;
     let batch = [(user("ann"), text(room_id, "one")), (user("bob"), text(room_id, "two"))];
-    for reply in db.store.insert_batch(&batch).await {
+    for reply in db.store.insert_batch(&mut conn, &batch).await {
         assert!(matches!(reply, Err(ServiceError::Unavailable(_))), "{reply:?}");
     }
+    assert_eq!(stored_seqs(&db.store, room_id).await?, Vec::<i64>::new());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_whose_connection_was_cut_answers_unavailable_once_then_stores_again() -> Result<()> {
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &["bob"]).await?;
+    let committer = Committer::start(db.store.clone(), 1, &TaskTracker::new());
+    stored(committer.submit(user("ann"), text(room_id, "one")).await)?;
+    // The worker keeps its connection between batches; cut it from the server's side.
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE '%store_messages%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&db.store.pool)
+    .await?;
+    assert_eq!(cut, 1, "the worker's connection");
+    let refused = committer.submit(user("bob"), text(room_id, "two")).await;
+    assert!(matches!(refused, Err(ServiceError::Unavailable(_))), "{refused:?}");
+    // The dead connection is dropped, not kept: the next batch takes a live one.
+    let (again, _) = stored(committer.submit(user("bob"), text(room_id, "two")).await)?;
+    assert_eq!(again.seq, 2);
+    assert_eq!(stored_seqs(&db.store, room_id).await?, vec![1, 2]);
     Ok(())
 }
