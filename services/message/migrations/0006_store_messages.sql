@@ -4,10 +4,10 @@
 -- load every batch is a batch of one, so that was the price of every message.
 --
 -- `store_messages` takes a batch as parallel arrays, one element per send in arrival
--- order, plus its attachments as (send index, attachment id) pairs in the order the
--- sender listed them. Called as one statement it runs in one implicit transaction. It
--- answers one row per send, in order:
---   new        stored now under the next seq of its room (with its attachments)
+-- order, plus its attachments as (send index from 1, attachment id, position from 1)
+-- triples. Called as one statement it runs in one implicit transaction. It answers one
+-- row per send (its index in `ord`; in no particular order):
+--   new        stored now under the next seq of its room, its attachments linked
 --   again      an earlier send of this batch with the same (sender, client_msg_id) stored it
 --   retry      the same (sender, client_msg_id) was stored before this batch
 --   conflict   that (sender, client_msg_id) names a message of another room
@@ -18,12 +18,12 @@
 -- service that predates it runs unchanged against this schema.
 CREATE FUNCTION store_messages(
     rooms_in BIGINT[], senders_in TEXT[], admins_in BOOLEAN[], names_in TEXT[], kinds_in TEXT[],
-    bodies_in TEXT[], replies_in BIGINT[], client_ids_in TEXT[], file_of_in INT[], files_in BIGINT[]
+    bodies_in TEXT[], replies_in BIGINT[], client_ids_in TEXT[],
+    file_of_in INT[], files_in BIGINT[], positions_in INT[]
 ) RETURNS TABLE (
     ord INT, outcome TEXT,
     id BIGINT, room_id BIGINT, seq BIGINT, sender_id TEXT, sender_name TEXT, kind TEXT, body TEXT,
-    reply_to BIGINT, client_msg_id TEXT, created_at TIMESTAMPTZ, edited_at TIMESTAMPTZ, deleted BOOLEAN,
-    file_ids BIGINT[], file_names TEXT[], file_types TEXT[], file_sizes BIGINT[]
+    reply_to BIGINT, client_msg_id TEXT, created_at TIMESTAMPTZ, edited_at TIMESTAMPTZ, deleted BOOLEAN
 ) LANGUAGE plpgsql
 -- Planned once per connection (a generic plan), not per call: the arrays' lengths vary,
 -- so Postgres would otherwise plan the statement below afresh every time, which costs
@@ -62,7 +62,7 @@ BEGIN
         LEFT JOIN messages p ON p.id = q.reply_to AND p.room_id = q.room_id
     ),
     stored AS (
-        SELECT DISTINCT ON (m.id) m.* FROM screened s
+        SELECT m.* FROM screened s
         JOIN messages m ON m.sender_id = s.sender_id AND m.client_msg_id = s.client_msg_id
         WHERE s.refused IS NULL
     ),
@@ -81,7 +81,7 @@ BEGIN
     inserted AS (
         INSERT INTO messages (room_id, seq, sender_id, sender_name, kind, body, reply_to, client_msg_id)
         SELECT n.room_id, n.new_seq, n.sender_id, n.sender_name, n.kind, n.body, n.reply_to, n.client_msg_id
-        FROM numbered n ORDER BY n.ord
+        FROM numbered n
         RETURNING *
     ),
     advanced AS (
@@ -89,24 +89,12 @@ BEGIN
         FROM (SELECT room_id, max(new_seq) AS last FROM numbered GROUP BY room_id) n
         WHERE r.id = n.room_id
     ),
-    files AS (
-        SELECT f.file_of, f.file, row_number() OVER (PARTITION BY f.file_of ORDER BY f.k)::INT AS position
-        FROM unnest(file_of_in, files_in) WITH ORDINALITY AS f(file_of, file, k)
-    ),
     linked AS (
         INSERT INTO message_attachments (message_id, attachment_id, position)
         SELECT i.id, f.file, f.position
-        FROM inserted i
-        JOIN numbered n ON n.room_id = i.room_id AND n.new_seq = i.seq
-        JOIN files f ON f.file_of = n.ord
-        RETURNING message_id, attachment_id, position
-    ),
-    carried AS (
-        SELECT l.message_id,
-            array_agg(a.id ORDER BY l.position) AS ids, array_agg(a.name ORDER BY l.position) AS names,
-            array_agg(a.content_type ORDER BY l.position) AS types, array_agg(a.size ORDER BY l.position) AS sizes
-        FROM linked l JOIN attachments a ON a.id = l.attachment_id
-        GROUP BY l.message_id
+        FROM unnest(file_of_in, files_in, positions_in) AS f(file_of, file, position)
+        JOIN numbered n ON n.ord = f.file_of
+        JOIN inserted i ON i.room_id = n.room_id AND i.seq = n.new_seq
     )
     SELECT s.ord::INT,
         CASE
@@ -118,7 +106,7 @@ BEGIN
         END,
         m.id, m.room_id, m.seq, m.sender_id, m.sender_name, m.kind,
         CASE WHEN m.deleted_at IS NULL THEN m.body END, m.reply_to, m.client_msg_id, m.created_at, m.edited_at,
-        m.deleted_at IS NOT NULL, c.ids, c.names, c.types, c.sizes
+        m.deleted_at IS NOT NULL
     FROM screened s
     LEFT JOIN numbered n ON n.ord = s.ord
     LEFT JOIN LATERAL (
@@ -130,8 +118,6 @@ BEGIN
         SELECT t.*, false FROM stored t
         WHERE s.refused IS NULL AND n.ord IS NULL AND t.sender_id = s.sender_id AND t.client_msg_id = s.client_msg_id
         LIMIT 1
-    ) m ON true
-    LEFT JOIN carried c ON c.message_id = m.id
-    ORDER BY s.ord;
+    ) m ON true;
 END
 $$;

@@ -110,7 +110,7 @@ impl ChatService for GrpcHandlers {
             .transpose()
             .map_err(|_| ServiceError::InvalidArgument("reply_to names no message of this room".into()))?;
         // The one check that needs the database, after every check that does not.
-        self.store.own_attachments(&caller.user_id, &attachments).await?;
+        let attachments = self.store.own_attachments(&caller.user_id, &attachments).await?;
         let msg = NewMessage { room_id, kind, text: req.text, reply_to, client_msg_id: req.client_msg_id, attachments };
         let (message, duplicate) = self.committer.submit(caller, msg).await?;
         if !duplicate {

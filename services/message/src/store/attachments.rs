@@ -1,12 +1,20 @@
 //! Attachment metadata, access rules, chunked uploads and the collection of uploads
 //! never sent; the bytes go through the blob store.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chat_proto::v1::{Attachment, Caller, Message};
 
 use super::Store;
 use crate::error::ServiceError;
+
+/// An upload a new message carries: its id, and what clients are told of it.
+#[derive(Debug, Clone)]
+pub struct File {
+    pub id: i64,
+    pub attachment: Attachment,
+}
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -201,22 +209,25 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Checks that every id names an attachment the sender uploaded.
+    /// Checks that every id names a finished upload of the sender's; the files, in the
+    /// order given (a message carries them so).
     #[tracing::instrument(name = "db.own_attachments", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
-    pub async fn own_attachments(&self, sender: &str, ids: &[i64]) -> Result<(), ServiceError> {
+    pub async fn own_attachments(&self, sender: &str, ids: &[i64]) -> Result<Vec<File>, ServiceError> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let found: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM attachments WHERE id = ANY($1) AND uploader_id = $2 AND complete")
-                .bind(ids)
-                .bind(sender)
-                .fetch_one(&self.pool)
-                .await?;
-        if found != ids.len() as i64 {
-            return Err(ServiceError::InvalidArgument("attachments must name files you uploaded".into()));
-        }
-        Ok(())
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, name, content_type, size FROM attachments WHERE id = ANY($1) AND uploader_id = $2 AND complete",
+        )
+        .bind(ids)
+        .bind(sender)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: HashMap<i64, Row> = rows.into_iter().map(|row| (row.id, row)).collect();
+        ids.iter()
+            .map(|id| found.remove(id).map(|row| File { id: row.id, attachment: row.into() }))
+            .collect::<Option<Vec<File>>>()
+            .ok_or_else(|| ServiceError::InvalidArgument("attachments must name files you uploaded".into()))
     }
 
     /// Fills in the attachments of these messages with one query.

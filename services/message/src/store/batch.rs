@@ -11,6 +11,7 @@ use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use super::attachments::File;
 use super::Store;
 use crate::error::ServiceError;
 
@@ -31,7 +32,7 @@ pub struct NewMessage {
     pub client_msg_id: Option<String>,
     /// Uploads the message carries, in the order the sender listed them; the handler has
     /// checked that the sender uploaded each one.
-    pub attachments: Vec<i64>,
+    pub attachments: Vec<File>,
 }
 
 /// The stored message and whether it was stored before (a retry).

@@ -9,10 +9,13 @@
 //! room's `last_seq`. A batch that fails as a whole is stored again one request per call,
 //! so one bad send never fails another.
 
-use chat_proto::v1::{Attachment, Caller, Message};
+use std::collections::HashMap;
+
+use chat_proto::v1::{Caller, Message};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
+use super::attachments::File;
 use super::batch::{NewMessage, Reply};
 use super::{MessageRow, Store};
 use crate::error::ServiceError;
@@ -81,14 +84,23 @@ impl Store {
     /// One call of `store_messages`; then the retries' reactions and files, read back
     /// after the commit. Failing to read them fails only those retries.
     async fn store_together(&self, conn: &mut PgConnection, requests: &[Request]) -> Result<Vec<Reply>, ServiceError> {
-        let answers = call_store_messages(conn, requests).await?;
-        if answers.len() != requests.len() {
+        let mut answers = call_store_messages(conn, requests).await?;
+        answers.sort_unstable_by_key(|a| a.ord);
+        if answers.iter().map(|a| a.ord).ne(1..=requests.len() as i32) {
             return Err(missing());
         }
+        // A message stored now carries the files its request named (`again` answers name
+        // a message an earlier request of the batch stored).
+        let files: HashMap<i64, &[File]> = answers
+            .iter()
+            .zip(requests)
+            .filter(|(a, _)| a.outcome == "new")
+            .filter_map(|(a, (_, msg))| Some((a.id?, msg.attachments.as_slice())))
+            .collect();
         let mut replies: Vec<Reply> = Vec::with_capacity(answers.len());
         let mut retried: Vec<(usize, MessageRow)> = Vec::new();
         for answer in answers {
-            match answer.into_reply() {
+            match answer.into_reply(&files) {
                 Answered::Reply(reply) => replies.push(reply),
                 Answered::Retry(row) => {
                     retried.push((replies.len(), row));
@@ -118,15 +130,21 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
 }
 
 /// Passes the batch as parallel arrays, one element per request; attachments as
-/// `(request index from 1, attachment)` pairs in the order each sender listed them.
+/// `(request, attachment, position)` triples, request and position counting from 1.
 async fn call_store_messages(conn: &mut PgConnection, requests: &[Request]) -> Result<Vec<StoredAnswer>, ServiceError> {
     let column = |f: &dyn Fn(&Request) -> Option<String>| -> Vec<Option<String>> { requests.iter().map(f).collect() };
     let rooms: Vec<i64> = requests.iter().map(|(_, m)| m.room_id).collect();
     let admins: Vec<bool> = requests.iter().map(|(c, _)| c.admin).collect();
     let replies: Vec<Option<i64>> = requests.iter().map(|(_, m)| m.reply_to).collect();
-    let (file_of, files): (Vec<i32>, Vec<i64>) =
-        (1..).zip(requests).flat_map(|(i, (_, m))| m.attachments.iter().map(move |&file| (i, file))).unzip();
-    Ok(sqlx::query_as("SELECT * FROM store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+    let mut links: (Vec<i32>, Vec<i64>, Vec<i32>) = Default::default();
+    for (request, (_, msg)) in (1..).zip(requests) {
+        for (position, file) in (1..).zip(&msg.attachments) {
+            links.0.push(request);
+            links.1.push(file.id);
+            links.2.push(position);
+        }
+    }
+    Ok(sqlx::query_as("SELECT * FROM store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
         .bind(&rooms)
         .bind(column(&|(c, _)| Some(c.user_id.clone())))
         .bind(&admins)
@@ -135,16 +153,19 @@ async fn call_store_messages(conn: &mut PgConnection, requests: &[Request]) -> R
         .bind(column(&|(_, m)| Some(m.text.clone())))
         .bind(&replies)
         .bind(column(&|(_, m)| m.client_msg_id.clone()))
-        .bind(&file_of)
-        .bind(&files)
+        .bind(&links.0)
+        .bind(&links.1)
+        .bind(&links.2)
         .fetch_all(conn)
         .await?)
 }
 
 /// One row of `store_messages`: the outcome of one send and, unless it was refused, the
-/// message it names (with the files linked now, for a message stored by this batch).
+/// message it names.
 #[derive(sqlx::FromRow)]
 struct StoredAnswer {
+    /// The request's index, from 1.
+    ord: i32,
     outcome: String,
     id: Option<i64>,
     room_id: Option<i64>,
@@ -158,10 +179,6 @@ struct StoredAnswer {
     created_at: Option<DateTime<Utc>>,
     edited_at: Option<DateTime<Utc>>,
     deleted: bool,
-    file_ids: Option<Vec<i64>>,
-    file_names: Option<Vec<String>>,
-    file_types: Option<Vec<String>>,
-    file_sizes: Option<Vec<i64>>,
 }
 
 enum Answered {
@@ -171,7 +188,8 @@ enum Answered {
 }
 
 impl StoredAnswer {
-    fn into_reply(self) -> Answered {
+    /// `files` holds what each message stored by this batch carries, by message id.
+    fn into_reply(self, files: &HashMap<i64, &[File]>) -> Answered {
         let refused = match self.outcome.as_str() {
             "new" | "again" | "retry" => None,
             "not_found" => Some(ServiceError::NotFound("room")),
@@ -187,33 +205,14 @@ impl StoredAnswer {
         }
         let duplicate = self.outcome != "new";
         let retry = self.outcome == "retry";
-        let files = self.files();
         let Some(row) = self.message_row() else { return Answered::Reply(Err(missing())) };
         if retry {
             return Answered::Retry(row);
         }
+        let carried = files.get(&row.id).copied().unwrap_or_default();
         let mut message = Message::from(row);
-        message.attachments = files;
+        message.attachments = carried.iter().map(|f| f.attachment.clone()).collect();
         Answered::Reply(Ok((message, duplicate)))
-    }
-
-    fn files(&self) -> Vec<Attachment> {
-        let (Some(ids), Some(names), Some(types), Some(sizes)) =
-            (&self.file_ids, &self.file_names, &self.file_types, &self.file_sizes)
-        else {
-            return Vec::new();
-        };
-        ids.iter()
-            .zip(names)
-            .zip(types)
-            .zip(sizes)
-            .map(|(((id, name), content_type), size)| Attachment {
-                id: id.to_string(),
-                name: name.clone(),
-                content_type: content_type.clone(),
-                size: *size,
-            })
-            .collect()
     }
 
     fn message_row(self) -> Option<MessageRow> {

@@ -13,6 +13,7 @@ mod rooms;
 #[cfg(test)]
 mod tests;
 
+pub use attachments::File;
 pub use batch::{Committer, NewMessage};
 pub use messages::Page;
 pub use rooms::{parse_rooms_cursor, RoomsPage, RoomsPageOut};

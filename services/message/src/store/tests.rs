@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chat_common::startup::Retry;
-use chat_proto::v1::{Caller, Message, RoomKind};
+use chat_proto::v1::{Attachment, Caller, Message, RoomKind};
 use tokio_util::task::TaskTracker;
 
 use super::batch::Reply;
-use super::{Committer, NewMessage, Store};
+use super::{Committer, File, NewMessage, Store};
 use crate::error::ServiceError;
 
 /// A fresh database (the end-to-end harness's, dropped with it) with the service's schema.
@@ -188,14 +188,21 @@ async fn an_attachment_send_returns_and_stores_its_attachments_in_order() -> Res
     let order = [files[2].clone(), files[0].clone(), files[1].clone()];
     let ids: Vec<i64> = order.iter().map(|a| a.id.parse()).collect::<Result<_, _>>()?;
 
-    let with_files = NewMessage { kind: "file", attachments: ids.clone(), ..keyed(room_id, "", "c-1") };
-    let batch = [(user("bob"), text(room_id, "plain")), (ann.clone(), with_files.clone())];
+    let owned = db.store.own_attachments("ann", &ids).await?;
+    assert_eq!(owned.iter().map(|f| f.id).collect::<Vec<_>>(), ids, "in the order asked");
+    assert!(db.store.own_attachments("bob", &ids).await.is_err(), "not bob's files");
+    let with_files = NewMessage { kind: "file", attachments: owned, ..keyed(room_id, "", "c-1") };
+    let batch =
+        [(user("bob"), text(room_id, "plain")), (ann.clone(), with_files.clone()), (ann.clone(), with_files.clone())];
     let replies = insert(&db.store, &batch).await?;
     let (plain, _) = stored(replies[0].clone())?;
     assert!(plain.attachments.is_empty());
     let (message, duplicate) = stored(replies[1].clone())?;
     assert!(!duplicate);
     assert_eq!(message.attachments, order, "the answer carries the files in the order sent");
+    let (again, duplicate) = stored(replies[2].clone())?;
+    assert!(duplicate);
+    assert_eq!(again, message, "a retry within the batch carries them too");
 
     let (history, _) =
         db.store.history(&ann, room_id, super::Page { before_seq: None, after_seq: None, limit: 10 }).await?;
@@ -260,11 +267,12 @@ async fn a_send_the_database_refuses_fails_alone_and_the_others_keep_gapless_seq
     // text or a sender's name (the handlers refuse both before they get here), and an
     // attachment id no row has (a file gone since the handler checked it).
     let named = Caller { name: Some("nul\0name".into()), ..user("bob") };
+    let gone = File { id: i64::MAX, attachment: Attachment::default() };
     let batch = [
         (user("ann"), text(room_id, "one")),
         (user("bob"), text(room_id, "a\0b")),
         (user("cyd"), text(other_room, "elsewhere")),
-        (user("bob"), NewMessage { attachments: vec![i64::MAX], ..text(room_id, "") }),
+        (user("bob"), NewMessage { attachments: vec![gone], ..text(room_id, "") }),
         (user("ann"), keyed(room_id, "two", "c-2")),
         (named, text(room_id, "from a bad name")),
         (user("bob"), text(room_id, "three")),
