@@ -6,7 +6,8 @@
 -- `store_messages` takes a batch as parallel arrays, one element per send in arrival
 -- order, plus its attachments as (send index from 1, attachment id, position from 1)
 -- triples. Called as one statement it runs in one implicit transaction. It answers one
--- row per send (its index in `ord`; in no particular order):
+-- row per send (its index in `ord`; in no particular order) with an outcome and the id of
+-- the message it names (and, for a new one, its seq and time; the caller has the rest):
 --   new        stored now under the next seq of its room, its attachments linked
 --   again      an earlier send of this batch with the same (sender, client_msg_id) stored it
 --   retry      the same (sender, client_msg_id) was stored before this batch
@@ -20,11 +21,8 @@ CREATE FUNCTION store_messages(
     rooms_in BIGINT[], senders_in TEXT[], admins_in BOOLEAN[], names_in TEXT[], kinds_in TEXT[],
     bodies_in TEXT[], replies_in BIGINT[], client_ids_in TEXT[],
     file_of_in INT[], files_in BIGINT[], positions_in INT[]
-) RETURNS TABLE (
-    ord INT, outcome TEXT,
-    id BIGINT, room_id BIGINT, seq BIGINT, sender_id TEXT, sender_name TEXT, kind TEXT, body TEXT,
-    reply_to BIGINT, client_msg_id TEXT, created_at TIMESTAMPTZ, edited_at TIMESTAMPTZ, deleted BOOLEAN
-) LANGUAGE plpgsql
+) RETURNS TABLE (ord INT, outcome TEXT, id BIGINT, seq BIGINT, created_at TIMESTAMPTZ)
+LANGUAGE plpgsql
 -- Planned once per connection (a generic plan), not per call: the arrays' lengths vary,
 -- so Postgres would otherwise plan the statement below afresh every time, which costs
 -- more CPU than running it. A plan made once must suit every table size, and one made
@@ -42,82 +40,71 @@ BEGIN
     -- sees every earlier batch of these rooms, their seqs and their idempotency keys.
     PERFORM 1 FROM rooms r WHERE r.id = ANY (rooms_in) ORDER BY r.id FOR UPDATE;
     RETURN QUERY
-    WITH req AS (
-        SELECT q.* FROM unnest(rooms_in, senders_in, admins_in, names_in, kinds_in, bodies_in, replies_in,
-                               client_ids_in)
-            WITH ORDINALITY AS q(room_id, sender_id, admin, sender_name, kind, body, reply_to, client_msg_id, ord)
-    ),
     -- Joins, not EXISTS subqueries: Postgres may answer an EXISTS by hashing the whole
     -- table it names (every member of the room), where a join probes the primary key.
-    screened AS (
-        SELECT q.*, r.last_seq,
+    WITH screened AS (
+        SELECT q.ord, q.room_id, q.sender_id, q.sender_name, q.kind, q.body, q.reply_to, q.client_msg_id, r.last_seq,
             CASE
                 WHEN r.id IS NULL THEN 'not_found'
                 WHEN m.user_id IS NULL AND NOT (r.kind = 'support' AND q.admin) THEN 'forbidden'
                 WHEN q.reply_to IS NOT NULL AND p.id IS NULL THEN 'bad_reply'
             END AS refused
-        FROM req q
+        FROM unnest(rooms_in, senders_in, admins_in, names_in, kinds_in, bodies_in, replies_in, client_ids_in)
+            WITH ORDINALITY AS q(room_id, sender_id, admin, sender_name, kind, body, reply_to, client_msg_id, ord)
         LEFT JOIN rooms r ON r.id = q.room_id
         LEFT JOIN room_members m ON m.room_id = q.room_id AND m.user_id = q.sender_id
         LEFT JOIN messages p ON p.id = q.reply_to AND p.room_id = q.room_id
     ),
     stored AS (
-        SELECT m.* FROM screened s
+        SELECT s.ord, m.id, m.room_id FROM screened s
         JOIN messages m ON m.sender_id = s.sender_id AND m.client_msg_id = s.client_msg_id
         WHERE s.refused IS NULL
     ),
     -- Each key once (its first send of the batch), and every send without a key.
-    fresh AS (
-        SELECT s.* FROM screened s
-        WHERE s.refused IS NULL AND (s.client_msg_id IS NULL OR (
-            NOT EXISTS (SELECT 1 FROM stored t WHERE t.sender_id = s.sender_id AND t.client_msg_id = s.client_msg_id)
+    numbered AS (
+        SELECT s.ord, s.room_id, s.sender_id, s.sender_name, s.kind, s.body, s.reply_to, s.client_msg_id,
+            s.last_seq + row_number() OVER (PARTITION BY s.room_id ORDER BY s.ord) AS new_seq
+        FROM screened s
+        WHERE s.refused IS NULL
+            AND NOT EXISTS (SELECT 1 FROM stored t WHERE t.ord = s.ord)
             AND NOT EXISTS (
                 SELECT 1 FROM screened e WHERE e.refused IS NULL AND e.sender_id = s.sender_id
-                    AND e.client_msg_id = s.client_msg_id AND e.ord < s.ord)))
-    ),
-    numbered AS (
-        SELECT f.*, f.last_seq + row_number() OVER (PARTITION BY f.room_id ORDER BY f.ord) AS new_seq FROM fresh f
+                    AND e.client_msg_id = s.client_msg_id AND e.ord < s.ord)
     ),
     inserted AS (
         INSERT INTO messages (room_id, seq, sender_id, sender_name, kind, body, reply_to, client_msg_id)
         SELECT n.room_id, n.new_seq, n.sender_id, n.sender_name, n.kind, n.body, n.reply_to, n.client_msg_id
         FROM numbered n
-        RETURNING *
+        RETURNING id, room_id, seq, created_at
     ),
     advanced AS (
         UPDATE rooms r SET last_seq = n.last
         FROM (SELECT room_id, max(new_seq) AS last FROM numbered GROUP BY room_id) n
         WHERE r.id = n.room_id
     ),
+    fresh AS (
+        SELECT n.ord, n.sender_id, n.client_msg_id, i.id, i.room_id, i.seq, i.created_at
+        FROM numbered n JOIN inserted i ON i.room_id = n.room_id AND i.seq = n.new_seq
+    ),
     linked AS (
         INSERT INTO message_attachments (message_id, attachment_id, position)
-        SELECT i.id, f.file, f.position
-        FROM unnest(file_of_in, files_in, positions_in) AS f(file_of, file, position)
-        JOIN numbered n ON n.ord = f.file_of
-        JOIN inserted i ON i.room_id = n.room_id AND i.seq = n.new_seq
+        SELECT f.id, l.file, l.position
+        FROM unnest(file_of_in, files_in, positions_in) AS l(file_of, file, position)
+        JOIN fresh f ON f.ord = l.file_of
     )
     SELECT s.ord::INT,
         CASE
             WHEN s.refused IS NOT NULL THEN s.refused
-            WHEN n.ord IS NOT NULL THEN 'new'
-            WHEN m.room_id <> s.room_id THEN 'conflict'
-            WHEN m.earlier THEN 'again'
-            ELSE 'retry'
+            WHEN f.ord IS NOT NULL THEN 'new'
+            WHEN coalesce(t.room_id, e.room_id) <> s.room_id THEN 'conflict'
+            WHEN t.id IS NOT NULL THEN 'retry'
+            ELSE 'again'
         END,
-        m.id, m.room_id, m.seq, m.sender_id, m.sender_name, m.kind,
-        CASE WHEN m.deleted_at IS NULL THEN m.body END, m.reply_to, m.client_msg_id, m.created_at, m.edited_at,
-        m.deleted_at IS NOT NULL
+        coalesce(f.id, t.id, e.id), f.seq, f.created_at
     FROM screened s
-    LEFT JOIN numbered n ON n.ord = s.ord
-    LEFT JOIN LATERAL (
-        SELECT i.*, true AS earlier FROM inserted i
-        WHERE s.refused IS NULL AND (
-            (n.ord IS NOT NULL AND i.room_id = n.room_id AND i.seq = n.new_seq)
-            OR (n.ord IS NULL AND i.sender_id = s.sender_id AND i.client_msg_id = s.client_msg_id))
-        UNION ALL
-        SELECT t.*, false FROM stored t
-        WHERE s.refused IS NULL AND n.ord IS NULL AND t.sender_id = s.sender_id AND t.client_msg_id = s.client_msg_id
-        LIMIT 1
-    ) m ON true;
+    LEFT JOIN fresh f ON f.ord = s.ord
+    LEFT JOIN stored t ON t.ord = s.ord
+    LEFT JOIN fresh e ON f.ord IS NULL AND t.id IS NULL AND s.refused IS NULL
+        AND e.sender_id = s.sender_id AND e.client_msg_id = s.client_msg_id;
 END
 $$;

@@ -15,9 +15,8 @@ use chat_proto::v1::{Caller, Message};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::attachments::File;
 use super::batch::{NewMessage, Reply};
-use super::{MessageRow, Store};
+use super::{message_columns, MessageRow, Store};
 use crate::error::ServiceError;
 
 /// One send of a batch: who sends what.
@@ -81,42 +80,55 @@ impl Store {
         }
     }
 
-    /// One call of `store_messages`; then the retries' reactions and files, read back
-    /// after the commit. Failing to read them fails only those retries.
+    /// One call of `store_messages`. A new message is the request's own content with the
+    /// id, seq and time the database gave it; a retry within the batch is answered with
+    /// the message its first request stored. Retries of messages stored before are read
+    /// back with their reactions and files after the commit: failing to read them fails
+    /// only those retries.
     async fn store_together(&self, conn: &mut PgConnection, requests: &[Request]) -> Result<Vec<Reply>, ServiceError> {
         let mut answers = call_store_messages(conn, requests).await?;
         answers.sort_unstable_by_key(|a| a.ord);
         if answers.iter().map(|a| a.ord).ne(1..=requests.len() as i32) {
             return Err(missing());
         }
-        // A message stored now carries the files its request named (`again` answers name
-        // a message an earlier request of the batch stored).
-        let files: HashMap<i64, &[File]> = answers
+        let mut replies: Vec<Reply> = answers.iter().zip(requests).map(|(a, r)| a.reply(r)).collect();
+        let stored_now: HashMap<String, Message> = replies
             .iter()
-            .zip(requests)
-            .filter(|(a, _)| a.outcome == "new")
-            .filter_map(|(a, (_, msg))| Some((a.id?, msg.attachments.as_slice())))
+            .filter_map(|reply| match reply {
+                Ok((message, false)) => Some((message.id.clone(), message.clone())),
+                _ => None,
+            })
             .collect();
-        let mut replies: Vec<Reply> = Vec::with_capacity(answers.len());
-        let mut retried: Vec<(usize, MessageRow)> = Vec::new();
-        for answer in answers {
-            match answer.into_reply(&files) {
-                Answered::Reply(reply) => replies.push(reply),
-                Answered::Retry(row) => {
-                    retried.push((replies.len(), row));
-                    replies.push(Err(missing()));
+        let mut retried: Vec<(usize, i64)> = Vec::new();
+        for (i, answer) in answers.iter().enumerate() {
+            match (answer.outcome.as_str(), answer.id) {
+                ("again", Some(id)) => {
+                    replies[i] = stored_now.get(&id.to_string()).cloned().map(|m| (m, true)).ok_or_else(missing);
                 }
+                ("retry", Some(id)) => retried.push((i, id)),
+                _ => {}
             }
         }
-        if retried.is_empty() {
-            return Ok(replies);
-        }
-        let (at, rows): (Vec<usize>, Vec<MessageRow>) = retried.into_iter().unzip();
-        match self.decorate(rows).await {
-            Ok(messages) => at.into_iter().zip(messages).for_each(|(i, m)| replies[i] = Ok((m, true))),
-            Err(err) => at.into_iter().for_each(|i| replies[i] = Err(err.clone())),
+        if !retried.is_empty() {
+            let (at, ids): (Vec<usize>, Vec<i64>) = retried.into_iter().unzip();
+            match self.stored_messages(&ids).await {
+                Ok(mut found) => {
+                    for (i, id) in at.into_iter().zip(ids) {
+                        replies[i] = found.remove(&id).map(|m| (m, true)).ok_or_else(missing);
+                    }
+                }
+                Err(err) => at.into_iter().for_each(|i| replies[i] = Err(err.clone())),
+            }
         }
         Ok(replies)
+    }
+
+    /// Messages stored before, by id, with their reactions and files.
+    async fn stored_messages(&self, ids: &[i64]) -> Result<HashMap<i64, Message>, ServiceError> {
+        const SQL: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = ANY($1)");
+        let rows: Vec<MessageRow> = sqlx::query_as(SQL).bind(ids).fetch_all(&self.pool).await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        Ok(ids.into_iter().zip(self.decorate(rows).await?).collect())
     }
 }
 
@@ -161,74 +173,50 @@ async fn call_store_messages(conn: &mut PgConnection, requests: &[Request]) -> R
 }
 
 /// One row of `store_messages`: the outcome of one send and, unless it was refused, the
-/// message it names.
+/// id of the message it names; for a new message its seq and time.
 #[derive(sqlx::FromRow)]
 struct StoredAnswer {
     /// The request's index, from 1.
     ord: i32,
     outcome: String,
     id: Option<i64>,
-    room_id: Option<i64>,
     seq: Option<i64>,
-    sender_id: Option<String>,
-    sender_name: Option<String>,
-    kind: Option<String>,
-    body: Option<String>,
-    reply_to: Option<i64>,
-    client_msg_id: Option<String>,
     created_at: Option<DateTime<Utc>>,
-    edited_at: Option<DateTime<Utc>>,
-    deleted: bool,
-}
-
-enum Answered {
-    Reply(Reply),
-    /// Stored before this batch: its reactions and files are read back separately.
-    Retry(MessageRow),
 }
 
 impl StoredAnswer {
-    /// `files` holds what each message stored by this batch carries, by message id.
-    fn into_reply(self, files: &HashMap<i64, &[File]>) -> Answered {
-        let refused = match self.outcome.as_str() {
-            "new" | "again" | "retry" => None,
-            "not_found" => Some(ServiceError::NotFound("room")),
-            "forbidden" => Some(ServiceError::Forbidden("not a member of this room")),
-            "bad_reply" => Some(ServiceError::InvalidArgument("reply_to names no message of this room".into())),
+    /// The reply to `request`; `again` and `retry` answers are completed by the caller.
+    fn reply(&self, (caller, msg): &Request) -> Reply {
+        match self.outcome.as_str() {
+            "new" => {
+                let (Some(id), Some(seq), Some(created_at)) = (self.id, self.seq, self.created_at) else {
+                    return Err(missing());
+                };
+                let message = Message {
+                    id: id.to_string(),
+                    room_id: msg.room_id.to_string(),
+                    seq,
+                    sender_id: caller.user_id.clone(),
+                    sender_name: caller.name.clone(),
+                    kind: msg.kind.to_owned(),
+                    text: Some(msg.text.clone()),
+                    attachments: msg.attachments.iter().map(|f| f.attachment.clone()).collect(),
+                    reply_to: msg.reply_to.map(|id| id.to_string()),
+                    client_msg_id: msg.client_msg_id.clone(),
+                    created_at_ms: created_at.timestamp_millis(),
+                    edited_at_ms: None,
+                    deleted: false,
+                    reactions: Vec::new(),
+                };
+                Ok((message, false))
+            }
+            "not_found" => Err(ServiceError::NotFound("room")),
+            "forbidden" => Err(ServiceError::Forbidden("not a member of this room")),
+            "bad_reply" => Err(ServiceError::InvalidArgument("reply_to names no message of this room".into())),
             // A `client_msg_id` names one message per sender; reusing it in another room is
             // a client bug that must not silently return a message of a different room.
-            "conflict" => Some(ServiceError::Conflict("client_msg_id was already used in another room".into())),
-            _ => Some(missing()),
-        };
-        if let Some(err) = refused {
-            return Answered::Reply(Err(err));
+            "conflict" => Err(ServiceError::Conflict("client_msg_id was already used in another room".into())),
+            _ => Err(missing()),
         }
-        let duplicate = self.outcome != "new";
-        let retry = self.outcome == "retry";
-        let Some(row) = self.message_row() else { return Answered::Reply(Err(missing())) };
-        if retry {
-            return Answered::Retry(row);
-        }
-        let carried = files.get(&row.id).copied().unwrap_or_default();
-        let mut message = Message::from(row);
-        message.attachments = carried.iter().map(|f| f.attachment.clone()).collect();
-        Answered::Reply(Ok((message, duplicate)))
-    }
-
-    fn message_row(self) -> Option<MessageRow> {
-        Some(MessageRow {
-            id: self.id?,
-            room_id: self.room_id?,
-            seq: self.seq?,
-            sender_id: self.sender_id?,
-            sender_name: self.sender_name,
-            kind: self.kind?,
-            body: self.body,
-            reply_to: self.reply_to,
-            client_msg_id: self.client_msg_id,
-            created_at: self.created_at?,
-            edited_at: self.edited_at,
-            deleted: self.deleted,
-        })
     }
 }
