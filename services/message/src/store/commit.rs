@@ -86,26 +86,36 @@ impl Store {
     /// back with their reactions and files after the commit: failing to read them fails
     /// only those retries.
     async fn store_together(&self, conn: &mut PgConnection, requests: &[Request]) -> Result<Vec<Reply>, ServiceError> {
-        let mut answers = call_store_messages(conn, requests).await?;
-        answers.sort_unstable_by_key(|a| a.ord);
-        if answers.iter().map(|a| a.ord).ne(1..=requests.len() as i32) {
-            return Err(missing());
+        let answers = call_store_messages(conn, requests).await?;
+        // Committed: no error may fail the batch from here on, or the one-by-one fallback
+        // would store its new messages again. Each request without its answer fails alone.
+        let mut slots: Vec<Option<StoredAnswer>> = requests.iter().map(|_| None).collect();
+        for answer in answers {
+            let at = usize::try_from(answer.ord).ok().and_then(|ord| ord.checked_sub(1));
+            if let Some(slot) = at.and_then(|i| slots.get_mut(i)) {
+                *slot = Some(answer);
+            }
         }
-        let mut replies: Vec<Reply> = answers.iter().zip(requests).map(|(a, r)| a.reply(r)).collect();
-        let stored_now: HashMap<String, Message> = replies
+        let mut replies: Vec<Reply> = slots
             .iter()
-            .filter_map(|reply| match reply {
-                Ok((message, false)) => Some((message.id.clone(), message.clone())),
+            .zip(requests)
+            .map(|(a, r)| a.as_ref().map_or_else(|| Err(missing()), |a| a.reply(r)))
+            .collect();
+        let stored_now: HashMap<i64, Message> = slots
+            .iter()
+            .zip(&replies)
+            .filter_map(|(answer, reply)| match reply {
+                Ok((message, false)) => Some((answer.as_ref()?.id?, message.clone())),
                 _ => None,
             })
             .collect();
         let mut retried: Vec<(usize, i64)> = Vec::new();
-        for (i, answer) in answers.iter().enumerate() {
-            match (answer.outcome.as_str(), answer.id) {
-                ("again", Some(id)) => {
-                    replies[i] = stored_now.get(&id.to_string()).cloned().map(|m| (m, true)).ok_or_else(missing);
+        for (i, answer) in slots.iter().enumerate() {
+            match answer.as_ref().map(|a| (a.outcome.as_str(), a.id)) {
+                Some(("again", Some(id))) => {
+                    replies[i] = stored_now.get(&id).cloned().map(|m| (m, true)).ok_or_else(missing);
                 }
-                ("retry", Some(id)) => retried.push((i, id)),
+                Some(("retry", Some(id))) => retried.push((i, id)),
                 _ => {}
             }
         }
