@@ -33,4 +33,4 @@ pub use shared::{postgres_base, redis_url};
 pub use tokens::{token, token_with, SECRET};
 pub use unique::free_port;
 pub use wait::{eventually, give_up, GiveUp, Outcome, WAIT};
-pub use ws::WsClient;
+pub use ws::{small_buffer_member, WsClient};

@@ -160,3 +160,34 @@ impl WsClient {
         }
     }
 }
+
+/// A raw WebSocket client of `user` on gateway 0 whose socket receives into 4 KiB only,
+/// joined to `room`: once it stops reading, the gateway's writes to it soon block.
+pub async fn small_buffer_member(
+    cluster: &crate::Cluster,
+    user: &str,
+    room: &str,
+) -> Result<WebSocketStream<TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let tcp = socket.connect(cluster.gateways[0].parse()?).await?;
+    let mut req = cluster.ws_url(0).into_client_request()?;
+    req.headers_mut().insert("Authorization", format!("Bearer {}", crate::token(user)).parse()?);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+    ws.send(Message::Text(json!({"type": "join", "id": "j", "room": room}).to_string().into())).await?;
+    tokio::time::timeout(WAIT, async {
+        while let Some(frame) = ws.next().await {
+            if let Message::Text(text) = frame? {
+                let frame: Value = serde_json::from_str(&text)?;
+                if frame["id"] == "j" {
+                    anyhow::ensure!(frame["type"] == "ack", "{frame}");
+                    return Ok(());
+                }
+            }
+        }
+        bail!("closed before the join's ack")
+    })
+    .await
+    .map_err(|_| anyhow!("no join ack"))??;
+    Ok(ws)
+}

@@ -7,11 +7,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use chat_tests::{token, Cluster, WAIT};
+use chat_tests::{small_buffer_member, Cluster};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Alice's messages: enough to fill the gateway's send buffer towards Bob many times
@@ -35,27 +33,7 @@ async fn a_client_that_pauses_reading_gets_every_frame_whole_and_in_order() -> R
     let room = alice.create_group(&["bob"]).await?;
 
     // Bob's receive buffer is tiny: the gateway's writes to him block soon.
-    let socket = TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket.connect(cluster.gateways[0].parse()?).await?;
-    let mut req = cluster.ws_url(0).into_client_request()?;
-    req.headers_mut().insert("Authorization", format!("Bearer {}", token("bob")).parse()?);
-    let (mut bob, _) = tokio_tungstenite::client_async(req, tcp).await?;
-    bob.send(Message::Text(json!({"type": "join", "id": "j", "room": room}).to_string().into())).await?;
-    tokio::time::timeout(WAIT, async {
-        while let Some(frame) = bob.next().await {
-            if let Message::Text(text) = frame? {
-                let frame: Value = serde_json::from_str(&text)?;
-                if frame["id"] == "j" {
-                    anyhow::ensure!(frame["type"] == "ack", "{frame}");
-                    return Ok(());
-                }
-            }
-        }
-        bail!("closed before the join's ack")
-    })
-    .await
-    .map_err(|_| anyhow!("no join ack"))??;
+    let mut bob = small_buffer_member(&cluster, "bob", &room).await?;
 
     let filler = "x".repeat(3_900);
     let texts: Vec<String> = (0..FROM_ALICE).map(|n| format!("alice {n} {filler}")).collect();

@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use chat_tests::{eventually, token, Cluster, Metrics, WAIT};
+use chat_tests::{eventually, small_buffer_member, token, Cluster, Metrics, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -199,31 +199,6 @@ async fn keep_alive_still_serves_several_requests_on_one_connection() -> Result<
     Ok(())
 }
 
-/// A WebSocket client whose receive buffer is tiny and which, once it has joined
-/// `room`, reads nothing more: the gateway's writes to it soon make no progress.
-async fn staller(cluster: &Cluster, user: &str, room: &str) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket.connect(cluster.gateways[0].parse()?).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(ws_request(cluster, 0, user)?, tcp).await?;
-    ws.send(Message::Text(json!({"type": "join", "id": "j", "room": room}).to_string().into())).await?;
-    tokio::time::timeout(WAIT, async {
-        while let Some(frame) = ws.next().await {
-            if let Message::Text(text) = frame? {
-                let frame: Value = serde_json::from_str(&text)?;
-                if frame["id"] == "j" {
-                    anyhow::ensure!(frame["type"] == "ack", "{frame}");
-                    return Ok(());
-                }
-            }
-        }
-        bail!("closed before the join's ack")
-    })
-    .await
-    .map_err(|_| anyhow!("no join ack"))??;
-    Ok(ws)
-}
-
 /// Alice floods a room that Bob reads and Carol (a staller) has joined, until the
 /// gateway has cut Carol off. Bob receives every message, in order, throughout.
 async fn a_staller_is_cut_off_while_its_room_keeps_flowing(cluster: Cluster) -> Result<Cluster> {
@@ -232,7 +207,7 @@ async fn a_staller_is_cut_off_while_its_room_keeps_flowing(cluster: Cluster) -> 
     let room = alice.create_group(&["bob", "carol"]).await?;
     let mut bob = cluster.client(0, "bob").await?;
     bob.ack(json!({"type": "join", "room": room})).await?;
-    let mut carol = staller(&cluster, "carol", &room).await?;
+    let mut carol = small_buffer_member(&cluster, "carol", &room).await?;
     assert_eq!(Metrics::scrape(&gw).await?.value(CONNECTIONS), 3.0);
 
     let filler = "x".repeat(3_900);
