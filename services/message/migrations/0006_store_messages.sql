@@ -39,11 +39,15 @@ BEGIN
     -- COMMITTED the statement below takes its snapshot after the locks are granted: it
     -- sees every earlier batch of these rooms, their seqs and their idempotency keys.
     PERFORM 1 FROM rooms r WHERE r.id = ANY (rooms_in) ORDER BY r.id FOR UPDATE;
+    -- No join between the batch's own rows: a batch is up to 256 sends, and a nested
+    -- loop between two of its sets would cost 65,536 steps. Each step below is a scan of
+    -- the previous one, a window over it, or a probe of a table's index per send.
     RETURN QUERY
-    -- Joins, not EXISTS subqueries: Postgres may answer an EXISTS by hashing the whole
-    -- table it names (every member of the room), where a join probes the primary key.
     WITH screened AS (
-        SELECT q.ord, q.room_id, q.sender_id, q.sender_name, q.kind, q.body, q.reply_to, q.client_msg_id, r.last_seq,
+        SELECT q.ord, q.room_id, q.sender_id, q.sender_name, q.kind, q.body, q.reply_to, q.client_msg_id,
+            r.last_seq, t.id AS stored_id, t.room_id AS stored_room,
+            -- Joins, not EXISTS subqueries: Postgres may answer an EXISTS by hashing the
+            -- whole table it names (every member of the room); a join probes the key.
             CASE
                 WHEN r.id IS NULL THEN 'not_found'
                 WHEN m.user_id IS NULL AND NOT (r.kind = 'support' AND q.admin) THEN 'forbidden'
@@ -54,57 +58,61 @@ BEGIN
         LEFT JOIN rooms r ON r.id = q.room_id
         LEFT JOIN room_members m ON m.room_id = q.room_id AND m.user_id = q.sender_id
         LEFT JOIN messages p ON p.id = q.reply_to AND p.room_id = q.room_id
+        LEFT JOIN messages t ON t.sender_id = q.sender_id AND t.client_msg_id = q.client_msg_id
     ),
-    stored AS (
-        SELECT s.ord, m.id, m.room_id FROM screened s
-        JOIN messages m ON m.sender_id = s.sender_id AND m.client_msg_id = s.client_msg_id
-        WHERE s.refused IS NULL
-    ),
-    -- Each key once (its first send of the batch), and every send without a key.
-    numbered AS (
-        SELECT s.ord, s.room_id, s.sender_id, s.sender_name, s.kind, s.body, s.reply_to, s.client_msg_id,
-            s.last_seq + row_number() OVER (PARTITION BY s.room_id ORDER BY s.ord) AS new_seq
+    -- A send stores a new message unless refused, already stored, or a later send of a
+    -- key an earlier send of the batch stores.
+    ranked AS (
+        SELECT s.*,
+            s.refused IS NULL AND s.stored_id IS NULL AND (s.client_msg_id IS NULL OR row_number() OVER (
+                PARTITION BY s.sender_id, s.client_msg_id, s.refused IS NULL ORDER BY s.ord) = 1) AS fresh
         FROM screened s
-        WHERE s.refused IS NULL
-            AND NOT EXISTS (SELECT 1 FROM stored t WHERE t.ord = s.ord)
-            AND NOT EXISTS (
-                SELECT 1 FROM screened e WHERE e.refused IS NULL AND e.sender_id = s.sender_id
-                    AND e.client_msg_id = s.client_msg_id AND e.ord < s.ord)
+    ),
+    -- The new messages' seqs, per room in arrival order, and ids, taken from the column's
+    -- own sequence so that nothing needs to join the inserted rows back to the sends.
+    numbered AS (
+        SELECT r.*,
+            CASE WHEN r.fresh THEN r.last_seq + row_number() OVER (
+                PARTITION BY r.room_id, r.fresh ORDER BY r.ord) END AS new_seq,
+            CASE WHEN r.fresh THEN nextval('messages_id_seq') END AS new_id
+        FROM ranked r
     ),
     inserted AS (
-        INSERT INTO messages (room_id, seq, sender_id, sender_name, kind, body, reply_to, client_msg_id)
-        SELECT n.room_id, n.new_seq, n.sender_id, n.sender_name, n.kind, n.body, n.reply_to, n.client_msg_id
-        FROM numbered n
-        RETURNING id, room_id, seq, created_at
+        INSERT INTO messages (id, room_id, seq, sender_id, sender_name, kind, body, reply_to, client_msg_id)
+        OVERRIDING SYSTEM VALUE
+        SELECT n.new_id, n.room_id, n.new_seq, n.sender_id, n.sender_name, n.kind, n.body, n.reply_to,
+            n.client_msg_id
+        FROM numbered n WHERE n.fresh
     ),
     advanced AS (
         UPDATE rooms r SET last_seq = n.last
-        FROM (SELECT room_id, max(new_seq) AS last FROM numbered GROUP BY room_id) n
+        FROM (SELECT room_id, max(new_seq) AS last FROM numbered WHERE fresh GROUP BY room_id) n
         WHERE r.id = n.room_id
-    ),
-    fresh AS (
-        SELECT n.ord, n.sender_id, n.client_msg_id, i.id, i.room_id, i.seq, i.created_at
-        FROM numbered n JOIN inserted i ON i.room_id = n.room_id AND i.seq = n.new_seq
     ),
     linked AS (
         INSERT INTO message_attachments (message_id, attachment_id, position)
-        SELECT f.id, l.file, l.position
+        SELECT n.new_id, l.file, l.position
         FROM unnest(file_of_in, files_in, positions_in) AS l(file_of, file, position)
-        JOIN fresh f ON f.ord = l.file_of
+        JOIN numbered n ON n.ord = l.file_of
+        WHERE n.fresh
+    ),
+    -- A later send of a key is answered with the message its first send stores.
+    answered AS (
+        SELECT n.*,
+            first_value(n.new_id) OVER key_order AS first_id,
+            first_value(n.room_id) OVER key_order AS first_room
+        FROM numbered n
+        WINDOW key_order AS (PARTITION BY n.sender_id, n.client_msg_id, n.refused IS NULL ORDER BY n.ord)
     )
-    SELECT s.ord::INT,
+    SELECT a.ord::INT,
         CASE
-            WHEN s.refused IS NOT NULL THEN s.refused
-            WHEN f.ord IS NOT NULL THEN 'new'
-            WHEN coalesce(t.room_id, e.room_id) <> s.room_id THEN 'conflict'
-            WHEN t.id IS NOT NULL THEN 'retry'
+            WHEN a.refused IS NOT NULL THEN a.refused
+            WHEN a.fresh THEN 'new'
+            WHEN coalesce(a.stored_room, a.first_room) <> a.room_id THEN 'conflict'
+            WHEN a.stored_id IS NOT NULL THEN 'retry'
             ELSE 'again'
         END,
-        coalesce(f.id, t.id, e.id), f.seq, f.created_at
-    FROM screened s
-    LEFT JOIN fresh f ON f.ord = s.ord
-    LEFT JOIN stored t ON t.ord = s.ord
-    LEFT JOIN fresh e ON f.ord IS NULL AND t.id IS NULL AND s.refused IS NULL
-        AND e.sender_id = s.sender_id AND e.client_msg_id = s.client_msg_id;
+        coalesce(a.new_id, a.stored_id, a.first_id), a.new_seq, CASE WHEN a.fresh THEN now() END
+    FROM answered a;
 END
 $$;
