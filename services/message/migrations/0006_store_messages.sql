@@ -27,11 +27,13 @@ LANGUAGE plpgsql
 -- so Postgres would otherwise plan the statement below afresh every time, which costs
 -- more CPU than running it. A plan made once must suit every table size, and one made
 -- while the tables were small (a fresh database, or before ANALYZE) would scan them
--- whole: so every table is reached through its indexes, by nested loops.
+-- whole: so every table is reached through its indexes, by nested loops, probing per
+-- send (no table read once and kept: on an empty table that looks cheapest).
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 SET enable_hashjoin = off
 SET enable_mergejoin = off
+SET enable_material = off
 AS $$
 #variable_conflict use_column
 BEGIN
