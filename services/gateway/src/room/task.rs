@@ -16,7 +16,6 @@ use super::recent::Recent;
 use super::{delivery_span, Joined, Listener, Mail, RoomLog, MAX_BACKLOG, TYPING_TTL};
 use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
-use crate::outbox::EventFrame;
 use crate::protocol::server;
 
 /// Frames one pending join may hold back before it is refused: the backlog plus this
@@ -168,19 +167,14 @@ impl<L: RoomLog> RoomTask<L> {
             self.repair(message.seq).await;
         }
         self.seq = message.seq;
-        let frame = EventFrame::new(Utf8Bytes::from(server::message_event(&message)));
-        if self.recent.as_mut().is_some_and(|r| r.expired() || !r.push(message.seq, frame.text())) {
+        let frame = Utf8Bytes::from(server::message_event(&message));
+        if self.recent.as_mut().is_some_and(|r| r.expired() || !r.push(message.seq, &frame)) {
             self.recent = None;
         }
-        let written = self.listeners.values().filter(|l| l.outbox.push_frame(&frame, Some(published_us))).count();
-        if written > 0 {
-            // Frames written directly are delivered now; queued ones are timed when written.
-            let latency = (chrono::Utc::now().timestamp_micros() - published_us).max(0) as f64 / 1e6;
-            for _ in 0..written {
-                self.metrics.fanout_latency.observe(latency);
-            }
+        for l in self.listeners.values() {
+            l.outbox.push_timed(WsMessage::Text(frame.clone()), published_us);
         }
-        self.hold(|_| true, frame.text());
+        self.hold(|_| true, &frame);
     }
 
     /// Keeps a frame for every pending join that `to` accepts, behind its backlog.
@@ -307,20 +301,20 @@ impl<L: RoomLog> RoomTask<L> {
     }
 
     fn deliver(&mut self, frame: String) {
-        let frame = EventFrame::new(Utf8Bytes::from(frame));
+        let frame = Utf8Bytes::from(frame);
         for l in self.listeners.values() {
-            l.outbox.push_frame(&frame, None);
+            l.outbox.push_event(WsMessage::Text(frame.clone()));
         }
-        self.hold(|_| true, frame.text());
+        self.hold(|_| true, &frame);
     }
 
     /// Delivers to everyone but `user`'s own connections (typing is not echoed).
     fn deliver_except(&mut self, user: &str, frame: String) {
-        let frame = EventFrame::new(Utf8Bytes::from(frame));
+        let frame = Utf8Bytes::from(frame);
         for l in self.listeners.values().filter(|l| &*l.user_id != user) {
-            l.outbox.push_frame(&frame, None);
+            l.outbox.push_event(WsMessage::Text(frame.clone()));
         }
-        self.hold(|l| &*l.user_id != user, frame.text());
+        self.hold(|l| &*l.user_id != user, &frame);
     }
 }
 
