@@ -101,8 +101,11 @@ async fn ws_upgrade(
     query: axum::extract::Query<std::collections::HashMap<String, String>>,
     headers: axum::http::HeaderMap,
     upgrade: axum::extract::ws::WebSocketUpgrade,
+    raw: Option<Extension<axum::extract::ConnectInfo<crate::socket::RawWriter>>>,
 ) -> axum::response::Response {
-    ws::upgrade(state, query, headers, upgrade).await
+    // Absent only when the router is served without `socket::Listener` (some tests).
+    let raw = raw.map(|Extension(axum::extract::ConnectInfo(raw))| raw);
+    ws::upgrade(state, query, headers, upgrade, raw).await
 }
 
 /// Liveness: the process is up and serving HTTP.

@@ -110,6 +110,7 @@ impl Application {
         let app = http::router(state.clone());
         let stopped = shutdown.clone();
         let drain_delay = self.drain_delay;
+        let app = app.into_make_service_with_connect_info::<socket::RawWriter>();
         let served = axum::serve(socket::Listener::new(self.listener, self.write_stall), app)
             .with_graceful_shutdown(async move {
                 stopped.cancelled().await;

@@ -1,14 +1,20 @@
 //! The gateway's TCP sockets, below HTTP and WebSocket alike: a write that makes no
 //! progress for the stall timeout fails rather than waiting forever, and closing drains
 //! what the client is still sending, so the client reads our last bytes, not a reset.
+//!
+//! A socket also lends a [`RawWriter`] to the room tasks: they write a pre-framed event
+//! straight to the stream when the connection's own writer has nothing in flight, which
+//! spares the connection's task a wake-up (often on the other worker) per delivery.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
@@ -58,7 +64,7 @@ impl axum::serve::Listener for Listener {
 /// it, and calls `poll_shutdown` when it ends an HTTP connection (not an upgraded
 /// one: `ws.rs` lingers over the WebSocket itself).
 pub struct Socket {
-    tcp: TcpStream,
+    shared: Arc<Shared>,
     stall: Duration,
     /// Armed while a write waits for the client's receive window, dropped as soon as a
     /// write goes through. Boxed and only then, so an idle connection holds no timer.
@@ -67,6 +73,137 @@ pub struct Socket {
     write_stalled: bool,
     /// Set once closing has begun.
     closing: Option<Box<Linger>>,
+}
+
+/// The stream, shared by the socket and its [`RawWriter`]s.
+struct Shared {
+    tcp: TcpStream,
+    /// Held around every write to the stream, by either side.
+    wire: Mutex<Wire>,
+}
+
+#[derive(Default)]
+struct Wire {
+    /// The layer above (hyper, tungstenite) may have a frame half-written: set by its
+    /// first write, cleared when it flushes (tungstenite flushes the stream only once its
+    /// own buffer is empty). A raw write meanwhile would land inside that frame.
+    dirty: bool,
+    /// The unwritten tail of a raw frame. It goes out before anything else written to
+    /// the stream, and a flush waits for it.
+    owed: Option<Bytes>,
+}
+
+impl Shared {
+    fn wire(&self) -> MutexGuard<'_, Wire> {
+        // A panic while holding this lock leaves whole fields behind: still usable.
+        self.wire.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes the owed tail, if any; ready once none is left.
+    fn poll_owed(&self, wire: &mut Wire, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(owed) = wire.owed.as_mut() {
+            match self.tcp.try_write(owed) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    owed.advance(n);
+                    if owed.is_empty() {
+                        wire.owed = None;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// A write by the layer above: the owed tail first, then `write`.
+    fn poll_write_with<T>(
+        &self,
+        cx: &mut Context<'_>,
+        write: impl Fn(&TcpStream) -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        let mut wire = self.wire();
+        wire.dirty = true;
+        ready!(self.poll_owed(&mut wire, cx))?;
+        loop {
+            match write(&self.tcp) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
+    /// The layer above flushes: it has nothing half-written any more, and once the owed
+    /// tail is out, the stream is free for raw writes.
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut wire = self.wire();
+        ready!(self.poll_owed(&mut wire, cx))?;
+        wire.dirty = false;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_read_ready(cx))?,
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+}
+
+/// A handle for writing pre-framed bytes to a socket beside the layers above it (see
+/// [`RawWriter::try_write`]). Weak: it never keeps a closed connection's socket open.
+/// Handed to request handlers as `ConnectInfo`.
+#[derive(Clone)]
+pub struct RawWriter {
+    shared: Weak<Shared>,
+}
+
+/// What [`RawWriter::try_write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// The whole frame went to the socket.
+    Written,
+    /// Part of it did; the rest is owed and goes out before anything else, at the
+    /// connection's next write or flush: the caller must have its task flush.
+    Partial,
+    /// Nothing was written: the caller queues the frame as usual.
+    Busy,
+}
+
+impl RawWriter {
+    /// Writes `frame` (whole WebSocket frames) without waiting, unless the layer above
+    /// has output in flight, a tail is still owed, or the socket would block at once.
+    /// The caller must make sure no frame it has queued for this connection is still
+    /// unwritten, or this one would overtake it.
+    pub fn try_write(&self, frame: &Bytes) -> Direct {
+        let Some(shared) = self.shared.upgrade() else { return Direct::Busy };
+        let mut wire = shared.wire();
+        if wire.dirty || wire.owed.is_some() {
+            return Direct::Busy;
+        }
+        match shared.tcp.try_write(frame) {
+            Ok(n) if n == frame.len() => Direct::Written,
+            Ok(n) if n > 0 => {
+                wire.owed = Some(frame.slice(n..));
+                Direct::Partial
+            }
+            // An error is for the connection's task to meet on its own next write.
+            Ok(_) | Err(_) => Direct::Busy,
+        }
+    }
+}
+
+impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, Listener>> for RawWriter {
+    fn connect_info(stream: axum::serve::IncomingStream<'a, Listener>) -> Self {
+        RawWriter { shared: Arc::downgrade(&stream.io().shared) }
+    }
 }
 
 struct Linger {
@@ -86,8 +223,14 @@ pub fn is_write_stall(err: &io::Error) -> bool {
 }
 
 impl Socket {
-    fn new(tcp: TcpStream, stall: Duration) -> Self {
-        Self { tcp, stall, stalled: None, write_stalled: false, closing: None }
+    pub(crate) fn new(tcp: TcpStream, stall: Duration) -> Self {
+        let shared = Arc::new(Shared { tcp, wire: Mutex::default() });
+        Self { shared, stall, stalled: None, write_stalled: false, closing: None }
+    }
+
+    /// A handle for raw writes beside this socket's own.
+    pub fn raw_writer(&self) -> RawWriter {
+        RawWriter { shared: Arc::downgrade(&self.shared) }
     }
 
     /// After a write that is not ready: pending while the stall timer runs, the stall
@@ -120,21 +263,21 @@ impl Socket {
 impl Drop for Socket {
     fn drop(&mut self) {
         if self.stalled.is_some() || self.write_stalled {
-            let _ = self.tcp.set_zero_linger();
+            let _ = self.shared.tcp.set_zero_linger();
         }
     }
 }
 
 impl AsyncRead for Socket {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+        self.shared.poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Socket {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        let result = this.shared.poll_write_with(cx, |tcp| tcp.try_write(buf));
         this.wrote(result, cx)
     }
 
@@ -144,16 +287,19 @@ impl AsyncWrite for Socket {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        let result = this.shared.poll_write_with(cx, |tcp| tcp.try_write_vectored(bufs));
         this.wrote(result, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        true
     }
 
+    /// Writes the owed tail of a raw frame, if any (a TCP stream has nothing else to flush).
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        let this = self.get_mut();
+        let result = this.shared.poll_flush(cx);
+        this.wrote(result, cx)
     }
 
     /// A lingering close: half-close (the client reads our FIN after the response),
@@ -165,11 +311,10 @@ impl AsyncWrite for Socket {
             Box::new(Linger { deadline: Box::pin(tokio::time::sleep(LINGER)), write_shut: false, drained: 0 })
         });
         if !linger.write_shut {
-            match Pin::new(&mut this.tcp).poll_shutdown(cx) {
-                Poll::Pending => return Poll::Pending,
+            match socket2::SockRef::from(&this.shared.tcp).shutdown(std::net::Shutdown::Write) {
                 // Not connected any more: there is nobody to linger for.
-                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => linger.write_shut = true,
+                Err(_) => return Poll::Ready(Ok(())),
+                Ok(()) => linger.write_shut = true,
             }
         }
         let mut chunk = [0u8; DRAIN_CHUNK];
@@ -181,7 +326,7 @@ impl AsyncWrite for Socket {
                 return Poll::Ready(Ok(()));
             }
             let mut buf = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.tcp).poll_read(cx, &mut buf) {
+            match this.shared.poll_read(cx, &mut buf) {
                 Poll::Pending => return Poll::Pending,
                 // The client closed (or reset): nothing more will arrive.
                 Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),

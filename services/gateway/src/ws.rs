@@ -21,6 +21,7 @@ use crate::outbox::{Outbox, Queued, Receiver};
 use crate::presence::Admission;
 use crate::protocol::{client, server, Close, Command, Policy};
 use crate::session::Session;
+use crate::socket::RawWriter;
 use crate::state::AppState;
 
 /// Largest WebSocket message the socket layer reads at all; frames between the
@@ -38,12 +39,14 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /ws`: verifies a token given in the `Authorization` header or `?token=`, then
 /// upgrades. A bad token gets HTTP 401 and no upgrade; no token means the client must
-/// authenticate with its first frame.
+/// authenticate with its first frame. `raw` writes room events straight to the socket
+/// (see `outbox.rs`).
 pub async fn upgrade(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
+    raw: Option<RawWriter>,
 ) -> Response {
     if state.shutdown().is_cancelled() {
         return HttpError::unavailable("gateway is shutting down; reconnect elsewhere").into_response();
@@ -70,7 +73,7 @@ pub async fn upgrade(
         // sockets. The read buffer grows for a large frame when one comes.
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |socket| tracker.track_future(serve(socket, state, claims)))
+        .on_upgrade(move |socket| tracker.track_future(serve(socket, state, claims, raw)))
 }
 
 /// Whether a browser `Origin` may open a WebSocket: any, when no allowlist is
@@ -86,8 +89,13 @@ pub fn origin_allowed(allowlist: &[String], origin: &str) -> bool {
 ///
 /// Not an `async fn`: that would keep its arguments (the socket above all) in the
 /// future beside the state they move into, for the connection's whole life.
-fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) -> impl Future<Output = ()> + Send {
-    let opening = Box::pin(open(socket, state, claims));
+fn serve(
+    socket: WebSocket,
+    state: AppState,
+    claims: Option<Claims>,
+    raw: Option<RawWriter>,
+) -> impl Future<Output = ()> + Send {
+    let opening = Box::pin(open(socket, state, claims, raw));
     async move {
         let Some((mut conn, session)) = opening.await else { return };
         let session = conn.run(session).await;
@@ -98,7 +106,12 @@ fn serve(socket: WebSocket, state: AppState, claims: Option<Claims>) -> impl Fut
 /// Authenticates (by the first frame when the handshake carried no token), admits the
 /// user, registers for per-user events and sends `welcome`; `None` when the
 /// connection ends here.
-async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) -> Option<(Connection, Box<Session>)> {
+async fn open(
+    mut socket: WebSocket,
+    state: AppState,
+    claims: Option<Claims>,
+    raw: Option<RawWriter>,
+) -> Option<(Connection, Box<Session>)> {
     let (claims, auth_id) = match claims {
         Some(claims) => (claims, None),
         None => first_frame_auth(&state, &mut socket).await?,
@@ -120,7 +133,7 @@ async fn open(mut socket: WebSocket, state: AppState, claims: Option<Claims>) ->
         refuse(&mut socket, error, Close::Policy(Policy::TooManyConnections)).await;
         return None;
     }
-    let (outbox, queue) = Outbox::new(conn_id, settings.outbound_queue, state.metrics().outbound_drops.clone());
+    let (outbox, queue) = Outbox::direct(conn_id, settings.outbound_queue, state.metrics().outbound_drops.clone(), raw);
     // Without its user's channel a connection never hears `room_removed` or an admin
     // disconnect, and a removal would not reach its joins: refuse it, and let the
     // client retry (1013) rather than admit it half-working.
@@ -390,13 +403,17 @@ impl Connection {
 
     /// Writes one frame and flushes; the close to end with when that fails.
     async fn write(&mut self, frame: Message) -> Result<(), Close> {
-        guarded(&self.queue, self.socket.send(frame)).await
+        self.queue.claim();
+        guarded(&self.queue, self.socket.send(frame)).await?;
+        self.queue.release();
+        Ok(())
     }
 
     /// Writes every queued frame with one flush; the close to end with when that fails.
     async fn flush_queue(&mut self) -> Result<(), Close> {
         self.queue.take(&mut self.pending);
         if self.pending.is_empty() {
+            self.queue.release();
             return Ok(());
         }
         let written = self.write_pending().await;
@@ -405,6 +422,7 @@ impl Connection {
             self.published.clear();
         }
         written?;
+        self.queue.release();
         if !self.published.is_empty() {
             let now_us = chrono::Utc::now().timestamp_micros();
             for at in self.published.drain(..) {
@@ -429,6 +447,12 @@ impl Connection {
                         guarded(queue, socket.feed(frame)).await?;
                     }
                 }
+                // The socket writes the owed tail before any later byte; flushing
+                // makes sure it goes now even if nothing follows.
+                Queued::Owed(at) => {
+                    published.extend(at);
+                    guarded(queue, socket.flush()).await?
+                }
             }
         }
         guarded(queue, socket.flush()).await
@@ -442,6 +466,8 @@ impl Connection {
     async fn close(&mut self) {
         let reason = self.outbox.close_reason().unwrap_or(Close::Normal);
         self.outbox.close(reason);
+        // Kept to the end: nothing may follow the close frame.
+        self.queue.claim();
         match reason {
             Close::Abnormal => return,
             Close::WriteStalled => tracing::warn!(conn = self.outbox.id(), "socket write stalled; disconnecting"),

@@ -16,6 +16,7 @@ use super::recent::Recent;
 use super::{delivery_span, Joined, Listener, Mail, RoomLog, MAX_BACKLOG, TYPING_TTL};
 use crate::error::{CommandError, ErrorCode};
 use crate::metrics::Metrics;
+use crate::outbox::EventFrame;
 use crate::protocol::server;
 
 /// Frames one pending join may hold back before it is refused: the backlog plus this
@@ -167,14 +168,19 @@ impl<L: RoomLog> RoomTask<L> {
             self.repair(message.seq).await;
         }
         self.seq = message.seq;
-        let frame = Utf8Bytes::from(server::message_event(&message));
-        if self.recent.as_mut().is_some_and(|r| r.expired() || !r.push(message.seq, &frame)) {
+        let frame = EventFrame::new(Utf8Bytes::from(server::message_event(&message)));
+        if self.recent.as_mut().is_some_and(|r| r.expired() || !r.push(message.seq, frame.text())) {
             self.recent = None;
         }
-        for l in self.listeners.values() {
-            l.outbox.push_timed(WsMessage::Text(frame.clone()), published_us);
+        let written = self.listeners.values().filter(|l| l.outbox.push_frame(&frame, Some(published_us))).count();
+        if written > 0 {
+            // Frames written directly are delivered now; queued ones are timed when written.
+            let latency = (chrono::Utc::now().timestamp_micros() - published_us).max(0) as f64 / 1e6;
+            for _ in 0..written {
+                self.metrics.fanout_latency.observe(latency);
+            }
         }
-        self.hold(|_| true, &frame);
+        self.hold(|_| true, frame.text());
     }
 
     /// Keeps a frame for every pending join that `to` accepts, behind its backlog.
@@ -301,20 +307,20 @@ impl<L: RoomLog> RoomTask<L> {
     }
 
     fn deliver(&mut self, frame: String) {
-        let frame = Utf8Bytes::from(frame);
+        let frame = EventFrame::new(Utf8Bytes::from(frame));
         for l in self.listeners.values() {
-            l.outbox.push_event(WsMessage::Text(frame.clone()));
+            l.outbox.push_frame(&frame, None);
         }
-        self.hold(|_| true, &frame);
+        self.hold(|_| true, frame.text());
     }
 
     /// Delivers to everyone but `user`'s own connections (typing is not echoed).
     fn deliver_except(&mut self, user: &str, frame: String) {
-        let frame = Utf8Bytes::from(frame);
+        let frame = EventFrame::new(Utf8Bytes::from(frame));
         for l in self.listeners.values().filter(|l| &*l.user_id != user) {
-            l.outbox.push_event(WsMessage::Text(frame.clone()));
+            l.outbox.push_frame(&frame, None);
         }
-        self.hold(|l| &*l.user_id != user, &frame);
+        self.hold(|l| &*l.user_id != user, frame.text());
     }
 }
 

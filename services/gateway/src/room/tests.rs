@@ -147,6 +147,7 @@ fn take(rx: &Receiver) -> Vec<String> {
         .flat_map(|item| match item {
             Queued::One(frame) | Queued::Timed(frame, _) => vec![frame],
             Queued::Many(frames) => frames,
+            Queued::Owed(_) => unreachable!("no socket to write to directly"),
         })
         .map(|frame| match frame {
             WsMessage::Text(text) => text.as_str().to_owned(),
