@@ -97,16 +97,15 @@ async fn a_client_that_pauses_reading_gets_every_frame_whole_and_in_order() -> R
         anyhow::Ok(())
     })
     .await;
-    all_read
-        .map_err(|_| {
-            anyhow!(
-                "read {} messages, {} acks, {} pongs in time; the last frame came {:?} after reading began",
-                seqs.len(),
-                acks.len(),
-                pongs.len(),
-                last_frame - started
-            )
-        })??;
+    all_read.map_err(|_| {
+        anyhow!(
+            "read {} messages, {} acks, {} pongs in time; the last frame came {:?} after reading began",
+            seqs.len(),
+            acks.len(),
+            pongs.len(),
+            last_frame - started
+        )
+    })??;
 
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every message once, in seq order");
     assert_eq!(from_alice, texts, "Alice's messages whole and in order");
