@@ -5,7 +5,7 @@
 #
 # Environment: BENCH_QUICK=1 runs a smaller suite (for trying the tool, not for figures);
 # BENCH_ONLY="persist reconnect" runs only those scenarios (idle, light, ramp, fanout,
-# persist, reconnect). Either writes its report under target/bench/ instead of docs/.
+# persist, persist-open, reconnect). Either writes its report under target/bench/ instead of docs/.
 # BENCH_BIN=dir takes every binary (chat-message, chat-gateway, chat-bench) from dir
 # instead of building them: A/B runs of two builds, with BENCH_ONLY.
 set -euo pipefail
@@ -133,6 +133,10 @@ run fanout fanout --rooms "$ROOMS" --members 100 --rate "$FAN_RATE" --seconds "$
 run persist persist --rooms 100 --senders 200 --window 4 --seconds "$SECS" $backend
 # shellcheck disable=SC2086
 run persist persist --rooms 1 --senders 100 --window 4 --seconds "$SECS" $backend
+# Open loop: ack latency at a fixed offered rate (#17's target: p99 ≤ 20 ms at 10,000/s;
+# OPEN_RATE=2000 BENCH_ONLY=persist-open for another rate).
+# shellcheck disable=SC2086
+run persist-open persist --rooms 100 --senders 200 --rate "${OPEN_RATE:-10000}" --seconds "$SECS" $backend
 # Last: it kills gateway A.
 # shellcheck disable=SC2086
 run reconnect reconnect --rooms "$RECONNECT_ROOMS" --members 100 --rate 200 --kill-pid "$gw_a_pid" $sources

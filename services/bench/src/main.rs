@@ -111,8 +111,12 @@ enum Scenario {
         rooms: usize,
         #[arg(long, default_value_t = 200)]
         senders: usize,
+        /// Sends each sender keeps in flight (closed loop) ...
         #[arg(long, default_value_t = 4)]
         window: usize,
+        /// ... or, given, the total sends per second offered on a fixed schedule (open loop).
+        #[arg(long)]
+        rate: Option<f64>,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
@@ -215,10 +219,15 @@ async fn main() -> Result<()> {
         Scenario::Idle { common, connections, gateway_pid } => {
             emit(&common, idle::run(&target(&common), connections, gateway_pid).await?)?;
         }
-        Scenario::Persist { common, rooms, senders, window, seconds } => {
+        Scenario::Persist { common, rooms, senders, window, rate, seconds } => {
             let cpu = CpuProbe::new(common.pids.clone(), common.pid_names.clone());
+            let load = match rate {
+                Some(rate) if rate > 0.0 => persist::Load::Rate(rate),
+                Some(_) => anyhow::bail!("--rate must be above 0"),
+                None => persist::Load::Window(window),
+            };
             let summary =
-                persist::run(&target(&common), rooms, senders, window, Duration::from_secs(seconds), &cpu).await?;
+                persist::run(&target(&common), rooms, senders, load, Duration::from_secs(seconds), &cpu).await?;
             emit(&common, summary)?;
         }
         Scenario::Reconnect { common, rooms, members, rate, kill_pid, warmup_seconds } => {

@@ -72,6 +72,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
     let idle = find(&results, "idle");
     let persist = find(&results, "persist");
     let hot = find(&results, "persist-hot-room");
+    let open = find(&results, "persist-open");
     let reconnect = find(&results, "reconnect");
 
     let summary = json!({
@@ -88,6 +89,9 @@ pub fn write(args: &ReportArgs) -> Result<()> {
         "persist_acks_per_s": persist.and_then(|p| num(p, "acks_per_s")),
         "persist_ack_p99_ms": persist.and_then(|p| num(p, "ack_p99_ms")),
         "hot_room_acks_per_s": hot.and_then(|p| num(p, "acks_per_s")),
+        "open_offered_per_s": open.and_then(|p| num(p, "offered_per_s")),
+        "open_acks_per_s": open.and_then(|p| num(p, "acks_per_s")),
+        "open_ack_p99_ms": open.and_then(|p| num(p, "ack_p99_ms")),
         "reconnect_clients": reconnect.and_then(|r| num(r, "clients")),
         "reconnect_max_ms": reconnect.and_then(|r| num(r, "recovery_max_ms")),
         "reconnect_lost": reconnect.and_then(|r| num(r, "lost")),
@@ -183,6 +187,18 @@ pub fn write(args: &ReportArgs) -> Result<()> {
             &format!("{} acked sends/s, ack p99 {} ms", field(hot, "acks_per_s", 0), field(hot, "ack_p99_ms", 1)),
             "≥ 3,000/s",
             verdict(hot.and_then(|p| Some(num(p, "acks_per_s")? >= 3_000.0))),
+        ],
+    )?;
+    let open_ok = open.and_then(|p| {
+        Some(num(p, "offered_per_s")? >= 10_000.0 && num(p, "ack_p99_ms")? <= 20.0 && num(p, "acks_per_s")? >= 9_500.0)
+    });
+    row(
+        &mut md,
+        &[
+            &format!("persist, open loop: {} sends/s offered over 100 rooms", field(open, "offered_per_s", 0)),
+            &format!("{} acked sends/s, ack p99 {} ms", field(open, "acks_per_s", 0), field(open, "ack_p99_ms", 1)),
+            "p99 ≤ 20 ms at 10,000/s",
+            verdict(open_ok),
         ],
     )?;
     let reconnect_ok = reconnect.and_then(|r| {
