@@ -52,6 +52,12 @@ impl axum::serve::Listener for Listener {
 
     async fn accept(&mut self) -> (Socket, SocketAddr) {
         let (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp).await;
+        // Every write we make is a whole frame (or a whole response) that the client is
+        // waiting for. Nagle's algorithm would hold one back while an earlier one is
+        // unacknowledged, and clients delay their ACKs by up to 40 ms.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "TCP_NODELAY not set");
+        }
         (Socket::new(tcp, self.stall), addr)
     }
 
