@@ -349,6 +349,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpSocket;
 
+    #[tokio::test]
+    async fn accepted_sockets_send_each_write_at_once() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Listener::new(tcp, Duration::from_secs(10));
+        let (accepted, _peer) = tokio::join!(axum::serve::Listener::accept(&mut listener), TcpStream::connect(addr));
+        assert!(accepted.0.shared.tcp.nodelay().unwrap(), "Nagle's algorithm off: no frame waits for a delayed ACK");
+    }
+
     /// A connected pair: our `Socket` (accepted) and the peer, whose receive buffer is small.
     async fn pair(stall: Duration) -> (Socket, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
