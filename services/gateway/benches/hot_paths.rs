@@ -2,9 +2,9 @@
 //! verification, and fan-out of one event to N local connection queues.
 //! `cargo bench -p chat-gateway` (criterion; results under target/criterion).
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::Utf8Bytes;
 use chat_gateway::auth::{KeyConfig, Verifier};
-use chat_gateway::outbox::Outbox;
+use chat_gateway::outbox::{EventFrame, Outbox};
 use chat_gateway::protocol::{client, server};
 use chat_proto::v1 as pb;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
@@ -53,7 +53,8 @@ fn jwt(c: &mut Criterion) {
 /// One serialised event shared by N connection queues, as a room task delivers it.
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan-out to local queues");
-    let frame = Utf8Bytes::from(server::message_event(&message()));
+    // Queued, as for a busy connection: these queues have no socket to write to.
+    let frame = EventFrame::new(Utf8Bytes::from(server::message_event(&message())));
     for n in [10usize, 100, 1000] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
@@ -63,7 +64,7 @@ fn fanout(c: &mut Criterion) {
                     let queues: Vec<_> = (0..n).map(|i| Outbox::new(i as u64, 64, Default::default())).collect();
                     let mut drained = std::collections::VecDeque::new();
                     for (outbox, queue) in &queues {
-                        outbox.push_timed(Message::Text(frame.clone()), 0);
+                        outbox.push_frame(&frame, Some(0));
                         queue.take(&mut drained);
                         drained.clear();
                     }
@@ -71,7 +72,7 @@ fn fanout(c: &mut Criterion) {
                 },
                 |queues| {
                     for (outbox, _queue) in &queues {
-                        outbox.push_timed(Message::Text(frame.clone()), 0);
+                        outbox.push_frame(&frame, Some(0));
                     }
                     queues
                 },

@@ -119,20 +119,11 @@ pub struct Receiver {
 impl Outbox {
     /// A queue of `capacity` entries for connection `id`, and its receiving end.
     pub fn new(id: u64, capacity: usize, drops: prometheus_client::metrics::counter::Counter) -> (Self, Receiver) {
-        Self::build(id, capacity, drops, None)
+        Self::direct(id, capacity, drops, None)
     }
 
     /// As `new`, for a connection whose event frames `raw` may write directly.
     pub fn direct(
-        id: u64,
-        capacity: usize,
-        drops: prometheus_client::metrics::counter::Counter,
-        raw: Option<RawWriter>,
-    ) -> (Self, Receiver) {
-        Self::build(id, capacity, drops, raw)
-    }
-
-    fn build(
         id: u64,
         capacity: usize,
         drops: prometheus_client::metrics::counter::Counter,
@@ -162,11 +153,6 @@ impl Outbox {
         self.push(Queued::One(frame))
     }
 
-    /// Queues a live message event published at `published_us` (Unix µs).
-    pub fn push_timed(&self, frame: Message, published_us: i64) {
-        self.push(Queued::Timed(frame, published_us))
-    }
-
     /// Queues frames that must arrive together, in order, in one slot; a full queue
     /// closes the connection as in `push_event`.
     pub fn push_batch(&self, frames: Vec<Message>) {
@@ -177,7 +163,7 @@ impl Outbox {
 
     /// Delivers an event frame (a live message event when `published_us` is given): written
     /// to the socket at once when nothing is queued or being written before it, queued
-    /// as `push_timed`/`push_event` would otherwise. True when the whole frame was
+    /// as `push_event` would otherwise (with its publish time, if given). True when the whole frame was
     /// written now, which is when the caller records its fan-out latency.
     pub fn push_frame(&self, frame: &EventFrame, published_us: Option<i64>) -> bool {
         if self.close_reason().is_some() {
@@ -614,7 +600,7 @@ mod tests {
         let push = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             for n in 0..5 {
-                producer.push_timed(Message::Text(n.to_string().into()), n);
+                producer.push_frame(&EventFrame::new(n.to_string().into()), Some(n));
             }
         });
         tokio::time::timeout(Duration::from_secs(5), rx.ready()).await.expect("woken by a push");
