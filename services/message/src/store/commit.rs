@@ -1,6 +1,7 @@
 //! One group commit: a batch of sends stored by one call of the `store_messages`
-//! function (migration 0006), so a batch costs one round trip and one implicit
-//! transaction whatever its size.
+//! function (migrations 0006 and 0007), so a batch costs one round trip and one implicit
+//! transaction whatever its size. A batch of one that is stored, the common case at
+//! ordinary load, takes a single statement inside it (0007).
 //!
 //! The function keeps seqs gapless and idempotency exact: it locks the batch's rooms (in id
 //! order, so batches never deadlock), screens each send (room, membership, reply), answers

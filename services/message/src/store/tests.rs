@@ -250,6 +250,73 @@ async fn a_refused_request_does_not_fail_the_rest_of_its_batch() -> Result<()> {
     Ok(())
 }
 
+/// One send at a time, as at ordinary load: every batch is a batch of one, which takes
+/// the function's single-statement path when it is stored (migration 0007). That path
+/// must refuse what the batch path refuses, and leave the deciding to it.
+#[tokio::test]
+async fn single_sends_are_screened_as_in_a_batch() -> Result<()> {
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &["bob"]).await?;
+    let other_room = room(&db.store, "cyd", &[]).await?;
+    let (support, _) = db.store.create_room(&user("cyd"), RoomKind::Support, None, Vec::new()).await?;
+    let support: i64 = support.id.parse()?;
+    let committer = Committer::start(db.store.clone(), 1, &TaskTracker::new());
+    let send = |caller: Caller, msg: NewMessage| committer.submit(caller, msg);
+
+    let (elsewhere, _) = stored(send(user("cyd"), text(other_room, "elsewhere")).await)?;
+    let (first, duplicate) = stored(send(user("ann"), keyed(room_id, "one", "c-1")).await)?;
+    assert_eq!((first.seq, duplicate), (1, false));
+
+    let not_member = send(user("cyd"), text(room_id, "not a member")).await;
+    assert!(matches!(not_member, Err(ServiceError::Forbidden(_))), "{not_member:?}");
+    let no_room = send(user("ann"), text(i64::MAX, "no such room")).await;
+    assert!(matches!(no_room, Err(ServiceError::NotFound("room"))), "{no_room:?}");
+    let reply_elsewhere = NewMessage { reply_to: Some(elsewhere.id.parse()?), ..text(room_id, "reply elsewhere") };
+    let reply_elsewhere = send(user("bob"), reply_elsewhere).await;
+    assert!(matches!(reply_elsewhere, Err(ServiceError::InvalidArgument(_))), "{reply_elsewhere:?}");
+    let (again, duplicate) = stored(send(user("ann"), keyed(room_id, "changed", "c-1")).await)?;
+    assert_eq!((&again, duplicate), (&first, true), "a retry is the stored message");
+
+    let reply = NewMessage { reply_to: Some(first.id.parse()?), ..text(room_id, "a reply") };
+    let (reply, _) = stored(send(user("bob"), reply).await)?;
+    assert_eq!((reply.seq, reply.reply_to.as_deref()), (2, Some(first.id.as_str())));
+
+    // An admin may write in a support room without being a member; no one else may.
+    let admin = Caller { admin: true, ..user("ops") };
+    assert_eq!(stored(send(admin, text(support, "how can we help")).await)?.0.seq, 1);
+    let stranger = send(user("eve"), text(support, "hello")).await;
+    assert!(matches!(stranger, Err(ServiceError::Forbidden(_))), "{stranger:?}");
+
+    assert_eq!(stored_texts(&db.store, room_id).await?, ["one", "a reply"], "refused sends store nothing");
+    assert_eq!(db.store.room_seq(room_id).await?, 2, "and take no seq");
+    Ok(())
+}
+
+/// Two replicas store the same retry at once: each send alone in its batch, in the same
+/// room. One stores it; the other, whichever way the race goes (it sees the row, or it
+/// meets the unique key and tries again), answers with the same message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_its_original_on_another_replica_is_stored_once() -> Result<()> {
+    const ROUNDS: i64 = 30;
+    let db = TestDb::new().await?;
+    let room_id = room(&db.store, "ann", &[]).await?;
+    let replicas = [
+        Committer::start(db.store.clone(), 1, &TaskTracker::new()),
+        Committer::start(db.store.clone(), 1, &TaskTracker::new()),
+    ];
+    for round in 1..=ROUNDS {
+        let message = keyed(room_id, "racing", &format!("c-{round}"));
+        let (a, b) =
+            tokio::join!(replicas[0].submit(user("ann"), message.clone()), replicas[1].submit(user("ann"), message));
+        let ((a, a_again), (b, b_again)) = (stored(a)?, stored(b)?);
+        assert_eq!(a, b, "round {round}: both answers are the one stored message");
+        assert!(a_again != b_again, "round {round}: exactly one of them stored it");
+        assert_eq!(a.seq, round);
+    }
+    assert_eq!(stored_seqs(&db.store, room_id).await?, (1..=ROUNDS).collect::<Vec<_>>());
+    Ok(())
+}
+
 /// The texts stored in a room, in seq order.
 async fn stored_texts(store: &Store, room_id: i64) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar("SELECT body FROM messages WHERE room_id = $1 ORDER BY seq")
