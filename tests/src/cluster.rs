@@ -46,6 +46,7 @@ pub struct ClusterBuilder {
     postgres: Option<String>,
     redis: Option<String>,
     env: Vec<(String, String)>,
+    fd_soft_limit: Option<u64>,
 }
 
 impl ClusterBuilder {
@@ -81,6 +82,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Starts every process with this soft open-file limit, as a container runtime does
+    /// (containerd 2.x: 1024).
+    pub fn fd_soft_limit(mut self, limit: u64) -> Self {
+        self.fd_soft_limit = Some(limit);
+        self
+    }
+
     /// Starts everything and waits until every gateway is ready and every message service
     /// serving.
     pub async fn start(self) -> Result<Cluster> {
@@ -90,6 +98,7 @@ impl ClusterBuilder {
             // A private channel namespace: other clusters on the same Redis never cross-talk.
             prefix: unique("e2e"),
             env: self.env,
+            fd_soft_limit: self.fd_soft_limit,
         };
         let grpc_addr = format!("127.0.0.1:{}", free_port());
         let message_metrics = format!("127.0.0.1:{}", free_port());
@@ -171,7 +180,7 @@ async fn grpc_health(addr: &str, service: &str) -> Result<i32> {
 impl Cluster {
     /// A cluster of one gateway and one message service, until told otherwise.
     pub fn builder() -> ClusterBuilder {
-        ClusterBuilder { gateways: 1, replicas: 0, postgres: None, redis: None, env: Vec::new() }
+        ClusterBuilder { gateways: 1, replicas: 0, postgres: None, redis: None, env: Vec::new(), fd_soft_limit: None }
     }
 
     /// Waits (bounded) until gateway `gw` answers `/readyz` with 200; fails at once if a

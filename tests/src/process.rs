@@ -33,11 +33,27 @@ pub(crate) struct Wiring {
     pub redis: String,
     pub prefix: String,
     pub env: Vec<(String, String)>,
+    /// The soft open-file limit each process starts with, as a container runtime sets it.
+    pub fd_soft_limit: Option<u64>,
+}
+
+/// A command for the workspace binary `name`, started under `wiring`'s soft open-file
+/// limit when it sets one (through `sh`, which `exec`s the binary: the child is the
+/// service itself, for its pid and its signals).
+fn command(name: &str, wiring: &Wiring) -> Command {
+    match wiring.fd_soft_limit {
+        None => Command::new(bin(name)),
+        Some(limit) => {
+            let mut command = Command::new("sh");
+            command.arg("-c").arg(format!("ulimit -S -n {limit} && exec \"$0\"")).arg(bin(name));
+            command
+        }
+    }
 }
 
 /// Starts a gateway on `addr` that calls the message services at `message_urls`.
 pub(crate) fn spawn_gateway(addr: &str, message_urls: &str, wiring: &Wiring) -> Result<Child> {
-    Command::new(bin("chat-gateway"))
+    command("chat-gateway", wiring)
         .env("GATEWAY_ADDR", addr)
         .env("MESSAGE_SERVICE_URL", message_urls)
         .env("REDIS_URL", &wiring.redis)
@@ -54,7 +70,7 @@ pub(crate) fn spawn_gateway(addr: &str, message_urls: &str, wiring: &Wiring) -> 
 
 /// Starts a message service serving gRPC on `grpc_addr` against the database at `db_url`.
 pub(crate) fn spawn_message(grpc_addr: &str, metrics_addr: &str, db_url: &str, wiring: &Wiring) -> Result<Child> {
-    Command::new(bin("chat-message"))
+    command("chat-message", wiring)
         .env("MESSAGE_ADDR", grpc_addr)
         .env("METRICS_ADDR", metrics_addr)
         .env("DATABASE_URL", db_url)

@@ -6,6 +6,7 @@
 pub mod channels;
 pub mod config;
 pub mod events;
+pub mod fdlimit;
 pub mod ids;
 pub mod propagation;
 pub mod redis;

@@ -1,5 +1,6 @@
-//! How both services' `main` runs: logs and traces set up, a shutdown token cancelled
-//! by SIGINT/SIGTERM, and the traces flushed whatever the outcome.
+//! How both services' `main` runs: logs and traces set up, the open-file limit raised,
+//! a shutdown token cancelled by SIGINT/SIGTERM, and the traces flushed whatever the
+//! outcome.
 
 use std::future::Future;
 
@@ -17,6 +18,7 @@ where
     E: From<TelemetryError>,
 {
     let telemetry = telemetry.init(service)?;
+    crate::fdlimit::raise_and_log();
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let result = body(shutdown).await;

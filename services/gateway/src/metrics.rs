@@ -85,6 +85,7 @@ impl Metrics {
             "Attachment uploads and downloads streaming now",
             attachment_transfers.clone(),
         );
+        registry.register_collector(Box::new(chat_common::fdlimit::FdMetrics));
         Self {
             registry: Arc::new(registry),
             connections,

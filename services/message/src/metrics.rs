@@ -35,6 +35,7 @@ impl Metrics {
         let redis_errors = Counter::default();
         registry.register("redis_errors", "Failed Redis publishes", redis_errors.clone());
         registry.register("postgres_errors", "Failed Postgres operations", POSTGRES_ERRORS.clone());
+        registry.register_collector(Box::new(chat_common::fdlimit::FdMetrics));
         Self { registry: Arc::new(registry), sends_persisted, redis_errors }
     }
 

@@ -1,0 +1,67 @@
+//! A pod's sockets. A container runtime starts every process with a soft open-file limit
+//! of 1024 (a pod spec has no ulimit field, and containerd 2.x no longer raises it), and
+//! each connection is a descriptor: a gateway must lift its own limit or stop at about
+//! a thousand connections, whatever its memory.
+
+use anyhow::{Context, Result};
+use chat_common::fdlimit::{self, FdLimits};
+use chat_tests::{Cluster, Metrics, WsClient};
+use futures_util::{stream, StreamExt, TryStreamExt};
+use serde_json::json;
+
+const CONNECTIONS: usize = 5_000;
+/// Where a container runtime leaves the soft limit.
+const CONTAINER_SOFT_LIMIT: u64 = 1024;
+
+/// A limit as its gauge shows it.
+fn gauge(limit: Option<u64>) -> f64 {
+    limit.map_or(f64::INFINITY, |n| n as f64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_at_1024_open_files_holds_5000_connections() -> Result<()> {
+    // This process holds the other end of every socket: it lifts its own limit too.
+    let here = fdlimit::raise().1?;
+    anyhow::ensure!(
+        here.soft.is_none_or(|n| n > 2 * CONNECTIONS as u64),
+        "this test needs more than {} descriptors; the hard limit is {:?}",
+        2 * CONNECTIONS,
+        here.hard
+    );
+    // The services inherit this process's hard limit, and start at the container's soft one.
+    let cluster = Cluster::builder()
+        .fd_soft_limit(CONTAINER_SOFT_LIMIT)
+        .env("MAX_CONNECTIONS_PER_USER", "0")
+        .env("RATE_CONN_PER_SEC", "0")
+        .env("RATE_USER_PER_SEC", "0")
+        .start()
+        .await?;
+
+    let mut clients: Vec<WsClient> = stream::iter(0..CONNECTIONS)
+        .map(|i| {
+            let cluster = &cluster;
+            async move { cluster.client(0, &format!("fd-{i}")).await }
+        })
+        .buffer_unordered(64)
+        .try_collect()
+        .await
+        .context("opening the connections")?;
+
+    let gateway = Metrics::scrape(&cluster.gateways[0]).await?;
+    assert_eq!(gateway.value("chat_gateway_connections"), CONNECTIONS as f64);
+    assert!(gateway.value("chat_gateway_open_fds") > CONNECTIONS as f64, "{}", gateway.text());
+    // Raised to the hard limit, which it inherited from here.
+    let FdLimits { hard, .. } = FdLimits::current();
+    assert_eq!(gateway.value("chat_gateway_max_fds"), gauge(hard.or(Some(1 << 20))));
+    assert_eq!(gateway.value("chat_gateway_max_fds_hard"), gauge(hard));
+    let message = Metrics::scrape(&cluster.message_metrics).await?;
+    assert!(message.value("chat_message_max_fds") > CONTAINER_SOFT_LIMIT as f64, "{}", message.text());
+    assert!(message.value("chat_message_open_fds") > 0.0, "{}", message.text());
+
+    // Held, not just opened: the first and the last still answer.
+    for i in [0, CONNECTIONS - 1] {
+        let reply = clients[i].request(json!({"type": "ping"})).await?;
+        assert_eq!(reply["type"], "pong", "connection {i}: {reply}");
+    }
+    Ok(())
+}
