@@ -3,11 +3,12 @@
 //! each connection is a descriptor: a gateway must lift its own limit or stop at about
 //! a thousand connections, whatever its memory.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use chat_common::fdlimit::{self, FdLimits};
-use chat_tests::{Cluster, Metrics, WsClient};
+use chat_tests::{eventually, http_get, token, Cluster, Metrics, WsClient, WAIT};
 use futures_util::{stream, StreamExt, TryStreamExt};
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite;
 
 const CONNECTIONS: usize = 5_000;
 /// Where a container runtime leaves the soft limit.
@@ -63,5 +64,47 @@ async fn a_gateway_started_at_1024_open_files_holds_5000_connections() -> Result
         let reply = clients[i].request(json!({"type": "ping"})).await?;
         assert_eq!(reply["type"], "pong", "connection {i}: {reply}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn past_max_connections_new_upgrades_get_503_and_readyz_reports_the_gateway_full() -> Result<()> {
+    let cluster = Cluster::builder().env("MAX_CONNECTIONS", "3").start().await?;
+    let gateway = &cluster.gateways[0];
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(cluster.client(0, &format!("cap-{i}")).await?);
+    }
+
+    // The fourth is refused before the upgrade, with the contract's error body.
+    let Err(refused) = WsClient::connect_bearer(&cluster.ws_url(0), &token("cap-3")).await else {
+        bail!("a fourth connection was let in past MAX_CONNECTIONS=3");
+    };
+    let tungstenite::Error::Http(response) = refused.downcast::<tungstenite::Error>()? else {
+        bail!("the fourth connection failed otherwise than by an HTTP answer");
+    };
+    assert_eq!(response.status().as_u16(), 503);
+    let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default())?;
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let (status, readiness) = http_get(gateway, "/readyz").await?;
+    assert_eq!(status, 503, "{readiness}");
+    assert!(readiness.contains(r#""full":true"#), "{readiness}");
+    assert_eq!(Metrics::scrape(gateway).await?.value("chat_gateway_max_connections"), 3.0);
+
+    // The connections already open are untouched.
+    for (i, client) in held.iter_mut().enumerate() {
+        let reply = client.request(json!({"type": "ping"})).await?;
+        assert_eq!(reply["type"], "pong", "connection {i}: {reply}");
+    }
+
+    // One leaves, and the gateway takes a new one again.
+    held.pop().context("three held")?.close().await?;
+    eventually(WAIT, async || -> Result<()> {
+        let (status, body) = http_get(gateway, "/readyz").await?;
+        anyhow::ensure!(status == 200, "{body}");
+        Ok(())
+    })
+    .await?;
+    cluster.client(0, "cap-3").await?;
     Ok(())
 }

@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub max_frame_bytes: usize,
 
+    /// Most connections this gateway holds at once (0: no limit). Past it, new upgrades
+    /// get 503 and `/readyz` reports the gateway full; open connections stay.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
     /// Most simultaneous connections of one user across the cluster (0: no limit).
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
     pub max_connections_per_user: u32,

@@ -95,7 +95,7 @@ async fn openapi_json(Extension(doc): Extension<Arc<utoipa::openapi::OpenApi>>) 
 #[utoipa::path(get, path = "/ws", tag = "websocket",
     params(("token" = Option<String>, Query, description = "JWT, when no Authorization header is sent")),
     responses((status = 101, description = "upgraded to a WebSocket"), (status = 401, description = "refused token"),
-        (status = 503, description = "the gateway is shutting down")))]
+        (status = 503, description = "the gateway is shutting down, or full (`MAX_CONNECTIONS`)")))]
 async fn ws_upgrade(
     state: State<AppState>,
     query: axum::extract::Query<std::collections::HashMap<String, String>>,
@@ -114,9 +114,9 @@ async fn healthz() -> impl IntoResponse {
     Json(json::health_body())
 }
 
-/// Readiness: 503 while draining or while a backend is unreachable, so the load
-/// balancer sends new connections elsewhere.
-#[utoipa::path(get, path = "/readyz", tag = "meta", security(()), responses((status = 200, description = "ready"), (status = 503, description = "draining or a backend is down")))]
+/// Readiness: 503 while draining, full (`MAX_CONNECTIONS`) or while a backend is
+/// unreachable, so the load balancer sends new connections elsewhere.
+#[utoipa::path(get, path = "/readyz", tag = "meta", security(()), responses((status = 200, description = "ready"), (status = 503, description = "draining, full, or a backend is down")))]
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let readiness = state.readiness();
     let status = if readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

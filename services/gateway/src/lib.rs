@@ -5,6 +5,7 @@
 pub mod attachments;
 pub mod auth;
 pub mod backend;
+pub mod capacity;
 pub mod config;
 pub mod devtoken;
 pub mod discovery;

@@ -31,6 +31,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     /// Open WebSocket connections.
     pub connections: Gauge<i64, AtomicI64>,
+    /// `MAX_CONNECTIONS` (0: no cap), beside `connections` for an alert near the cap.
+    pub max_connections: Gauge<i64, AtomicI64>,
     /// Commands by type and outcome.
     pub commands: Family<CommandLabels, Counter>,
     /// Seconds from the message service's publish to the frame written to a socket.
@@ -60,6 +62,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("chat_gateway");
         let connections = Gauge::<i64, AtomicI64>::default();
         registry.register("connections", "Open WebSocket connections", connections.clone());
+        let max_connections = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "max_connections",
+            "Connections this gateway takes before it answers 503 (0: no cap)",
+            max_connections.clone(),
+        );
         let commands = Family::<CommandLabels, Counter>::default();
         registry.register("commands", "Commands by type and outcome", commands.clone());
         let fanout_latency = Histogram::new(latency_buckets());
@@ -89,6 +97,7 @@ impl Metrics {
         Self {
             registry: Arc::new(registry),
             connections,
+            max_connections,
             commands,
             fanout_latency,
             grpc_latency,

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::attachments::Transfers;
 use crate::auth::Verifier;
 use crate::backend::Backend;
+use crate::capacity::Capacity;
 use crate::config::Config;
 use crate::devtoken::DevTokens;
 use crate::fanout::Fanout;
@@ -60,6 +61,8 @@ struct Shared {
     /// Open connections, told to reconnect and closed with 1012 after the drain delay.
     open: Registry,
     connections: TaskTracker,
+    /// The cap on `connections` (`MAX_CONNECTIONS`).
+    capacity: Capacity,
     /// Everything else spawned (dispatcher, room tasks, housekeeping, drain, presence
     /// announcements, resyncs), waited for after the connections, since most of it serves them.
     tasks: TaskTracker,
@@ -74,6 +77,7 @@ impl AppState {
     pub async fn connect(config: &Config) -> Result<Self, StartupError> {
         let verifier = config.verifier()?;
         let metrics = Metrics::new();
+        metrics.max_connections.set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let backend = Backend::connect(config, metrics.clone(), shutdown.clone(), &tasks).await?;
@@ -101,6 +105,7 @@ impl AppState {
                 shutdown,
                 open: Registry::default(),
                 connections: TaskTracker::new(),
+                capacity: Capacity::new(config.max_connections),
                 tasks,
                 next_conn: AtomicU64::new(1),
                 backend_serving: AtomicBool::new(true),
@@ -194,10 +199,16 @@ impl AppState {
         self.inner.backend_serving.store(serving, Ordering::Relaxed);
     }
 
-    /// Readiness: not draining, the message service serving, Redis connected.
+    /// The gateway's connection cap.
+    pub fn capacity(&self) -> &Capacity {
+        &self.inner.capacity
+    }
+
+    /// Readiness: not draining, not full, the message service serving, Redis connected.
     pub fn readiness(&self) -> Readiness {
         Readiness {
             draining: self.inner.shutdown.is_cancelled(),
+            full: self.inner.capacity.is_full(),
             message_service: self.inner.backend_serving.load(Ordering::Relaxed),
             redis: self.inner.fanout.is_connected(),
         }
@@ -208,6 +219,8 @@ impl AppState {
 #[derive(Debug, Clone, Copy)]
 pub struct Readiness {
     pub draining: bool,
+    /// At `MAX_CONNECTIONS`.
+    pub full: bool,
     pub message_service: bool,
     pub redis: bool,
 }
@@ -215,6 +228,6 @@ pub struct Readiness {
 impl Readiness {
     /// Ready to take new connections.
     pub fn is_ready(&self) -> bool {
-        !self.draining && self.message_service && self.redis
+        !self.draining && !self.full && self.message_service && self.redis
     }
 }

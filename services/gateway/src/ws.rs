@@ -16,6 +16,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::auth::{self, Claims};
+use crate::capacity::Slot;
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::outbox::{Outbox, Queued, Receiver};
 use crate::presence::Admission;
@@ -51,6 +52,9 @@ pub async fn upgrade(
     if state.shutdown().is_cancelled() {
         return HttpError::unavailable("gateway is shutting down; reconnect elsewhere").into_response();
     }
+    let Some(slot) = state.capacity().admit() else {
+        return HttpError::unavailable("gateway is full; connect to another").into_response();
+    };
     if let Some(origin) = headers.get(header::ORIGIN) {
         if !origin_allowed(&state.settings().allowed_origins, origin.to_str().unwrap_or_default()) {
             return HttpError::forbidden("origin not allowed").into_response();
@@ -73,7 +77,12 @@ pub async fn upgrade(
         // sockets. The read buffer grows for a large frame when one comes.
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |socket| tracker.track_future(serve(socket, state, claims, raw)))
+        .on_upgrade(move |socket| tracker.track_future(holding(slot, serve(socket, state, claims, raw))))
+}
+
+/// Runs a connection with its place under the gateway's cap, given back when it ends.
+async fn holding(_slot: Slot, connection: impl Future<Output = ()>) {
+    connection.await
 }
 
 /// Whether a browser `Origin` may open a WebSocket: any, when no allowlist is

@@ -286,6 +286,7 @@ pub fn readiness_body(readiness: &Readiness) -> Value {
         "status": if readiness.is_ready() { "ready" } else { "not_ready" },
         "checks": {
             "draining": readiness.draining,
+            "full": readiness.full,
             "message_service": readiness.message_service,
             "redis": readiness.redis,
         },
@@ -403,12 +404,14 @@ mod tests {
         let err = CommandError::new(ErrorCode::NotFound, "no such endpoint");
         assert_eq!(to_string(http_error_body(&err)), r#"{"error":{"code":"not_found","message":"no such endpoint"}}"#);
         assert_eq!(to_string(health_body()), r#"{"status":"ok"}"#);
-        let ready = Readiness { draining: false, message_service: true, redis: true };
+        let ready = Readiness { draining: false, full: false, message_service: true, redis: true };
         assert_eq!(
             to_string(readiness_body(&ready)),
-            r#"{"checks":{"draining":false,"message_service":true,"redis":true},"status":"ready"}"#
+            r#"{"checks":{"draining":false,"full":false,"message_service":true,"redis":true},"status":"ready"}"#
         );
         let draining = Readiness { draining: true, ..ready };
         assert!(to_string(readiness_body(&draining)).ends_with(r#""status":"not_ready"}"#));
+        let full = Readiness { full: true, ..ready };
+        assert!(to_string(readiness_body(&full)).ends_with(r#""status":"not_ready"}"#));
     }
 }
