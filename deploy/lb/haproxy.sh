@@ -41,11 +41,14 @@ frontend chat
 backend gateways
     # WebSocket connections are long; spread them by count, not by request.
     balance leastconn
-    # /readyz turns 503 while a gateway drains (SIGTERM) or loses a backend, so new
-    # connections stop going there before it closes the old ones.
-    option httpchk GET /readyz
+    # /readyz/local turns 503 while a gateway drains (SIGTERM) or is full
+    # (MAX_CONNECTIONS), so new connections go elsewhere. Not on a backend outage: that
+    # is every gateway's at once (docs/deploy.md). Sessions are left alone when a
+    # gateway is marked down: a full one keeps its clients, and a draining one tells
+    # its own to reconnect, then closes them with 1012.
+    option httpchk GET /readyz/local
     http-check expect status 200
-    default-server inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
+    default-server inter 500ms fall 2 rise 2
 CFG
   local i=0
   for gw in "$@"; do

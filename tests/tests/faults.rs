@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chat_tests::{eventually, give_up, send_reliably, Cluster, Follower, PgServer, RedisServer, WsClient, WAIT};
+use chat_tests::{
+    eventually, give_up, http_get, send_reliably, token, Cluster, Follower, PgServer, RedisServer, WsClient, WAIT,
+};
 use serde_json::json;
 
 #[tokio::test]
@@ -53,6 +55,58 @@ async fn messages_published_while_redis_was_down_are_repaired_in_seq_order() -> 
     .await
     .context("bob never heard live traffic again after Redis came back")?;
     assert_eq!(received, (1..next).collect::<Vec<_>>(), "bob must see every seq once, in order");
+    Ok(())
+}
+
+/// `/readyz` (the contract's) and `/readyz/local` (the load balancer's probe) of a gateway.
+async fn readiness(gateway: &str) -> Result<((u16, String), (u16, String))> {
+    Ok((http_get(gateway, "/readyz").await?, http_get(gateway, "/readyz/local").await?))
+}
+
+/// A Redis outage is every gateway's at once: if it made them all unready, the load
+/// balancer would have nowhere to send anyone. The probe stays up, what needs Redis is
+/// refused `unavailable`, what does not goes on, and nothing acknowledged is lost.
+#[tokio::test]
+async fn a_redis_outage_leaves_gateways_taking_clients_and_loses_nothing_acknowledged() -> Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let cluster = Cluster::builder().redis(redis.url()).start().await?;
+    let gateway = &cluster.gateways[0];
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = alice.create_group(&["bob"]).await?;
+    alice.ack(json!({"type": "send", "room": room, "text": "before"})).await?;
+
+    redis.kill().await?;
+    eventually(WAIT, async || -> Result<()> {
+        let ((status, body), _) = readiness(gateway).await?;
+        anyhow::ensure!(status == 503 && body.contains(r#""redis":false"#), "{status} {body}");
+        Ok(())
+    })
+    .await
+    .context("/readyz never reported Redis down")?;
+    let (_, (status, body)) = readiness(gateway).await?;
+    assert_eq!(status, 200, "the load balancer's probe stays up: {body}");
+    assert!(body.contains(r#""status":"ready""#) && body.contains(r#""redis":false"#), "{body}");
+
+    // A new connection needs its user's Redis channel: refused, to be retried.
+    let (_, first) = WsClient::connect_bearer(&cluster.ws_url(0), &token("bob")).await?;
+    assert_eq!((&first["type"], &first["code"]), (&json!("error"), &json!("unavailable")), "{first}");
+    // A send needs only Postgres: stored and acknowledged.
+    let during = alice.ack(json!({"type": "send", "room": room, "text": "during"})).await?;
+    assert_eq!(during["message"]["seq"], 2, "{during}");
+
+    redis.restart().await?;
+    eventually(WAIT, async || -> Result<()> {
+        let ((status, body), _) = readiness(gateway).await?;
+        anyhow::ensure!(status == 200, "{status} {body}");
+        Ok(())
+    })
+    .await
+    .context("/readyz never recovered")?;
+    let mut bob = cluster.client(0, "bob").await?;
+    let page = bob.ack(json!({"type": "history", "room": room})).await?;
+    let texts: Vec<&str> =
+        page["messages"].as_array().into_iter().flatten().filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts, ["before", "during"], "every acknowledged message: {page}");
     Ok(())
 }
 

@@ -331,6 +331,7 @@ async fn the_openapi_document_lists_every_route() -> Result<()> {
         ("get", "/ws"),
         ("get", "/healthz"),
         ("get", "/readyz"),
+        ("get", "/readyz/local"),
         ("get", "/openapi.json"),
         ("get", "/metrics"),
         ("post", "/v1/rooms"),

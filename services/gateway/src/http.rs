@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use crate::error::{CommandError, ErrorCode, HttpError};
 use crate::protocol::json;
-use crate::state::AppState;
+use crate::state::{AppState, Readiness};
 use crate::{attachments, devtoken, rest, web, ws};
 
 /// Every route the gateway serves. Each is registered with its OpenAPI description,
@@ -23,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(ws_upgrade))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(readyz_local))
         .routes(routes!(openapi_json))
         .routes(routes!(metrics))
         .merge(rest::router())
@@ -119,6 +120,19 @@ async fn healthz() -> impl IntoResponse {
 #[utoipa::path(get, path = "/readyz", tag = "meta", security(()), responses((status = 200, description = "ready"), (status = 503, description = "draining, full, or a backend is down")))]
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let readiness = state.readiness();
-    let status = if readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json::readiness_body(&readiness)))
+    readiness_reply(&readiness, readiness.is_ready())
+}
+
+/// Local readiness, for the load balancer's probe: 503 only while draining or full.
+/// A backend outage is every gateway's at once and shows in `/readyz`, in `unavailable`
+/// answers and in metrics, not here (docs/deploy.md).
+#[utoipa::path(get, path = "/readyz/local", tag = "meta", security(()), responses((status = 200, description = "takes new clients"), (status = 503, description = "draining or full")))]
+async fn readyz_local(State(state): State<AppState>) -> impl IntoResponse {
+    let readiness = state.readiness();
+    readiness_reply(&readiness, readiness.takes_new_clients())
+}
+
+fn readiness_reply(readiness: &Readiness, ready: bool) -> impl IntoResponse {
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json::readiness_body(readiness, ready)))
 }

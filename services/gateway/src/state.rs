@@ -226,8 +226,18 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Ready to take new connections.
+    /// Ready, as the contract's `/readyz` means it: takes new clients, and every
+    /// backend is up.
     pub fn is_ready(&self) -> bool {
-        !self.draining && !self.full && self.message_service && self.redis
+        self.takes_new_clients() && self.message_service && self.redis
+    }
+
+    /// Whether a load balancer should send this gateway new clients (`/readyz/local`):
+    /// it is not draining and not full. A backend outage is every gateway's at once, so
+    /// it is left out: turning them all unready would leave the load balancer nothing to
+    /// route to, where an open gateway still serves what needs no backend and answers the
+    /// rest `unavailable`, which clients retry.
+    pub fn takes_new_clients(&self) -> bool {
+        !self.draining && !self.full
     }
 }

@@ -281,9 +281,9 @@ pub fn health_body() -> Value {
 }
 
 /// `{status, checks}`: readiness and what it is made of.
-pub fn readiness_body(readiness: &Readiness) -> Value {
+pub fn readiness_body(readiness: &Readiness, ready: bool) -> Value {
     json!({
-        "status": if readiness.is_ready() { "ready" } else { "not_ready" },
+        "status": if ready { "ready" } else { "not_ready" },
         "checks": {
             "draining": readiness.draining,
             "full": readiness.full,
@@ -406,12 +406,12 @@ mod tests {
         assert_eq!(to_string(health_body()), r#"{"status":"ok"}"#);
         let ready = Readiness { draining: false, full: false, message_service: true, redis: true };
         assert_eq!(
-            to_string(readiness_body(&ready)),
+            to_string(readiness_body(&ready, ready.is_ready())),
             r#"{"checks":{"draining":false,"full":false,"message_service":true,"redis":true},"status":"ready"}"#
         );
         let draining = Readiness { draining: true, ..ready };
-        assert!(to_string(readiness_body(&draining)).ends_with(r#""status":"not_ready"}"#));
+        assert!(to_string(readiness_body(&draining, draining.is_ready())).ends_with(r#""status":"not_ready"}"#));
         let full = Readiness { full: true, ..ready };
-        assert!(to_string(readiness_body(&full)).ends_with(r#""status":"not_ready"}"#));
+        assert!(to_string(readiness_body(&full, full.is_ready())).ends_with(r#""status":"not_ready"}"#));
     }
 }
