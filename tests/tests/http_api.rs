@@ -1,7 +1,8 @@
 //! The REST API across two gateways: success paths and the 400/401/403/404/413 paths.
 
 use anyhow::Result;
-use chat_tests::{http_json, token, token_with, Cluster, Metrics};
+use chat_tests::{eventually, http, http_json, token, token_with, Cluster, Metrics, WsClient, WAIT};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 
 fn admin() -> String {
@@ -394,4 +395,42 @@ async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> 
     assert!(message.mentions("chat_message_postgres_errors_total"), "{message}");
     assert!(message.mentions("chat_message_redis_errors_total"), "{message}");
     Ok(())
+}
+
+/// What an on-call asks first: who got in, who left and why, whose token was refused.
+#[tokio::test]
+async fn connects_disconnects_and_refused_tokens_are_counted_by_code_and_reason() -> Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let gateway = cluster.gateways[0].as_str();
+    let url = cluster.ws_url(0);
+
+    let alice = cluster.client(0, "alice").await?;
+    alice.close().await?;
+    // A token that is not one, at the handshake and over REST.
+    assert!(WsClient::connect_bearer(&url, "not-a-token").await.is_err(), "a bad token was let in");
+    assert_eq!(http(gateway, "GET", "/v1/rooms", Some("not-a-token"), "", b"").await?.status, 401);
+    // An expired one.
+    let exp = chrono::Utc::now().timestamp() - 3600;
+    let expired = token_with(json!({"sub": "bob", "exp": exp}));
+    assert!(WsClient::connect_bearer(&url, &expired).await.is_err(), "an expired token was let in");
+    // No token at the handshake, and a first frame that is not `auth`.
+    let (mut anonymous, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    anonymous.send(tokio_tungstenite::tungstenite::Message::Text(r#"{"type":"ping"}"#.into())).await?;
+    while anonymous.next().await.is_some_and(|frame| frame.is_ok()) {}
+
+    eventually(WAIT, async || -> Result<()> {
+        let metrics = Metrics::scrape(gateway).await?;
+        let counted = [
+            ("chat_gateway_connects_total", 1.0),
+            (r#"chat_gateway_disconnects_total{code="1000"}"#, 1.0),
+            (r#"chat_gateway_auth_failures_total{reason="invalid"}"#, 2.0),
+            (r#"chat_gateway_auth_failures_total{reason="expired"}"#, 1.0),
+            (r#"chat_gateway_auth_failures_total{reason="no_auth_frame"}"#, 1.0),
+        ];
+        for (series, expected) in counted {
+            anyhow::ensure!(metrics.value(series) == expected, "{series} is not {expected}:\n{metrics}");
+        }
+        Ok(())
+    })
+    .await
 }

@@ -47,6 +47,19 @@ pub enum AuthError {
     Invalid(String),
 }
 
+impl AuthError {
+    /// The failure's label in `chat_gateway_auth_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Expired => "expired",
+            AuthError::TooLarge => "too_large",
+            AuthError::BadSubject => "bad_subject",
+            AuthError::BadName => "bad_name",
+            AuthError::Invalid(_) => "invalid",
+        }
+    }
+}
+
 /// The one signature algorithm client tokens must use (`JWT_ALGORITHM`). (Variants carry
 /// no `///`: clap would list them in `--help`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -19,6 +19,19 @@ pub struct CommandLabels {
     pub outcome: String,
 }
 
+/// Labels of a connection's end.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// The WebSocket close code (1006: the client vanished without one).
+    pub code: u16,
+}
+
+/// Labels of a refused token.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// Labels of a gRPC call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
@@ -33,6 +46,12 @@ pub struct Metrics {
     pub connections: Gauge<i64, AtomicI64>,
     /// `MAX_CONNECTIONS` (0: no cap), beside `connections` for an alert near the cap.
     pub max_connections: Gauge<i64, AtomicI64>,
+    /// Connections let in (`welcome` sent).
+    pub connects: Counter,
+    /// Connections ended after `welcome`, by close code.
+    pub disconnects: Family<CloseLabels, Counter>,
+    /// Tokens refused (handshake, first frame, `refresh`, REST), by reason.
+    pub auth_failures: Family<ReasonLabels, Counter>,
     /// Commands by type and outcome.
     pub commands: Family<CommandLabels, Counter>,
     /// Seconds from the message service's publish to the frame written to a socket.
@@ -68,6 +87,12 @@ impl Metrics {
             "Connections this gateway takes before it answers 503 (0: no cap)",
             max_connections.clone(),
         );
+        let connects = Counter::default();
+        registry.register("connects", "Connections let in (welcome sent)", connects.clone());
+        let disconnects = Family::<CloseLabels, Counter>::default();
+        registry.register("disconnects", "Connections ended after welcome, by close code", disconnects.clone());
+        let auth_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register("auth_failures", "Tokens refused, by reason", auth_failures.clone());
         let commands = Family::<CommandLabels, Counter>::default();
         registry.register("commands", "Commands by type and outcome", commands.clone());
         let fanout_latency = Histogram::new(latency_buckets());
@@ -98,6 +123,9 @@ impl Metrics {
             registry: Arc::new(registry),
             connections,
             max_connections,
+            connects,
+            disconnects,
+            auth_failures,
             commands,
             fanout_latency,
             grpc_latency,
@@ -107,6 +135,11 @@ impl Metrics {
             gap_repairs,
             attachment_transfers,
         }
+    }
+
+    /// Counts one refused token.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts one command.

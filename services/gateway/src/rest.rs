@@ -61,7 +61,7 @@ impl FromRequestParts<AppState> for User {
             .and_then(|v| v.to_str().ok())
             .and_then(auth::bearer)
             .ok_or_else(|| HttpError::unauthorized("a Bearer token is required"))?;
-        let claims = state.verifier().verify(token).map_err(|e| HttpError::unauthorized(e.to_string()))?;
+        let claims = state.authenticate(token).map_err(|e| HttpError::unauthorized(e.to_string()))?;
         if let Err(wait) = state.rest_limits().check(&claims.sub, Instant::now()) {
             state.metrics().rate_limited.inc();
             return Err(rate_limited("too many requests", wait));

@@ -230,11 +230,8 @@ impl Session {
     }
 
     fn refresh(&mut self, id: Option<&str>, token: &str) -> Result<String, CommandError> {
-        let claims = self
-            .state
-            .verifier()
-            .verify(token)
-            .map_err(|e| CommandError::new(ErrorCode::Unauthorized, e.to_string()))?;
+        let claims =
+            self.state.authenticate(token).map_err(|e| CommandError::new(ErrorCode::Unauthorized, e.to_string()))?;
         if claims.sub != self.claims.sub {
             return Err(CommandError::new(ErrorCode::Forbidden, "the new token is for another user"));
         }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::attachments::Transfers;
-use crate::auth::Verifier;
+use crate::auth::{AuthError, Claims, Verifier};
 use crate::backend::Backend;
 use crate::capacity::Capacity;
 use crate::config::Config;
@@ -116,6 +116,11 @@ impl AppState {
 
     pub fn verifier(&self) -> &Verifier {
         &self.inner.verifier
+    }
+
+    /// Verifies a client's token, counting a refusal by its reason.
+    pub fn authenticate(&self, token: &str) -> Result<Claims, AuthError> {
+        self.inner.verifier.verify(token).inspect_err(|err| self.inner.metrics.auth_failure(err.reason()))
     }
 
     pub fn backend(&self) -> &Backend {

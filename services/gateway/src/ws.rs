@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::auth::{self, Claims};
 use crate::capacity::Slot;
 use crate::error::{CommandError, ErrorCode, HttpError};
+use crate::metrics::CloseLabels;
 use crate::outbox::{Outbox, Queued, Receiver};
 use crate::presence::Admission;
 use crate::protocol::{client, server, Close, Command, Policy};
@@ -63,7 +64,7 @@ pub async fn upgrade(
     let header_token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer);
     let token = header_token.or_else(|| query.get("token").map(String::as_str));
     let claims = match token {
-        Some(token) => match state.verifier().verify(token) {
+        Some(token) => match state.authenticate(token) {
             Ok(claims) => Some(claims),
             Err(err) => return HttpError::unauthorized(err.to_string()).into_response(),
         },
@@ -161,6 +162,7 @@ async fn open(
         return None;
     }
     state.metrics().connections.inc();
+    state.metrics().connects.inc();
     if admission == (Admission::Admitted { first: true }) {
         let presence = state.presence().clone();
         let user = claims.sub.clone();
@@ -233,25 +235,30 @@ fn close_frame(close: Close) -> CloseFrame {
 /// an `unauthorized` error frame and close 1008.
 async fn first_frame_auth(state: &AppState, socket: &mut WebSocket) -> Option<(Claims, Option<String>)> {
     let deadline = Instant::now() + state.settings().auth_timeout;
+    // A refused token is counted by `authenticate`; no token at all, here.
+    let no_token = |id: Option<String>, message: &str| {
+        state.metrics().auth_failure("no_auth_frame");
+        (id, message.to_owned())
+    };
     let refusal = loop {
         let frame = tokio::select! {
             frame = tokio::time::timeout_at(deadline, socket.next()) => frame,
             _ = state.shutdown().cancelled() => return None,
         };
         let text = match frame {
-            Err(_) => break (None, "no auth frame within the time limit".to_owned()),
+            Err(_) => break no_token(None, "no auth frame within the time limit"),
             Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return None,
             Ok(Some(Ok(Message::Text(text)))) => text,
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            Ok(Some(Ok(Message::Binary(_)))) => break (None, "the first frame must be an auth frame".to_owned()),
+            Ok(Some(Ok(Message::Binary(_)))) => break no_token(None, "the first frame must be an auth frame"),
         };
         match client::parse(&text) {
-            Ok(client::ClientFrame { id, command: Command::Auth { token } }) => match state.verifier().verify(&token) {
+            Ok(client::ClientFrame { id, command: Command::Auth { token } }) => match state.authenticate(&token) {
                 Ok(claims) => return Some((claims, id)),
                 Err(err) => break (id, err.to_string()),
             },
-            Ok(frame) => break (frame.id, "the first frame must be an auth frame".to_owned()),
-            Err(bad) => break (bad.id, "the first frame must be an auth frame".to_owned()),
+            Ok(frame) => break no_token(frame.id, "the first frame must be an auth frame"),
+            Err(bad) => break no_token(bad.id, "the first frame must be an auth frame"),
         }
     };
     let (id, message) = refusal;
@@ -475,6 +482,7 @@ impl Connection {
     async fn close(&mut self) {
         let reason = self.outbox.close_reason().unwrap_or(Close::Normal);
         self.outbox.close(reason);
+        self.state.metrics().disconnects.get_or_create(&CloseLabels { code: reason.code() }).inc();
         // Kept to the end: nothing may follow the close frame.
         self.queue.claim();
         match reason {
