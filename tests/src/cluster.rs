@@ -139,14 +139,7 @@ impl ClusterBuilder {
         // A gateway is ready once one message service answers; a test about several
         // needs every one of them up, or calls balanced to a late one fail `unavailable`.
         for replica in &cluster.replicas {
-            let addr = &replica.grpc_addr;
-            eventually(START_WITHIN, async || -> Result<()> {
-                let status = grpc_health(addr, "").await?;
-                anyhow::ensure!(status == SERVING, "health status {status}");
-                Ok(())
-            })
-            .await
-            .with_context(|| format!("message service {addr} not serving within {START_WITHIN:?}"))?;
+            wait_serving(&replica.grpc_addr).await?;
         }
         Ok(cluster)
     }
@@ -167,6 +160,17 @@ pub struct Cluster {
     message: Child,
     gateway_procs: Vec<Child>,
     pub db: TestDb,
+}
+
+/// Waits (bounded) until the message service at `addr` reports SERVING.
+async fn wait_serving(addr: &str) -> Result<()> {
+    eventually(START_WITHIN, async || -> Result<()> {
+        let status = grpc_health(addr, "").await?;
+        anyhow::ensure!(status == SERVING, "health status {status}");
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("message service {addr} not serving within {START_WITHIN:?}"))
 }
 
 /// The gRPC health status of `service` (`""`: overall) at `addr`.
@@ -246,6 +250,15 @@ impl Cluster {
     /// Sends SIGTERM to the message service and waits (bounded) for it; its exit code.
     pub async fn terminate_message_service(&mut self) -> Result<Option<i32>> {
         terminate(&mut self.message).await
+    }
+
+    /// Starts a further message service at `grpc_addr` (one the gateways may already be
+    /// configured with) and waits until it serves.
+    pub async fn add_replica(&mut self, grpc_addr: &str) -> Result<()> {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let child = spawn_message(grpc_addr, &metrics, &self.db.url, &self.wiring)?;
+        self.replicas.push(Replica { grpc_addr: grpc_addr.to_owned(), metrics, child });
+        wait_serving(grpc_addr).await
     }
 
     /// Starts one more gateway that calls the message service at `message_url` (a proxy

@@ -22,7 +22,8 @@ use crate::StartupError;
 
 /// Calls a ChatService method on a clone of the shared client, inside a client span
 /// whose trace context travels in the request metadata, recording its latency by
-/// method; `?` maps a failed status to the protocol error.
+/// method; `?` maps a failed status to the protocol error. A call that never reached a
+/// message service (see [`never_sent`]) is made again, up to `NEVER_SENT_RETRIES` times.
 macro_rules! call {
     ($self:ident, $method:ident, $req:expr) => {{
         let span = tracing::info_span!(
@@ -32,10 +33,23 @@ macro_rules! call {
             rpc.system = "grpc",
             rpc.method = stringify!($method),
         );
-        let mut request = tonic::Request::new($req);
-        chat_common::propagation::inject_metadata(&span, request.metadata_mut());
+        let attempt = |message| {
+            let (mut client, span) = ($self.chat.clone(), span.clone());
+            async move {
+                let mut request = tonic::Request::new(message);
+                chat_common::propagation::inject_metadata(&span, request.metadata_mut());
+                tracing::Instrument::instrument(client.$method(request), span).await
+            }
+        };
+        let message = $req;
         let started = std::time::Instant::now();
-        let reply = tracing::Instrument::instrument($self.chat.clone().$method(request), span).await;
+        let mut reply = attempt(message.clone()).await;
+        for _ in 0..NEVER_SENT_RETRIES {
+            if !reply.as_ref().is_err_and(never_sent) {
+                break;
+            }
+            reply = attempt(message.clone()).await;
+        }
         $self
             .metrics
             .grpc_latency
@@ -43,6 +57,27 @@ macro_rules! call {
             .observe(started.elapsed().as_secs_f64());
         reply?.into_inner()
     }};
+}
+
+/// Each attempt that meets a refused connection uses that service's stale error up (its
+/// connection is made afresh when next picked), so a few attempts get past every service
+/// that came up since the balancer last tried it; when none is up, the refusals are
+/// immediate.
+const NEVER_SENT_RETRIES: usize = 3;
+
+/// Whether a call failed before anything was sent: the balancer picked a message service
+/// whose connection could not be made (refused: it was not listening yet, or not any
+/// more). Such a call cannot have run, so making it again cannot run it twice; the
+/// balancer will pick a connected service, or this one reconnected.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Handle to the message service; cheap to clone (clones share the HTTP/2 channel).
@@ -256,4 +291,26 @@ impl crate::room::RoomLog for Backend {
 
 fn missing() -> CommandError {
     CommandError::from(tonic::Status::internal("message service returned an empty reply"))
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::transport::Endpoint;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    use super::never_sent;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_call_never_sent() {
+        // A port nothing listens on: bound, then closed.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+        let channel = Endpoint::from_shared(format!("http://{addr}")).expect("a URL").connect_lazy();
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .expect_err("nothing listens there");
+        assert!(never_sent(&status), "{status:?}");
+        assert!(!never_sent(&tonic::Status::unavailable("the service said so")));
+    }
 }
