@@ -390,6 +390,18 @@ async fn metrics_expose_the_named_series_and_move_under_traffic() -> Result<()> 
     assert!(after_b.value("chat_gateway_fanout_latency_seconds_count") >= 3.0, "{after_b}");
     assert!(after_a.value(r#"chat_gateway_grpc_latency_seconds_count{method="send_message"}"#) >= 3.0, "{after_a}");
 
+    // REST by method, route template and status: two rooms listed, one refused token.
+    let alice_token = token("alice");
+    for _ in 0..2 {
+        assert_eq!(http(a, "GET", "/v1/rooms", Some(&alice_token), "", b"").await?.status, 200);
+    }
+    let path = format!("/v1/rooms/{room}/messages");
+    assert_eq!(http(a, "GET", &path, Some("not-a-token"), "", b"").await?.status, 401);
+    let rest = Metrics::scrape(a).await?;
+    let count = |labels: &str| rest.value(&format!("chat_gateway_http_request_duration_seconds_count{{{labels}}}"));
+    assert_eq!(count(r#"method="GET",route="/v1/rooms",status="200""#), 2.0, "{rest}");
+    assert_eq!(count(r#"method="GET",route="/v1/rooms/{id}/messages",status="401""#), 1.0, "{rest}");
+
     let message = Metrics::scrape(&cluster.message_metrics).await?;
     assert_eq!(message.value("chat_message_sends_persisted_total"), 3.0, "{message}");
     assert!(message.mentions("chat_message_postgres_errors_total"), "{message}");

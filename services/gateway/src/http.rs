@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{MatchedPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json, Router};
@@ -35,10 +35,28 @@ pub fn router(state: AppState) -> Router {
     let openapi = Arc::new(openapi);
     router
         .merge(web::router())
+        // Matched routes only: their path template is the label, so a scan of random
+        // paths cannot grow the series.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), record_request))
         .fallback(rest::not_found)
         .layer(Extension(openapi))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_headers))
         .with_state(state)
+}
+
+/// Counts and times each request by method, route template and status.
+async fn record_request(
+    State(state): State<AppState>,
+    route: Option<MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    let route = route.as_ref().map_or("", MatchedPath::as_str);
+    state.metrics().http_request(method.as_str(), route, response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// Refuses requests whose URI and headers together exceed `MAX_HEADER_BYTES` (413).

@@ -32,6 +32,15 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of an HTTP request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    /// The route's template (`/v1/rooms/{id}/messages`), never the raw path.
+    pub route: String,
+    pub status: u16,
+}
+
 /// Labels of a gRPC call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
@@ -56,6 +65,9 @@ pub struct Metrics {
     pub commands: Family<CommandLabels, Counter>,
     /// Seconds from the message service's publish to the frame written to a socket.
     pub fanout_latency: Histogram,
+    /// Seconds per HTTP request (REST, attachments, `/ws` handshakes, probes), by method,
+    /// route and status; its count is the requests.
+    pub http_latency: Family<HttpLabels, Histogram>,
     /// Seconds per gRPC call to the message service.
     pub grpc_latency: Family<MethodLabels, Histogram>,
     /// Redis operations that failed (publish, subscribe).
@@ -104,6 +116,12 @@ impl Metrics {
         let grpc_latency =
             Family::<MethodLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
         registry.register("grpc_latency_seconds", "Seconds per call to the message service", grpc_latency.clone());
+        let http_latency = Family::<HttpLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "http_request_duration_seconds",
+            "Seconds per HTTP request, by method, route and status",
+            http_latency.clone(),
+        );
         let redis_errors = Counter::default();
         registry.register("redis_errors", "Failed Redis operations", redis_errors.clone());
         let outbound_drops = Counter::default();
@@ -129,12 +147,19 @@ impl Metrics {
             commands,
             fanout_latency,
             grpc_latency,
+            http_latency,
             redis_errors,
             outbound_drops,
             rate_limited,
             gap_repairs,
             attachment_transfers,
         }
+    }
+
+    /// Records one HTTP request.
+    pub fn http_request(&self, method: &str, route: &str, status: u16, took: std::time::Duration) {
+        let labels = HttpLabels { method: method.to_owned(), route: route.to_owned(), status };
+        self.http_latency.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
     /// Counts one refused token.
