@@ -8,7 +8,7 @@ use tokio::process::Child;
 
 use crate::db::TestDb;
 use crate::http::http_get;
-use crate::process::{spawn_gateway, spawn_message, terminate, Wiring};
+use crate::process::{exited, sigterm, spawn_gateway, spawn_message, terminate, Wiring};
 use crate::shared::{postgres_base, redis_url};
 use crate::tokens::token;
 use crate::unique::{free_port, unique};
@@ -35,6 +35,21 @@ impl Replica {
         self.child.kill().await?;
         Ok(())
     }
+
+    /// Sends SIGTERM, as Kubernetes does to a pod it replaces, and returns while it drains.
+    pub fn sigterm(&self) -> Result<()> {
+        sigterm(&self.child)
+    }
+
+    /// Waits (bounded) for it to exit; its exit code.
+    pub async fn exited(&mut self) -> Result<Option<i32>> {
+        exited(&mut self.child).await
+    }
+
+    /// Its gRPC health status for `service` (`""`: overall).
+    pub async fn health(&self, service: &str) -> Result<i32> {
+        grpc_health(&self.grpc_addr, service).await
+    }
 }
 
 /// What a cluster will be; `start` brings it up. By default one gateway and one message
@@ -44,6 +59,7 @@ pub struct ClusterBuilder {
     gateways: usize,
     replicas: usize,
     postgres: Option<String>,
+    database: Option<TestDb>,
     redis: Option<String>,
     env: Vec<(String, String)>,
     fd_soft_limit: Option<u64>,
@@ -82,6 +98,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Uses `db`, prepared by the test (migrated, say), instead of a fresh one.
+    pub fn database(mut self, db: TestDb) -> Self {
+        self.database = Some(db);
+        self
+    }
+
     /// Starts every process with this soft open-file limit, as a container runtime does
     /// (containerd 2.x: 1024).
     pub fn fd_soft_limit(mut self, limit: u64) -> Self {
@@ -92,7 +114,10 @@ impl ClusterBuilder {
     /// Starts everything and waits until every gateway is ready and every message service
     /// serving.
     pub async fn start(self) -> Result<Cluster> {
-        let db = TestDb::on(&self.postgres.unwrap_or_else(postgres_base));
+        let db = match self.database {
+            Some(db) => db,
+            None => TestDb::on(&self.postgres.unwrap_or_else(postgres_base)),
+        };
         let wiring = Wiring {
             redis: self.redis.unwrap_or_else(redis_url),
             // A private channel namespace: other clusters on the same Redis never cross-talk.
@@ -184,7 +209,15 @@ async fn grpc_health(addr: &str, service: &str) -> Result<i32> {
 impl Cluster {
     /// A cluster of one gateway and one message service, until told otherwise.
     pub fn builder() -> ClusterBuilder {
-        ClusterBuilder { gateways: 1, replicas: 0, postgres: None, redis: None, env: Vec::new(), fd_soft_limit: None }
+        ClusterBuilder {
+            gateways: 1,
+            replicas: 0,
+            postgres: None,
+            database: None,
+            redis: None,
+            env: Vec::new(),
+            fd_soft_limit: None,
+        }
     }
 
     /// Waits (bounded) until gateway `gw` answers `/readyz` with 200; fails at once if a
@@ -259,6 +292,14 @@ impl Cluster {
         let child = spawn_message(grpc_addr, &metrics, &self.db.url, &self.wiring)?;
         self.replicas.push(Replica { grpc_addr: grpc_addr.to_owned(), metrics, child });
         wait_serving(grpc_addr).await
+    }
+
+    /// Starts replica `i` again, after it exited, at its address, and waits until it
+    /// serves.
+    pub async fn respawn_replica(&mut self, i: usize) -> Result<()> {
+        let replica = &mut self.replicas[i];
+        replica.child = spawn_message(&replica.grpc_addr, &replica.metrics, &self.db.url, &self.wiring)?;
+        wait_serving(&replica.grpc_addr).await
     }
 
     /// Starts one more gateway that calls the message service at `message_url` (a proxy

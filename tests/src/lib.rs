@@ -9,6 +9,7 @@
 mod cluster;
 mod db;
 mod http;
+pub mod manifests;
 mod metrics;
 pub mod otlp;
 mod process;
@@ -31,6 +32,6 @@ pub use reliable::{send_reliably, Follower};
 pub use servers::{PgServer, RedisCluster, RedisServer};
 pub use shared::{postgres_base, redis_url};
 pub use tokens::{token, token_with, SECRET};
-pub use unique::free_port;
+pub use unique::{free_port, unique};
 pub use wait::{eventually, give_up, GiveUp, Outcome, WAIT};
 pub use ws::{small_buffer_member, WsClient};

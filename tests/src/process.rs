@@ -13,12 +13,16 @@ use crate::tokens::SECRET;
 /// How long a process may take to exit after SIGTERM: its drain and grace periods.
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
 
+/// The directory of the workspace binaries, next to this test executable.
+pub(crate) fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent().and_then(|d| d.parent()).expect("target dir").to_owned()
+}
+
 /// Path of a workspace binary built next to this test executable.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join(name);
+    let path = bin_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",
@@ -59,6 +63,8 @@ pub(crate) fn spawn_gateway(addr: &str, message_urls: &str, wiring: &Wiring) -> 
         .env("REDIS_URL", &wiring.redis)
         .env("REDIS_CHANNEL_PREFIX", &wiring.prefix)
         .env("JWT_SECRET", SECRET)
+        // Tests sign tokens without iss/aud and connect without an Origin.
+        .env("ALLOW_INSECURE_PRODUCTION", "true")
         .env("HEARTBEAT_MS", "5000")
         .env("RUST_LOG", "warn")
         .envs(wiring.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -86,9 +92,20 @@ pub(crate) fn spawn_message(grpc_addr: &str, metrics_addr: &str, db_url: &str, w
 
 /// Sends SIGTERM and waits (bounded) for the exit; its exit code.
 pub(crate) async fn terminate(child: &mut Child) -> Result<Option<i32>> {
+    sigterm(child)?;
+    exited(child).await
+}
+
+/// Sends SIGTERM, without waiting for the exit.
+pub(crate) fn sigterm(child: &Child) -> Result<()> {
     let pid = child.id().ok_or_else(|| anyhow!("the process already exited"))?;
     let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
     anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+    Ok(())
+}
+
+/// Waits (bounded) for the exit; its exit code.
+pub(crate) async fn exited(child: &mut Child) -> Result<Option<i32>> {
     let status = tokio::time::timeout(EXIT_WITHIN, child.wait()).await??;
     Ok(status.code())
 }

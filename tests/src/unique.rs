@@ -27,7 +27,7 @@ pub fn free_port() -> u16 {
 }
 
 /// `prefix` made unique: for databases, channel prefixes and temporary directories.
-pub(crate) fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     // Tests in one binary run in parallel threads and may read the same clock value: the
     // counter keeps their names apart, the clock keeps apart runs that reuse a pid.
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -1,10 +1,13 @@
 //! The cluster end to end: two real gateways and a real message service against real
 //! Postgres and Redis, driven by WebSocket clients as a chat app would.
 
+use std::time::Duration;
+
 use anyhow::Result;
-use chat_tests::{http_get, token, token_with, Cluster, Metrics, WsClient};
+use chat_tests::{eventually, http_get, token, token_with, Cluster, Metrics, Replica, WsClient, WAIT};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn messages_cross_gateways_in_gapless_seq_order_and_are_stored() -> Result<()> {
@@ -326,5 +329,76 @@ async fn message_services_that_start_late_cost_clients_no_unavailable() -> Resul
         stored_late += Metrics::scrape(&replica.metrics).await?.value("chat_message_sends_persisted_total");
     }
     assert!(stored_late > 0.0, "no call reached a late message service: the test proved nothing");
+    Ok(())
+}
+
+/// Sends into `room` one message at a time until `stop`, at the pace the rate limit
+/// allows; the acknowledged seqs, and every other reply but `rate_limited`.
+async fn send_until(mut client: WsClient, room: String, stop: CancellationToken) -> Result<(Vec<i64>, Vec<Value>)> {
+    let (mut seqs, mut refused) = (Vec::new(), Vec::new());
+    while !stop.is_cancelled() {
+        let reply = client.request(json!({"type": "send", "room": room, "text": "rolling"})).await?;
+        match reply["message"]["seq"].as_i64() {
+            Some(seq) if reply["type"] == "ack" => seqs.push(seq),
+            _ if reply["code"] == "rate_limited" => {
+                let pause = reply["retry_after_ms"].as_u64().unwrap_or(10);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            _ => refused.push(reply),
+        }
+        // Deliveries of both senders' messages pile up unread otherwise.
+        client.take_buffered("message");
+    }
+    Ok((seqs, refused))
+}
+
+#[tokio::test]
+async fn a_message_service_rolled_under_traffic_costs_clients_no_unavailable() -> Result<()> {
+    const NOT_SERVING: i32 = 2;
+    const SENDS: &str = r#"chat_message_grpc_request_duration_seconds_count{method="SendMessage",code="OK"}"#;
+    let drain = Duration::from_secs(3);
+    let mut cluster =
+        Cluster::builder().gateways(2).replicas(1).env("DRAIN_DELAY_MS", drain.as_millis().to_string()).start().await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = alice.create_group(&["bob"]).await?;
+    let bob = cluster.client(1, "bob").await?;
+    let stop = CancellationToken::new();
+    let senders = [alice, bob].map(|c| tokio::spawn(send_until(c, room.clone(), stop.clone())));
+    let sends_on =
+        async |replica: &Replica| -> Result<f64> { Ok(Metrics::scrape(&replica.metrics).await?.value(SENDS)) };
+    eventually(WAIT, async || sends_on(&cluster.replicas[0]).await.is_ok_and(|n| n >= 20.0)).await?;
+
+    // The HTTP probes on the metrics port (the kubelet's, under mTLS) agree with gRPC health.
+    let metrics = cluster.replicas[0].metrics.clone();
+    assert_eq!(http_get(&metrics, "/readyz").await?.0, 200);
+    // Kubernetes replaces the replica: SIGTERM, and it drains.
+    cluster.replicas[0].sigterm()?;
+    eventually(WAIT, async || cluster.replicas[0].health("").await.is_ok_and(|s| s == NOT_SERVING)).await?;
+    assert_eq!(http_get(&metrics, "/readyz").await?.0, 503, "draining, yet ready for new calls");
+    assert_eq!(http_get(&metrics, "/livez").await?.0, 200, "draining, and not alive");
+    // Still taking calls (it answered that), but the gateways have moved theirs away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settled = sends_on(&cluster.replicas[0]).await?;
+    tokio::time::sleep(drain / 2).await;
+    assert_eq!(sends_on(&cluster.replicas[0]).await?, settled, "a draining replica was still sent new calls");
+    assert_eq!(cluster.replicas[0].exited().await?, Some(0), "a drained message service exits 0");
+
+    // Its successor at the same address gets calls again.
+    cluster.respawn_replica(0).await?;
+    eventually(WAIT, async || sends_on(&cluster.replicas[0]).await.is_ok_and(|n| n >= 10.0)).await?;
+    stop.cancel();
+    let mut acked = Vec::new();
+    for sender in senders {
+        let (seqs, refused) = sender.await??;
+        assert!(
+            refused.is_empty(),
+            "clients saw {} errors during the roll, first {:?}",
+            refused.len(),
+            refused.first()
+        );
+        acked.extend(seqs);
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=acked.len() as i64).collect::<Vec<_>>(), "every acknowledged send stored once, no gap");
     Ok(())
 }

@@ -210,13 +210,20 @@ async fn the_grafana_dashboard_charts_the_metrics_the_services_really_expose() -
     let mut alice = cluster.client(0, "alice").await?;
     let room = alice.create_group(&["bob"]).await?;
     alice.ack(json!({"type": "send", "room": room, "text": "hi"})).await?;
-    let mut exposed = String::new();
-    for addr in [cluster.gateways[0].as_str(), cluster.message_metrics.as_str()] {
-        // `scrape` fails unless /metrics answers 200.
-        exposed.push_str(Metrics::scrape(addr).await?.text());
-    }
-    let exposed = metric_names(&exposed);
-    let missing: Vec<_> = charted.difference(&exposed).collect();
-    assert!(missing.is_empty(), "charted but not exposed: {missing:?}");
-    Ok(())
+    // A disconnect and a refused token, whose families appear once counted.
+    cluster.client(0, "bob").await?.close().await?;
+    assert!(chat_tests::WsClient::connect_bearer(&cluster.ws_url(0), "not-a-token").await.is_err());
+    // The disconnect is counted as the gateway finishes the socket: read until it is.
+    chat_tests::eventually(chat_tests::WAIT, async || -> Result<()> {
+        let mut exposed = String::new();
+        for addr in [cluster.gateways[0].as_str(), cluster.message_metrics.as_str()] {
+            // `scrape` fails unless /metrics answers 200.
+            exposed.push_str(Metrics::scrape(addr).await?.text());
+        }
+        let exposed = metric_names(&exposed);
+        let missing: Vec<_> = charted.difference(&exposed).collect();
+        anyhow::ensure!(missing.is_empty(), "charted but not exposed: {missing:?}");
+        Ok(())
+    })
+    .await
 }

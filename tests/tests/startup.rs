@@ -75,6 +75,7 @@ async fn the_message_service_gives_up_on_an_unreachable_redis() -> Result<()> {
 async fn a_gateway_gives_up_on_an_unreachable_message_service() -> Result<()> {
     let mut cmd = command("chat-gateway");
     cmd.env("JWT_SECRET", SECRET)
+        .env("ALLOW_INSECURE_PRODUCTION", "true")
         .env("MESSAGE_SERVICE_URL", format!("http://127.0.0.1:{}", free_port()))
         .env("REDIS_URL", redis_url())
         .env("STARTUP_ATTEMPTS", "2")
@@ -111,6 +112,19 @@ async fn production_refuses_a_published_or_short_jwt_secret() -> Result<()> {
         assert!(!out.status.success(), "{secret}");
         assert!(stderr(&out).contains("refused with ENVIRONMENT=production"), "{}", stderr(&out));
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn production_refuses_to_start_open_to_every_origin_and_token_issuer() -> Result<()> {
+    let mut cmd = command("chat-gateway");
+    cmd.env("JWT_SECRET", SECRET).env("ALLOWED_ORIGINS", "https://chat.example.com");
+    let out = run(cmd).await?;
+    assert!(!out.status.success());
+    let line = "Error: invalid configuration: JWT_ISSUER, JWT_AUDIENCE not set; refused with ENVIRONMENT=production \
+                (the default): set them, or ALLOW_INSECURE_PRODUCTION=true to run without, or \
+                ENVIRONMENT=development for a local cluster";
+    assert!(stderr(&out).lines().any(|l| l == line), "{}", stderr(&out));
     Ok(())
 }
 

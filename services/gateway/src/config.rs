@@ -157,6 +157,12 @@ pub struct Config {
     #[arg(long, env = "ENVIRONMENT", value_enum, default_value_t = Environment::Production)]
     pub environment: Environment,
 
+    /// Run in production without ALLOWED_ORIGINS, JWT_ISSUER or JWT_AUDIENCE: any web page
+    /// could open sockets with a visitor's token, and a token minted for another service
+    /// that shares the key would be accepted. Say so explicitly, or set them.
+    #[arg(long, env = "ALLOW_INSECURE_PRODUCTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_insecure_production: bool,
+
     /// Serve `POST /v1/dev/token`, which signs a token for any user name it is given, so
     /// the browser client can sign in by name. Development only: refused in production.
     #[arg(long, env = "DEV_TOKENS")]
@@ -241,6 +247,11 @@ pub enum ConfigError {
          random bytes (e.g. `openssl rand -base64 48`), or set ENVIRONMENT=development for a local cluster"
     )]
     WeakSecret(&'static str),
+    #[error(
+        "{0} not set; refused with ENVIRONMENT=production (the default): set them, or \
+         ALLOW_INSECURE_PRODUCTION=true to run without, or ENVIRONMENT=development for a local cluster"
+    )]
+    Unhardened(String),
     #[error("MESSAGE_SERVICE_URL: {0}")]
     MessageServiceUrl(String),
     #[error("{setting} must be at least {min}")]
@@ -292,6 +303,19 @@ impl Config {
         at_least("ATTACHMENT_TRANSFERS", self.attachment_transfers as u64, 1)?;
         at_least("ATTACHMENT_TRANSFERS_PER_USER", self.attachment_transfers_per_user as u64, 1)?;
         at_least("ATTACHMENT_STALL_SECS", self.attachment_stall_secs, 1)?;
+        if self.environment == Environment::Production && !self.allow_insecure_production {
+            let unset: Vec<&str> = [
+                ("ALLOWED_ORIGINS", self.allowed_origins.iter().all(|o| o.trim().is_empty())),
+                ("JWT_ISSUER", self.jwt_issuer.as_deref().is_none_or(str::is_empty)),
+                ("JWT_AUDIENCE", self.jwt_audience.as_deref().is_none_or(str::is_empty)),
+            ]
+            .into_iter()
+            .filter_map(|(name, unset)| unset.then_some(name))
+            .collect();
+            if !unset.is_empty() {
+                return Err(ConfigError::Unhardened(unset.join(", ")));
+            }
+        }
         Ok(())
     }
 
@@ -447,7 +471,20 @@ mod tests {
         assert_eq!(config.backend.startup_attempts, 40);
         assert_eq!(config.backend.startup_retry_ms, 500);
         assert_eq!(config.backend.redis_channel_prefix, "chat");
-        assert!(config.validate().is_ok());
+        assert!(!config.allow_insecure_production);
+    }
+
+    #[test]
+    fn production_needs_origins_issuer_and_audience_unless_told_otherwise() {
+        let message = |args: &[&str]| parse(args).validate().map_err(|e| e.to_string());
+        let refused = message(&["--jwt-secret", STRONG]).unwrap_err();
+        assert!(refused.starts_with("ALLOWED_ORIGINS, JWT_ISSUER, JWT_AUDIENCE not set; refused with"), "{refused}");
+        let issuer_only = ["--jwt-secret", STRONG, "--allowed-origins", "https://a.example", "--jwt-issuer", "auth"];
+        assert!(message(&issuer_only).unwrap_err().starts_with("JWT_AUDIENCE not set;"));
+        let hardened = [&issuer_only[..], &["--jwt-audience", "chat"]].concat();
+        assert_eq!(message(&hardened), Ok(()));
+        assert_eq!(message(&["--jwt-secret", STRONG, "--allow-insecure-production", "true"]), Ok(()));
+        assert_eq!(message(&["--jwt-secret", STRONG, "--environment", "development"]), Ok(()));
     }
 
     #[test]
@@ -502,7 +539,8 @@ mod tests {
             assert!(refused.starts_with("JWT_SECRET is ") && refused.contains("ENVIRONMENT=production"), "{refused}");
             assert!(message(&["--jwt-secret", weak, "--environment", "development"]).is_ok(), "{weak}");
         }
-        assert!(message(&["--jwt-secret", &"s".repeat(MIN_HS256_SECRET_BYTES)]).is_ok());
+        let strong = "s".repeat(MIN_HS256_SECRET_BYTES);
+        assert!(message(&["--jwt-secret", &strong, "--allow-insecure-production", "true"]).is_ok());
     }
 
     #[test]

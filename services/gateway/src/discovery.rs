@@ -4,20 +4,31 @@
 //! a ClusterIP Service every call of a gateway would land on the one pod that connection
 //! reached. Instead the gateway is given a name that resolves to each pod (a headless
 //! Service), re-resolves it periodically, and keeps one connection per address in a
-//! power-of-two-choices balancer (tonic's `balance_channel`).
+//! power-of-two-choices balancer (tonic's `balance_channel`). Each address's gRPC health
+//! is watched too: a replica that drains (NOT_SERVING after SIGTERM) gets no new calls
+//! while another serves, before it stops accepting them.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::Sender;
+use tokio::sync::mpsc::{self, Sender};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
-/// Changes queued for the balancer; resolution waits when it is full.
+/// Changes queued for the balancer, and health changes for its task; senders wait when
+/// either is full.
 const CHANGES: usize = 64;
+
+/// Pause before watching a replica's health again after the watch failed.
+const WATCH_RETRY: Duration = Duration::from_secs(1);
 
 /// Where the message service is: one or more `http://host:port` URLs.
 #[derive(Debug, Clone)]
@@ -66,27 +77,41 @@ impl Targets {
 }
 
 /// A channel balancing over every address of `targets`, kept current by re-resolving
-/// them every `refresh` until `shutdown`, in a task on `tasks`. `configure` sets timeouts
-/// and keep-alives on each address's endpoint.
+/// them every `refresh` and by watching each address's gRPC health, until `shutdown`, in
+/// tasks on `tasks`. `configure` sets timeouts, keep-alives and TLS on each address's
+/// endpoint.
 pub async fn balanced_channel(
     targets: Targets,
     refresh: Duration,
-    configure: impl Fn(Endpoint) -> Endpoint + Send + 'static,
+    configure: impl Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
 ) -> Channel {
     let (channel, changes) = Channel::balance_channel::<SocketAddr>(CHANGES);
-    let mut balancer = Balancer { changes, configure: Box::new(configure), current: HashSet::new() };
+    let configure: Configure = Arc::new(configure);
+    let (health_tx, mut health) = mpsc::channel(CHANGES);
+    let mut watchers =
+        Watchers { updates: health_tx, configure: configure.clone(), tasks: tasks.clone(), stops: HashMap::new() };
+    let mut balancer = Balancer::new(changes, configure);
     // The first set is in place before the first call; later ones follow in the background.
-    balancer.update(targets.resolve().await).await;
+    let addrs = targets.resolve().await;
+    watchers.follow(&addrs, &shutdown);
+    balancer.resolved(addrs).await;
     tasks.spawn(async move {
+        let mut resolve = tokio::time::interval(refresh);
+        resolve.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        resolve.tick().await;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(refresh) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            let addrs = targets.resolve().await;
-            if !balancer.update(addrs).await {
+            let alive = tokio::select! {
+                _ = resolve.tick() => {
+                    let addrs = targets.resolve().await;
+                    watchers.follow(&addrs, &shutdown);
+                    balancer.resolved(addrs).await
+                }
+                Some((addr, serving)) = health.recv() => balancer.health(addr, serving).await,
+                _ = shutdown.cancelled() => false,
+            };
+            if !alive {
                 return;
             }
         }
@@ -94,21 +119,63 @@ pub async fn balanced_channel(
     channel
 }
 
+type Configure = Arc<dyn Fn(Endpoint) -> Endpoint + Send + Sync>;
+
+/// What the balancer should hold: the resolved addresses that report SERVING, or, when
+/// none does (a database outage: every replica reports NOT_SERVING), all of them, so
+/// that calls still fail fast with `unavailable` rather than wait for a replica.
+fn wanted(resolved: &BTreeSet<SocketAddr>, not_serving: &HashSet<SocketAddr>) -> BTreeSet<SocketAddr> {
+    let serving: BTreeSet<SocketAddr> = resolved.iter().filter(|a| !not_serving.contains(a)).copied().collect();
+    if serving.is_empty() {
+        resolved.clone()
+    } else {
+        serving
+    }
+}
+
 struct Balancer {
     changes: Sender<Change<SocketAddr, Endpoint>>,
-    configure: Box<dyn Fn(Endpoint) -> Endpoint + Send>,
+    configure: Configure,
+    resolved: BTreeSet<SocketAddr>,
+    not_serving: HashSet<SocketAddr>,
     current: HashSet<SocketAddr>,
 }
 
 impl Balancer {
-    /// Makes the balancer's set equal to `addrs`. An empty resolution (DNS down) keeps the
-    /// last known pods rather than leaving the gateway with none. False once the channel
-    /// is gone.
-    async fn update(&mut self, addrs: BTreeSet<SocketAddr>) -> bool {
+    fn new(changes: Sender<Change<SocketAddr, Endpoint>>, configure: Configure) -> Self {
+        Self { changes, configure, resolved: BTreeSet::new(), not_serving: HashSet::new(), current: HashSet::new() }
+    }
+
+    /// A new resolution. An empty one (DNS down) keeps the last known pods rather than
+    /// leaving the gateway with none. False once the channel is gone.
+    async fn resolved(&mut self, addrs: BTreeSet<SocketAddr>) -> bool {
         if addrs.is_empty() {
             return true;
         }
-        let gone: Vec<SocketAddr> = self.current.iter().filter(|a| !addrs.contains(a)).copied().collect();
+        self.not_serving.retain(|a| addrs.contains(a));
+        self.resolved = addrs;
+        self.apply().await
+    }
+
+    /// An address's health changed: a draining replica, or one that lost a backend,
+    /// gets no new calls while another serves.
+    async fn health(&mut self, addr: SocketAddr, serving: bool) -> bool {
+        if !self.resolved.contains(&addr) {
+            return true;
+        }
+        if serving {
+            self.not_serving.remove(&addr);
+        } else {
+            tracing::info!(%addr, "message service replica reports NOT_SERVING");
+            self.not_serving.insert(addr);
+        }
+        self.apply().await
+    }
+
+    /// Makes the balancer's set equal to what is wanted.
+    async fn apply(&mut self) -> bool {
+        let wanted = wanted(&self.resolved, &self.not_serving);
+        let gone: Vec<SocketAddr> = self.current.iter().filter(|a| !wanted.contains(a)).copied().collect();
         for addr in gone {
             tracing::info!(%addr, "message service address removed");
             self.current.remove(&addr);
@@ -116,18 +183,99 @@ impl Balancer {
                 return false;
             }
         }
-        for addr in addrs {
+        for addr in wanted {
             if self.current.contains(&addr) {
                 continue;
             }
-            let Ok(endpoint) = Endpoint::from_shared(format!("http://{addr}")) else { continue };
+            let Some(endpoint) = endpoint(addr, &self.configure) else { continue };
             tracing::info!(%addr, "message service address added");
             self.current.insert(addr);
-            if self.changes.send(Change::Insert(addr, (self.configure)(endpoint))).await.is_err() {
+            if self.changes.send(Change::Insert(addr, endpoint)).await.is_err() {
                 return false;
             }
         }
         true
+    }
+}
+
+fn endpoint(addr: SocketAddr, configure: &Configure) -> Option<Endpoint> {
+    Endpoint::from_shared(format!("http://{addr}")).ok().map(|e| configure(e))
+}
+
+/// A health watch per resolved address, over a connection of its own (the balancer's
+/// are not reachable one by one).
+struct Watchers {
+    updates: Sender<(SocketAddr, bool)>,
+    configure: Configure,
+    tasks: TaskTracker,
+    stops: HashMap<SocketAddr, CancellationToken>,
+}
+
+impl Watchers {
+    /// Watches every address of `addrs` and stops watching the others. An empty
+    /// resolution changes nothing, as for the balancer.
+    fn follow(&mut self, addrs: &BTreeSet<SocketAddr>, shutdown: &CancellationToken) {
+        if addrs.is_empty() {
+            return;
+        }
+        self.stops.retain(|addr, stop| {
+            let keep = addrs.contains(addr);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for &addr in addrs {
+            if self.stops.contains_key(&addr) {
+                continue;
+            }
+            let Some(endpoint) = endpoint(addr, &self.configure) else { continue };
+            let stop = shutdown.child_token();
+            self.stops.insert(addr, stop.clone());
+            self.tasks.spawn(watch_health(addr, endpoint, self.updates.clone(), stop));
+        }
+    }
+}
+
+/// Reports `addr`'s status each time it changes, until `stop`. A lost watch keeps the
+/// last status: a replica that drained and stopped stays out until it serves again (or
+/// leaves the resolution); one that never answered is left to the balancer, which skips
+/// endpoints it cannot connect to.
+async fn watch_health(
+    addr: SocketAddr,
+    endpoint: Endpoint,
+    updates: Sender<(SocketAddr, bool)>,
+    stop: CancellationToken,
+) {
+    let mut client = HealthClient::new(endpoint.connect_lazy());
+    let mut last = None;
+    loop {
+        let watch = tokio::select! {
+            watch = client.watch(HealthCheckRequest { service: String::new() }) => watch,
+            _ = stop.cancelled() => return,
+        };
+        if let Ok(watch) = watch {
+            let mut statuses = watch.into_inner();
+            loop {
+                let status = tokio::select! {
+                    status = statuses.message() => status,
+                    _ = stop.cancelled() => return,
+                };
+                let Ok(Some(status)) = status else { break };
+                let serving = status.status == ServingStatus::Serving as i32;
+                if last != Some(serving) {
+                    last = Some(serving);
+                    // Full: the balancer task is behind; waiting is the back-pressure.
+                    if updates.send((addr, serving)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_RETRY) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 
@@ -164,14 +312,48 @@ mod tests {
     #[tokio::test]
     async fn the_balancer_follows_the_resolved_set_and_keeps_it_through_a_dns_outage() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        let mut balancer = Balancer { changes: tx, configure: Box::new(|e| e), current: HashSet::new() };
-        let a: SocketAddr = "10.0.0.1:50051".parse().unwrap();
-        let b: SocketAddr = "10.0.0.2:50051".parse().unwrap();
-        let c: SocketAddr = "10.0.0.3:50051".parse().unwrap();
-        assert!(balancer.update([a, b].into()).await);
-        assert!(balancer.update([b, c].into()).await);
-        assert!(balancer.update(BTreeSet::new()).await);
+        let mut balancer = Balancer::new(tx, Arc::new(|e| e));
+        let [a, b, c] = addrs();
+        assert!(balancer.resolved([a, b].into()).await);
+        assert!(balancer.resolved([b, c].into()).await);
+        assert!(balancer.resolved(BTreeSet::new()).await);
         drop(balancer);
+        assert_eq!(
+            changes(&mut rx).await,
+            ["+10.0.0.1:50051", "+10.0.0.2:50051", "-10.0.0.1:50051", "+10.0.0.3:50051"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replica_not_serving_gets_no_calls_while_another_serves() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let mut balancer = Balancer::new(tx, Arc::new(|e| e));
+        let [a, b, c] = addrs();
+        assert!(balancer.resolved([a, b].into()).await);
+        assert!(balancer.health(a, false).await, "a drains");
+        assert!(balancer.health(c, false).await, "not resolved: ignored");
+        assert!(balancer.health(a, true).await, "a serves again");
+        assert!(balancer.health(a, false).await);
+        assert!(balancer.health(b, false).await, "none serves: all are used");
+        drop(balancer);
+        assert_eq!(
+            changes(&mut rx).await,
+            [
+                "+10.0.0.1:50051",
+                "+10.0.0.2:50051",
+                "-10.0.0.1:50051",
+                "+10.0.0.1:50051",
+                "-10.0.0.1:50051",
+                "+10.0.0.1:50051"
+            ]
+        );
+    }
+
+    fn addrs() -> [SocketAddr; 3] {
+        ["10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"].map(|a| a.parse().unwrap())
+    }
+
+    async fn changes(rx: &mut tokio::sync::mpsc::Receiver<Change<SocketAddr, Endpoint>>) -> Vec<String> {
         let mut seen = Vec::new();
         while let Some(change) = rx.recv().await {
             seen.push(match change {
@@ -179,6 +361,6 @@ mod tests {
                 Change::Remove(addr) => format!("-{addr}"),
             });
         }
-        assert_eq!(seen, ["+10.0.0.1:50051", "+10.0.0.2:50051", "-10.0.0.1:50051", "+10.0.0.3:50051"]);
+        seen
     }
 }

@@ -13,6 +13,10 @@ use secrecy::{ExposeSecret, SecretString};
 #[command(name = "chat-message", version, about = "Chat message service (gRPC)")]
 #[command(mut_arg("startup_attempts", |a| a.help("Attempts to reach Postgres and Redis at start before giving up")))]
 pub struct Config {
+    /// Without a command, the service runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address the gRPC server listens on.
     #[arg(long, env = "MESSAGE_ADDR", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -28,6 +32,12 @@ pub struct Config {
     /// Create the database named in DATABASE_URL when it is missing.
     #[arg(long, env = "CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_database: bool,
+
+    /// Apply the migrations at start. Off where a `chat-message migrate` Job with a DDL
+    /// role migrates: the service then waits for the schema its release needs (newer is
+    /// fine) and needs only a role that reads and writes rows.
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
 
     /// Maximum Postgres connections in the pool.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20)]
@@ -58,6 +68,13 @@ pub struct Config {
     #[command(flatten)]
     pub backend: chat_common::config::BackendFlags,
 
+    /// Milliseconds between SIGTERM and refusing new calls, while the health service
+    /// reports NOT_SERVING and calls are still served: time for gateways to move their
+    /// calls to other replicas (they watch each replica's health, and re-resolve the
+    /// Service every MESSAGE_SERVICE_DNS_REFRESH_MS). 0 refuses at once.
+    #[arg(long, env = "DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
     /// Seconds that in-flight RPCs get to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -86,6 +103,19 @@ pub struct Config {
     pub attachment_streams: usize,
 }
 
+/// What the binary does instead of serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Apply the migrations to DATABASE_URL (a role that may change the schema), grant
+    /// DB_APP_ROLE the rights to read and write rows, and exit.
+    Migrate {
+        /// The role the service connects as: granted SELECT, INSERT, UPDATE and DELETE on
+        /// every table and EXECUTE on every function, nothing else.
+        #[arg(long, env = "DB_APP_ROLE")]
+        grant_to: Option<String>,
+    },
+}
+
 /// A setting that parses but cannot work; the message names the setting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -99,6 +129,8 @@ pub enum ConfigError {
     MembersPerRoom,
     #[error("COMMIT_WORKERS must be between 1 and DB_MAX_CONNECTIONS (each holds a connection)")]
     CommitWorkers,
+    #[error("DB_APP_ROLE must be a role name of 1 to 63 bytes")]
+    AppRole,
 }
 
 impl Config {
@@ -134,6 +166,11 @@ impl Config {
         if self.attachment_streams == 0 {
             return Err(ConfigError::Zero("ATTACHMENT_STREAMS"));
         }
+        if let Some(Command::Migrate { grant_to: Some(role) }) = &self.command {
+            if role.is_empty() || role.len() > 63 {
+                return Err(ConfigError::AppRole);
+            }
+        }
         Ok(())
     }
 
@@ -162,6 +199,20 @@ impl Config {
             members_per_room: self.max_members_per_room,
             rooms_per_user: self.max_rooms_per_user,
         }
+    }
+
+    /// What the service does with the schema at start.
+    pub fn schema(&self) -> crate::store::Schema {
+        if self.migrate_on_start {
+            crate::store::Schema::Migrate
+        } else {
+            crate::store::Schema::Await
+        }
+    }
+
+    /// How long the service reports NOT_SERVING before it refuses calls.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
     }
 
     /// The shutdown grace period.

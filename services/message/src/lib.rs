@@ -6,6 +6,7 @@ pub mod blobs;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod metrics;
 pub mod startup_error;
 pub mod store;
@@ -22,7 +23,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::server::HealthReporter;
 
 use crate::config::Config;
 use crate::grpc::GrpcHandlers;
@@ -30,12 +30,7 @@ use crate::metrics::Metrics;
 pub use crate::startup_error::StartupError;
 use crate::store::{Committer, Store};
 
-/// The gRPC health service name that reports SERVING while the process runs (for
-/// liveness); the overall status ("") follows the backends (for readiness).
-pub const LIVENESS: &str = "liveness";
-
-/// How often the health status is re-checked against Postgres and Redis.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub use crate::health::{Readiness, LIVENESS};
 
 /// Publishing is on the send path: a Redis outage must fail fast, not stall sends.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -50,6 +45,7 @@ pub struct Application {
     store: Store,
     events: EventBus,
     grace: Duration,
+    drain_delay: Duration,
     attachments: attachments::AttachmentLimits,
     unattached_ttl: Duration,
 }
@@ -60,15 +56,21 @@ impl Application {
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let retry = config.backend.startup_retry();
         let url = config.database_url();
-        let store = Store::connect(url.expose_secret(), config.create_database, config.db_max_connections, retry)
-            .await?
-            .with_limits(config.membership_limits());
+        let store = Store::connect(
+            url.expose_secret(),
+            config.create_database,
+            config.db_max_connections,
+            config.schema(),
+            retry,
+        )
+        .await?
+        .with_limits(config.membership_limits());
         let redis = config.backend.connect_redis(PUBLISH_TIMEOUT).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|cause| StartupError::Listen { addr: config.listen, cause })?;
         let metrics_listener = metrics::bind(config.metrics_addr).await?;
-        let metrics = Metrics::new();
+        let metrics = Metrics::with_pool(&store);
         let events = EventBus::new(
             config.backend.redis.publisher(redis),
             config.backend.channels(),
@@ -83,6 +85,7 @@ impl Application {
             store,
             events,
             grace: config.shutdown_grace(),
+            drain_delay: config.drain_delay(),
             attachments: config.attachment_limits(),
             unattached_ttl: config.unattached_ttl(),
         })
@@ -98,11 +101,17 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` is cancelled, then lets in-flight RPCs finish within the
-    /// grace period, and the commits they queued after them.
+    /// Serves until `shutdown` is cancelled, then drains: NOT_SERVING for the drain delay
+    /// while still serving, then no new calls, and in-flight RPCs finish within the grace
+    /// period, and the commits they queued after them.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
         let tasks = TaskTracker::new();
-        let (reporter, health_service) = tonic_health::server::health_reporter();
+        // Scrapes go on through the drain; they stop with the background tasks.
+        let stopped_serving = CancellationToken::new();
+        // Cancelled once new calls are refused: health watches end then, or they would
+        // hold the graceful shutdown open until the grace period.
+        let refusing = CancellationToken::new();
+        let (reporter, health_service) = health::service(refusing.clone());
         // The workers hold `commit_workers` pooled connections; the rest serve reads and other writes.
         let committer = Committer::start(self.store.clone(), self.commit_workers as usize, &tasks);
         let handlers = GrpcHandlers::new(
@@ -114,21 +123,33 @@ impl Application {
         )
         .with_attachment_limits(self.attachments.clone());
         tasks.spawn(attachments::collect_unattached(self.store.clone(), self.unattached_ttl, shutdown.clone()));
-        tasks.spawn(report_health(reporter, self.store.clone(), self.events.clone(), shutdown.clone()));
-        tasks.spawn(self.metrics.clone().serve(self.metrics_listener, shutdown.clone()));
+        let readiness = health::Readiness::default();
+        let (store, events) = (self.store.clone(), self.events.clone());
+        tasks.spawn(health::report(reporter, readiness.clone(), store, events, shutdown.clone()));
+        tasks.spawn(self.metrics.clone().serve(self.metrics_listener, readiness, stopped_serving.clone()));
 
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let stopped = shutdown.clone();
+        let drain_delay = self.drain_delay;
+        let refuse_calls = async move {
+            stopped.cancelled().await;
+            if !drain_delay.is_zero() {
+                tracing::info!(?drain_delay, "draining: NOT_SERVING, still serving calls");
+                tokio::time::sleep(drain_delay).await;
+            }
+            refusing.cancel();
+        };
         let mut server = Box::pin(
             tonic::transport::Server::builder()
                 .trace_fn(rpc_span)
+                .layer(self.metrics.rpc_timing())
                 .add_service(health_service)
                 .add_service(
                     ChatServiceServer::new(handlers)
                         .max_decoding_message_size(MAX_GRPC_MESSAGE)
                         .max_encoding_message_size(MAX_GRPC_MESSAGE),
                 )
-                .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await }),
+                .serve_with_incoming_shutdown(incoming, refuse_calls),
         );
 
         let deadline = tokio::select! {
@@ -137,8 +158,9 @@ impl Application {
                 tokio::time::Instant::now() + self.grace
             }
             _ = shutdown.cancelled() => {
-                // The server stops accepting at once and drains in-flight RPCs; bound that.
-                let deadline = tokio::time::Instant::now() + self.grace;
+                // After the drain delay the server stops accepting and finishes in-flight
+                // RPCs; bound that.
+                let deadline = tokio::time::Instant::now() + self.drain_delay + self.grace;
                 match tokio::time::timeout_at(deadline, &mut server).await {
                     Ok(res) => res?,
                     Err(_) => tracing::warn!(grace = ?self.grace, "in-flight RPCs still running after the grace period"),
@@ -150,6 +172,7 @@ impl Application {
         // queued and stop.
         drop(server);
         shutdown.cancel();
+        stopped_serving.cancel();
         tasks.close();
         if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
             tracing::warn!("background tasks still running after the grace period");
@@ -180,28 +203,16 @@ fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     span
 }
 
-/// Keeps the gRPC health status in step with the backends, so gateways and Kubernetes
-/// stop routing to a message service that cannot reach Postgres or Redis.
-async fn report_health(reporter: HealthReporter, store: Store, events: EventBus, shutdown: CancellationToken) {
-    // For liveness probes: the process answers, whatever its backends do.
-    reporter.set_service_status(LIVENESS, tonic_health::ServingStatus::Serving).await;
-    let mut serving = None;
-    loop {
-        let healthy = events.is_connected() && store.is_healthy().await;
-        if serving != Some(healthy) {
-            if healthy {
-                reporter.set_serving::<ChatServiceServer<GrpcHandlers>>().await;
-                reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-            } else {
-                tracing::warn!("a backend is unreachable; reporting NOT_SERVING");
-                reporter.set_not_serving::<ChatServiceServer<GrpcHandlers>>().await;
-                reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-            }
-            serving = Some(healthy);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
-            _ = shutdown.cancelled() => return,
-        }
+/// Applies the migrations to the database (creating it if asked), grants the service's
+/// role its rights, and returns: the `migrate` command.
+pub async fn migrate(config: &Config, grant_to: Option<&str>) -> Result<(), StartupError> {
+    let url = config.database_url();
+    let retry = config.backend.startup_retry();
+    let store = Store::connect(url.expose_secret(), config.create_database, 2, store::Schema::Migrate, retry).await?;
+    tracing::info!(version = store::schema::latest_version(), "schema migrated");
+    if let Some(role) = grant_to {
+        store::schema::grant_dml(store.pool(), role).await?;
+        tracing::info!(role, "granted reading and writing rows");
     }
+    Ok(())
 }

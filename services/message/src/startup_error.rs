@@ -15,7 +15,7 @@ pub enum StartupError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Schema(#[from] crate::store::schema::SchemaError),
     #[error(transparent)]
     Redis(#[from] chat_common::config::ConnectError),
     /// The I/O error is already part of the message, so it is not also a `source()`:

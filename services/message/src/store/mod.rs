@@ -10,6 +10,7 @@ mod commit;
 mod messages;
 mod notifications;
 mod rooms;
+pub mod schema;
 #[cfg(test)]
 mod tests;
 
@@ -17,6 +18,7 @@ pub use attachments::File;
 pub use batch::{Committer, NewMessage};
 pub use messages::Page;
 pub use rooms::{parse_rooms_cursor, RoomsPage, RoomsPageOut};
+pub use schema::Schema;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +42,14 @@ pub struct Store {
     limits: MembershipLimits,
 }
 
+/// How many of the pool's connections are busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    pub idle: u32,
+    pub in_use: u32,
+    pub max: u32,
+}
+
 /// Caps on membership, enforced inside the transaction that adds members, so that
 /// concurrent adds cannot overshoot them. They bound what one command can fan out to:
 /// a room's presence and join work, a user's presence announcements and room list.
@@ -59,8 +69,14 @@ impl Default for MembershipLimits {
 
 impl Store {
     /// Connects (creating the database if asked and missing), with bounded retries,
-    /// and applies the embedded migrations.
-    pub async fn connect(url: &str, create: bool, max_connections: u32, retry: Retry) -> Result<Self, StartupError> {
+    /// then applies the embedded migrations or waits for them, as `schema` says.
+    pub async fn connect(
+        url: &str,
+        create: bool,
+        max_connections: u32,
+        schema: Schema,
+        retry: Retry,
+    ) -> Result<Self, StartupError> {
         let options: PgConnectOptions = url.parse()?;
         if create {
             retry
@@ -81,7 +97,10 @@ impl Store {
                     .connect_with(options.clone())
             })
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        match schema {
+            Schema::Migrate => schema::migrate(&pool).await?,
+            Schema::Await => schema::await_current(&pool, retry).await?,
+        }
         let blobs = Arc::new(PgBlobStore::new(pool.clone()));
         Ok(Self { pool, blobs, limits: MembershipLimits::default() })
     }
@@ -89,6 +108,17 @@ impl Store {
     /// The same store with other membership caps.
     pub fn with_limits(self, limits: MembershipLimits) -> Self {
         Self { limits, ..self }
+    }
+
+    /// The pool's connections now.
+    pub fn pool_use(&self) -> PoolUse {
+        let idle = self.pool.num_idle() as u32;
+        PoolUse { idle, in_use: self.pool.size().saturating_sub(idle), max: self.pool.options().get_max_connections() }
+    }
+
+    /// The pool itself, for the `migrate` command's grants.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// True when Postgres answers a trivial query.
