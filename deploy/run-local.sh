@@ -10,6 +10,10 @@
 # rather than the end of the cluster. Only a process that dies before the cluster is up
 # stops it (a wrong setting would otherwise restart forever). Ctrl-C stops everything.
 #
+# The gateways call the message service over mutual TLS, as in production (where
+# cert-manager issues the certificates): `chatctl certs` makes a development CA and both
+# certificates in TLS_DIR (target/dev-tls) once, and reuses them after. TLS=off: plaintext.
+#
 # Overrides, for a second cluster beside the first or for tests: GATEWAY_BASE_PORT (8080),
 # MESSAGE_ADDR (127.0.0.1:50051), METRICS_ADDR (127.0.0.1:9091), BIN_DIR (a directory of
 # built binaries, e.g. target/debug: no cargo build), PROFILE=debug (build debug).
@@ -36,6 +40,12 @@ MESSAGE_ADDR="${MESSAGE_ADDR:-127.0.0.1:50051}"
 METRICS_ADDR="${METRICS_ADDR:-127.0.0.1:9091}"
 LB_ADDR="${LB_ADDR:-}"
 BIN_DIR="${BIN_DIR:-}"
+TLS="${TLS:-on}"
+TLS_DIR="${TLS_DIR:-target/dev-tls}"
+case "$TLS" in
+  on | off) ;;
+  *) echo "TLS=$TLS: expected on or off" >&2; exit 1 ;;
+esac
 
 # Restart back-off, as the kubelet's (10 s doubling to 5 min there; a laptop wants it shorter).
 FIRST_DELAY_MS=1000
@@ -54,7 +64,9 @@ else
   cargo build --workspace --bins
   BIN=target/debug
 fi
-for b in chat-message chat-gateway; do
+needed=(chat-message chat-gateway)
+[ "$TLS" = off ] || needed+=(chatctl)
+for b in "${needed[@]}"; do
   [ -x "$BIN/$b" ] || { echo "$BIN/$b is missing: build it (cargo build --workspace --bins)" >&2; exit 1; }
 done
 
@@ -62,8 +74,30 @@ done
 now_ms() { local t=${EPOCHREALTIME//[!0-9]/}; echo $((t / 1000)); }
 log() { echo "[run-local] $*"; }
 
-run_message() { MESSAGE_ADDR=$MESSAGE_ADDR METRICS_ADDR=$METRICS_ADDR exec "$BIN/chat-message"; }
-run_gateway() { GATEWAY_ADDR=$1 MESSAGE_SERVICE_URL="http://$MESSAGE_ADDR" exec "$BIN/chat-gateway"; }
+# mTLS settings, each only for the process it belongs to: a gateway given the server's
+# key, or the message service the client's, would hide a mix-up that production would show.
+message_tls=()
+gateway_tls=()
+if [ "$TLS" != off ]; then
+  # Kept as they are when TLS_DIR already holds a CA, so restarts reuse the same ones.
+  "$BIN/chatctl" certs --dir "$TLS_DIR"
+  message_tls=(
+    "GRPC_TLS_CERT=$TLS_DIR/message.crt"
+    "GRPC_TLS_KEY=$TLS_DIR/message.key"
+    "GRPC_TLS_CLIENT_CA=$TLS_DIR/ca.crt"
+  )
+  # The URL stays http://: the gateway turns TLS on from MESSAGE_TLS_*, and the server
+  # name is the certificate's (the Kubernetes Service name), not 127.0.0.1.
+  gateway_tls=(
+    "MESSAGE_TLS_CA=$TLS_DIR/ca.crt"
+    "MESSAGE_TLS_CERT=$TLS_DIR/gateway.crt"
+    "MESSAGE_TLS_KEY=$TLS_DIR/gateway.key"
+    "MESSAGE_TLS_SERVER_NAME=chat-message"
+  )
+fi
+
+run_message() { MESSAGE_ADDR=$MESSAGE_ADDR METRICS_ADDR=$METRICS_ADDR exec env "${message_tls[@]}" "$BIN/chat-message"; }
+run_gateway() { GATEWAY_ADDR=$1 MESSAGE_SERVICE_URL="http://$MESSAGE_ADDR" exec env "${gateway_tls[@]}" "$BIN/chat-gateway"; }
 run_haproxy() { exec ./deploy/lb/haproxy.sh run "$LB_ADDR" "$@"; }
 
 # Per process name: the command that starts it, its pid while it runs (empty while it
@@ -223,10 +257,13 @@ fi
 
 secret_hint=""
 [ "$JWT_SECRET" = "$DEV_SECRET" ] && secret_hint=" (dev default; set JWT_SECRET to override)"
+tls_line="    mTLS             gateway → message service, certificates in $TLS_DIR"
+[ "$TLS" != off ] || tls_line="    mTLS             off: plaintext gateway → message service (TLS=off)"
 cat <<INFO
 
   chat cluster is up
     message service  grpc://$MESSAGE_ADDR   metrics http://$METRICS_ADDR/metrics
+${tls_line}
 $(for i in "${!gateways[@]}"; do gw=${gateways[$i]}; echo "    gateway-$((i + 1))        ws://$gw/ws   http://$gw/metrics   http://$gw/openapi.json"; done)
 ${lb_line}
     database         $DATABASE_URL

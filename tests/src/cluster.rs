@@ -302,6 +302,18 @@ impl Cluster {
         wait_serving(&replica.grpc_addr).await
     }
 
+    /// Starts one more gateway on the cluster's message services with `env` on top of the
+    /// cluster's, and waits until it is ready; its index.
+    pub async fn add_gateway_with(&mut self, env: &[(&str, String)]) -> Result<usize> {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut wiring = self.wiring.clone();
+        wiring.env.extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        self.gateway_procs.push(spawn_gateway(&addr, &self.message_urls, &wiring)?);
+        self.gateways.push(addr.clone());
+        self.wait_ready(&addr).await?;
+        Ok(self.gateways.len() - 1)
+    }
+
     /// Starts one more gateway that calls the message service at `message_url` (a proxy
     /// in front of it, say) instead of the cluster's own, and waits until it is ready;
     /// its index. (`restart_gateway` brings it back on the cluster's own URLs.)

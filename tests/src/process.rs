@@ -33,6 +33,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Where a cluster's processes meet: the Redis they share, the private channel prefix
 /// that keeps them apart from other clusters on it, and the extra environment a test set.
+#[derive(Clone)]
 pub(crate) struct Wiring {
     pub redis: String,
     pub prefix: String,

@@ -82,6 +82,8 @@ impl LocalCluster {
             .env("REDIS_CHANNEL_PREFIX", &prefix)
             .env("JWT_SECRET", SECRET)
             .env("RUST_LOG", "warn")
+            // Certificates of its own, not the ones `make run` keeps in target/dev-tls.
+            .env("TLS_DIR", std::env::temp_dir().join(unique("local-tls")))
             // Its own process group, so a failing test can stop whatever the script started.
             .process_group(0)
             .stdout(std::process::Stdio::piped())
@@ -220,6 +222,15 @@ async fn a_killed_gateway_is_restarted_while_its_clients_fail_over_and_ctrl_c_st
 }
 
 async fn failover_and_stop(cluster: &mut LocalCluster) -> Result<()> {
+    // Like production, the gateways call the message service over mTLS: its port answers
+    // no plaintext caller.
+    let plaintext = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.message))?.connect().await?;
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        anyhow::Ok(tonic_health::pb::health_client::HealthClient::new(channel).check(request).await?)
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(10), plaintext).await;
+    assert!(!matches!(answered, Ok(Ok(_))), "the message service answered a plaintext caller");
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
     let room = alice.create_group(&["bob", "carol"]).await?;

@@ -3,12 +3,14 @@
 //! - `chatctl token --sub alice` mints a development token signed with `JWT_SECRET`;
 //! - `chatctl connect --user alice` is an interactive protocol session (stdin/stdout);
 //! - `chatctl send --user alice --room 12 hello` sends one message;
-//! - `chatctl push|notify|disconnect --user ops --role admin …` call the admin API.
+//! - `chatctl push|notify|disconnect --user ops --role admin …` call the admin API;
+//! - `chatctl certs --dir target/dev-tls` makes the local cluster's mTLS certificates.
 //!
 //! Exit status: 0 done, 2 the server refused (error reply or HTTP error), 1 anything else
 //! (connection problems first of all). See `services/chatctl/README.md`.
 
 mod admin;
+mod certs;
 mod error;
 mod render;
 mod send;
@@ -17,10 +19,11 @@ mod target;
 mod token;
 mod ws;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::error::{Refused, EXIT_FAILED, EXIT_REFUSED};
 use crate::target::ConnOpts;
@@ -117,6 +120,19 @@ enum Cmd {
         /// The user whose connections to close.
         user_id: String,
     },
+    /// Write a development CA and the certificates for mTLS between the gateways and the
+    /// message service (ca, message, gateway: .crt and .key, PEM) into DIR.
+    Certs {
+        /// Where to write them; created if missing.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity of every certificate, in days (at most 3650).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Make new ones even if DIR already holds a CA (by default that DIR is left as is).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -125,10 +141,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    // `value_source` may only be asked of arguments the subcommand defines.
-    let token_on_command_line =
-        matches.subcommand().filter(|(name, _)| *name != "token").and_then(|(_, m)| m.value_source("token"))
-            == Some(ValueSource::CommandLine);
+    let token_on_command_line = token_on_command_line(&matches);
 
     // One thread is plenty for one connection, and keeps a CLI's footprint small.
     let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -148,6 +161,15 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Whether `--token` was typed rather than taken from CHAT_TOKEN. `value_source` may only
+/// be asked of arguments the subcommand defines (clap panics otherwise in debug builds),
+/// and `token` and `certs` define none called `token`.
+fn token_on_command_line(matches: &ArgMatches) -> bool {
+    matches.subcommand().is_some_and(|(_, m)| {
+        matches!(m.try_contains_id("token"), Ok(true)) && m.value_source("token") == Some(ValueSource::CommandLine)
+    })
 }
 
 /// Runs one subcommand.
@@ -179,5 +201,25 @@ async fn run(command: Cmd, token_on_command_line: bool) -> anyhow::Result<()> {
             let (target, creds) = conn.resolve(token_on_command_line)?;
             admin::disconnect(&target, &creds, &user_id, conn.timeout()).await
         }
+        Cmd::Certs { dir, days, force } => render::out(certs::run(&certs::Options { dir, days, force })?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_typed(args: &[&str]) -> anyhow::Result<bool> {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        Ok(token_on_command_line(&matches))
+    }
+
+    #[test]
+    fn only_a_typed_token_counts_and_commands_without_one_are_asked_nothing() -> anyhow::Result<()> {
+        assert!(token_typed(&["chatctl", "connect", "--token", "t"])?);
+        assert!(!token_typed(&["chatctl", "connect", "--user", "alice"])?);
+        assert!(!token_typed(&["chatctl", "token", "--sub", "alice"])?);
+        assert!(!token_typed(&["chatctl", "certs", "--dir", "target/dev-tls"])?);
+        Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod service;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 /// Largest gRPC message between the gateway and the message service, both ways: an

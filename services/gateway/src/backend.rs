@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
+use chat_common::tls::{TlsError, TlsFiles, TlsPem};
 use chat_common::MAX_GRPC_MESSAGE;
 use chat_proto::v1 as pb;
 use chat_proto::v1::chat_service_client::ChatServiceClient;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -88,6 +89,19 @@ pub struct Backend {
     metrics: Metrics,
 }
 
+/// The client side of mTLS: the gateway's certificate, and the CA and name the message
+/// service's certificate must have. The files are parsed here so that a bad one is told
+/// by its setting, not at the first handshake.
+fn client_tls(files: &TlsFiles, pem: &TlsPem, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
+    files.ca.certificates(&pem.ca)?;
+    files.cert.certificates(&pem.cert)?;
+    files.key.private_key(&pem.key)?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pem.ca))
+        .identity(Identity::from_pem(&pem.cert, &pem.key))
+        .domain_name(server_name))
+}
+
 /// The identity sent with every call.
 pub fn caller(claims: &Claims) -> pb::Caller {
     pb::Caller { user_id: claims.sub.clone(), name: claims.name.clone(), admin: claims.is_admin() }
@@ -115,7 +129,16 @@ impl Backend {
                 .keep_alive_timeout(Duration::from_secs(10))
                 .keep_alive_while_idle(true)
         };
-        let channel = discovery::balanced_channel(targets, refresh, configure, shutdown, tasks).await;
+        let tls = match config.message_tls() {
+            Some(files) => {
+                let name = config.message_tls_server_name.clone();
+                let build = move |files: &TlsFiles, pem: &TlsPem| client_tls(files, pem, &name);
+                Some(chat_common::tls::watch(files, build, shutdown.clone(), tasks)?)
+            }
+            None => None,
+        };
+        let endpoints = discovery::Endpoints::new(configure, tls);
+        let channel = discovery::balanced_channel(targets, refresh, endpoints, shutdown, tasks).await;
         let chat = ChatServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);

@@ -39,6 +39,25 @@ pub struct Config {
     #[arg(long, env = "MESSAGE_SERVICE_DNS_REFRESH_MS", default_value_t = 5_000)]
     pub message_service_dns_refresh_ms: u64,
 
+    /// PEM CA bundle the message service's certificate must chain to. With
+    /// MESSAGE_TLS_CERT and MESSAGE_TLS_KEY: calls go over mTLS, and the files are re-read
+    /// when they change.
+    #[arg(long, env = "MESSAGE_TLS_CA")]
+    pub message_tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate chain the gateway presents to the message service.
+    #[arg(long, env = "MESSAGE_TLS_CERT")]
+    pub message_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of MESSAGE_TLS_CERT.
+    #[arg(long, env = "MESSAGE_TLS_KEY")]
+    pub message_tls_key: Option<PathBuf>,
+
+    /// The name the message service's certificate must carry: gateways dial pod
+    /// addresses, which no certificate names.
+    #[arg(long, env = "MESSAGE_TLS_SERVER_NAME", default_value = "chat-message")]
+    pub message_tls_server_name: String,
+
     /// Redis, its channel prefix, and the start-up retries.
     #[command(flatten)]
     pub backend: chat_common::config::BackendFlags,
@@ -254,6 +273,10 @@ pub enum ConfigError {
     Unhardened(String),
     #[error("MESSAGE_SERVICE_URL: {0}")]
     MessageServiceUrl(String),
+    #[error(transparent)]
+    PartialTls(#[from] chat_common::tls::PartialTls),
+    #[error("MESSAGE_TLS_SERVER_NAME must be a DNS name")]
+    TlsServerName,
     #[error("{setting} must be at least {min}")]
     TooSmall { setting: &'static str, min: u64 },
 }
@@ -262,6 +285,20 @@ impl Config {
     /// The message service's URLs, parsed.
     pub fn message_targets(&self) -> Result<Targets, ConfigError> {
         Targets::parse(&self.message_service_url).map_err(ConfigError::MessageServiceUrl)
+    }
+
+    /// The client certificate, its key and the CA of the message service, when calls go
+    /// over mTLS.
+    pub fn message_tls(&self) -> Option<chat_common::tls::TlsFiles> {
+        self.tls_files().ok().flatten()
+    }
+
+    fn tls_files(&self) -> Result<Option<chat_common::tls::TlsFiles>, chat_common::tls::PartialTls> {
+        chat_common::tls::TlsFiles::from_settings(
+            ("MESSAGE_TLS_CERT", &self.message_tls_cert),
+            ("MESSAGE_TLS_KEY", &self.message_tls_key),
+            ("MESSAGE_TLS_CA", &self.message_tls_ca),
+        )
     }
 
     /// Rejects values that parse but cannot work, with a message naming the setting.
@@ -288,6 +325,10 @@ impl Config {
             }
         }
         self.message_targets()?;
+        self.tls_files()?;
+        if rustls::pki_types::ServerName::try_from(self.message_tls_server_name.as_str()).is_err() {
+            return Err(ConfigError::TlsServerName);
+        }
         at_least("MESSAGE_SERVICE_DNS_REFRESH_MS", self.message_service_dns_refresh_ms, 100)?;
         self.backend.validate()?;
         at_least("HEARTBEAT_MS", self.heartbeat_ms, 100)?;
@@ -508,6 +549,10 @@ mod tests {
              ENVIRONMENT=development for a local cluster"
         );
         assert_eq!(message(&["--jwt-secret", STRONG, "--heartbeat-ms", "99"]), "HEARTBEAT_MS must be at least 100");
+        assert_eq!(
+            message(&["--jwt-secret", STRONG, "--message-tls-ca", "ca.crt"]),
+            "MESSAGE_TLS_CERT, MESSAGE_TLS_KEY and MESSAGE_TLS_CA go together: set all three (mTLS) or none"
+        );
         assert_eq!(
             message(&["--jwt-secret", STRONG, "--rate-abuse-after-secs", "0"]),
             "RATE_ABUSE_AFTER_SECS must be at least 1"

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::{self, Sender};
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::channel::Change;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -76,23 +77,61 @@ impl Targets {
     }
 }
 
+/// How an address becomes an endpoint: timeouts and keep-alives, and the TLS config when
+/// calls go over mTLS, which changes when its files do.
+#[derive(Clone)]
+pub struct Endpoints {
+    configure: Arc<dyn Fn(Endpoint) -> Endpoint + Send + Sync>,
+    tls: Option<watch::Receiver<Arc<ClientTlsConfig>>>,
+}
+
+impl Endpoints {
+    pub fn new(
+        configure: impl Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
+        tls: Option<watch::Receiver<Arc<ClientTlsConfig>>>,
+    ) -> Self {
+        Self { configure: Arc::new(configure), tls }
+    }
+
+    /// The endpoint of `addr`, under the TLS config in force now.
+    fn endpoint(&self, addr: SocketAddr) -> Option<Endpoint> {
+        let endpoint = match &self.tls {
+            None => Endpoint::from_shared(format!("http://{addr}")).ok()?,
+            Some(tls) => {
+                let config = ClientTlsConfig::clone(&tls.borrow());
+                Endpoint::from_shared(format!("https://{addr}")).ok()?.tls_config(config).ok()?
+            }
+        };
+        Some((self.configure)(endpoint))
+    }
+
+    /// Resolves when the TLS config has changed (false once it never will again); never
+    /// without TLS.
+    async fn changed(&mut self) -> bool {
+        match &mut self.tls {
+            Some(tls) => tls.changed().await.is_ok(),
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// A channel balancing over every address of `targets`, kept current by re-resolving
 /// them every `refresh` and by watching each address's gRPC health, until `shutdown`, in
-/// tasks on `tasks`. `configure` sets timeouts, keep-alives and TLS on each address's
-/// endpoint.
+/// tasks on `tasks`. When the TLS config changes, every endpoint is made anew with it:
+/// a reconnect would otherwise present the old certificate.
 pub async fn balanced_channel(
     targets: Targets,
     refresh: Duration,
-    configure: impl Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
+    endpoints: Endpoints,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
 ) -> Channel {
     let (channel, changes) = Channel::balance_channel::<SocketAddr>(CHANGES);
-    let configure: Configure = Arc::new(configure);
     let (health_tx, mut health) = mpsc::channel(CHANGES);
     let mut watchers =
-        Watchers { updates: health_tx, configure: configure.clone(), tasks: tasks.clone(), stops: HashMap::new() };
-    let mut balancer = Balancer::new(changes, configure);
+        Watchers { updates: health_tx, endpoints: endpoints.clone(), tasks: tasks.clone(), stops: HashMap::new() };
+    let mut balancer = Balancer::new(changes, endpoints.clone());
+    let mut tls = endpoints;
     // The first set is in place before the first call; later ones follow in the background.
     let addrs = targets.resolve().await;
     watchers.follow(&addrs, &shutdown);
@@ -109,6 +148,10 @@ pub async fn balanced_channel(
                     balancer.resolved(addrs).await
                 }
                 Some((addr, serving)) = health.recv() => balancer.health(addr, serving).await,
+                true = tls.changed() => {
+                    watchers.restart(&shutdown);
+                    balancer.rebuild().await
+                }
                 _ = shutdown.cancelled() => false,
             };
             if !alive {
@@ -118,8 +161,6 @@ pub async fn balanced_channel(
     });
     channel
 }
-
-type Configure = Arc<dyn Fn(Endpoint) -> Endpoint + Send + Sync>;
 
 /// What the balancer should hold: the resolved addresses that report SERVING, or, when
 /// none does (a database outage: every replica reports NOT_SERVING), all of them, so
@@ -135,15 +176,27 @@ fn wanted(resolved: &BTreeSet<SocketAddr>, not_serving: &HashSet<SocketAddr>) ->
 
 struct Balancer {
     changes: Sender<Change<SocketAddr, Endpoint>>,
-    configure: Configure,
+    endpoints: Endpoints,
     resolved: BTreeSet<SocketAddr>,
     not_serving: HashSet<SocketAddr>,
     current: HashSet<SocketAddr>,
 }
 
 impl Balancer {
-    fn new(changes: Sender<Change<SocketAddr, Endpoint>>, configure: Configure) -> Self {
-        Self { changes, configure, resolved: BTreeSet::new(), not_serving: HashSet::new(), current: HashSet::new() }
+    fn new(changes: Sender<Change<SocketAddr, Endpoint>>, endpoints: Endpoints) -> Self {
+        Self { changes, endpoints, resolved: BTreeSet::new(), not_serving: HashSet::new(), current: HashSet::new() }
+    }
+
+    /// Replaces every endpoint with one made now (under new TLS files); the balancer
+    /// swaps each once its new connection is ready.
+    async fn rebuild(&mut self) -> bool {
+        for &addr in &self.current {
+            let Some(endpoint) = self.endpoints.endpoint(addr) else { continue };
+            if self.changes.send(Change::Insert(addr, endpoint)).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// A new resolution. An empty one (DNS down) keeps the last known pods rather than
@@ -187,7 +240,7 @@ impl Balancer {
             if self.current.contains(&addr) {
                 continue;
             }
-            let Some(endpoint) = endpoint(addr, &self.configure) else { continue };
+            let Some(endpoint) = self.endpoints.endpoint(addr) else { continue };
             tracing::info!(%addr, "message service address added");
             self.current.insert(addr);
             if self.changes.send(Change::Insert(addr, endpoint)).await.is_err() {
@@ -198,20 +251,26 @@ impl Balancer {
     }
 }
 
-fn endpoint(addr: SocketAddr, configure: &Configure) -> Option<Endpoint> {
-    Endpoint::from_shared(format!("http://{addr}")).ok().map(|e| configure(e))
-}
-
 /// A health watch per resolved address, over a connection of its own (the balancer's
 /// are not reachable one by one).
 struct Watchers {
     updates: Sender<(SocketAddr, bool)>,
-    configure: Configure,
+    endpoints: Endpoints,
     tasks: TaskTracker,
     stops: HashMap<SocketAddr, CancellationToken>,
 }
 
 impl Watchers {
+    /// Watches every address again, over connections made now (under new TLS files).
+    fn restart(&mut self, shutdown: &CancellationToken) {
+        let addrs: BTreeSet<SocketAddr> = self.stops.keys().copied().collect();
+        for stop in self.stops.values() {
+            stop.cancel();
+        }
+        self.stops.clear();
+        self.follow(&addrs, shutdown);
+    }
+
     /// Watches every address of `addrs` and stops watching the others. An empty
     /// resolution changes nothing, as for the balancer.
     fn follow(&mut self, addrs: &BTreeSet<SocketAddr>, shutdown: &CancellationToken) {
@@ -229,7 +288,7 @@ impl Watchers {
             if self.stops.contains_key(&addr) {
                 continue;
             }
-            let Some(endpoint) = endpoint(addr, &self.configure) else { continue };
+            let Some(endpoint) = self.endpoints.endpoint(addr) else { continue };
             let stop = shutdown.child_token();
             self.stops.insert(addr, stop.clone());
             self.tasks.spawn(watch_health(addr, endpoint, self.updates.clone(), stop));
@@ -312,7 +371,7 @@ mod tests {
     #[tokio::test]
     async fn the_balancer_follows_the_resolved_set_and_keeps_it_through_a_dns_outage() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        let mut balancer = Balancer::new(tx, Arc::new(|e| e));
+        let mut balancer = Balancer::new(tx, Endpoints::new(|e| e, None));
         let [a, b, c] = addrs();
         assert!(balancer.resolved([a, b].into()).await);
         assert!(balancer.resolved([b, c].into()).await);
@@ -327,7 +386,7 @@ mod tests {
     #[tokio::test]
     async fn a_replica_not_serving_gets_no_calls_while_another_serves() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        let mut balancer = Balancer::new(tx, Arc::new(|e| e));
+        let mut balancer = Balancer::new(tx, Endpoints::new(|e| e, None));
         let [a, b, c] = addrs();
         assert!(balancer.resolved([a, b].into()).await);
         assert!(balancer.health(a, false).await, "a drains");

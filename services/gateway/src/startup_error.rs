@@ -26,6 +26,8 @@ pub enum StartupError {
     /// The Redis client for commands and publishing.
     #[error(transparent)]
     RedisConnect(#[from] chat_common::config::ConnectError),
+    #[error(transparent)]
+    Tls(#[from] chat_common::tls::TlsError),
     /// The I/O error is already part of the message, so it is not also a `source()`:
     /// the `Caused by:` chain would print it twice.
     #[error("cannot listen on {addr}: {cause}")]

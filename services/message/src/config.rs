@@ -1,6 +1,7 @@
 //! The message service's configuration: flags or environment variables, read once.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -75,6 +76,20 @@ pub struct Config {
     #[arg(long, env = "DRAIN_DELAY_MS", default_value_t = 0)]
     pub drain_delay_ms: u64,
 
+    /// PEM certificate chain of the gRPC port. With GRPC_TLS_KEY and GRPC_TLS_CLIENT_CA:
+    /// mTLS, re-read when the files change.
+    #[arg(long, env = "GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of GRPC_TLS_CERT.
+    #[arg(long, env = "GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle that callers' client certificates must chain to; a caller without
+    /// one is refused at the handshake.
+    #[arg(long, env = "GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+
     /// Seconds that in-flight RPCs get to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -131,6 +146,8 @@ pub enum ConfigError {
     CommitWorkers,
     #[error("DB_APP_ROLE must be a role name of 1 to 63 bytes")]
     AppRole,
+    #[error(transparent)]
+    PartialTls(#[from] chat_common::tls::PartialTls),
 }
 
 impl Config {
@@ -166,6 +183,7 @@ impl Config {
         if self.attachment_streams == 0 {
             return Err(ConfigError::Zero("ATTACHMENT_STREAMS"));
         }
+        self.tls_files()?;
         if let Some(Command::Migrate { grant_to: Some(role) }) = &self.command {
             if role.is_empty() || role.len() > 63 {
                 return Err(ConfigError::AppRole);
@@ -199,6 +217,19 @@ impl Config {
             members_per_room: self.max_members_per_room,
             rooms_per_user: self.max_rooms_per_user,
         }
+    }
+
+    /// The gRPC port's certificate, key and client CA, when it runs mTLS.
+    pub fn server_tls(&self) -> Option<chat_common::tls::TlsFiles> {
+        self.tls_files().ok().flatten()
+    }
+
+    fn tls_files(&self) -> Result<Option<chat_common::tls::TlsFiles>, chat_common::tls::PartialTls> {
+        chat_common::tls::TlsFiles::from_settings(
+            ("GRPC_TLS_CERT", &self.grpc_tls_cert),
+            ("GRPC_TLS_KEY", &self.grpc_tls_key),
+            ("GRPC_TLS_CLIENT_CA", &self.grpc_tls_client_ca),
+        )
     }
 
     /// What the service does with the schema at start.
@@ -299,5 +330,10 @@ mod tests {
         );
         let workers = Config::parse_from(["chat-message", "--db-max-connections", "5", "--commit-workers", "6"]);
         assert_eq!(workers.validate(), Err(ConfigError::CommitWorkers));
+        let half_tls = Config::parse_from(["chat-message", "--grpc-tls-cert", "c.pem", "--grpc-tls-key", "k.pem"]);
+        assert_eq!(
+            half_tls.validate().map_err(|e| e.to_string()),
+            Err("GRPC_TLS_CERT, GRPC_TLS_KEY and GRPC_TLS_CLIENT_CA go together: set all three (mTLS) or none".into())
+        );
     }
 }

@@ -10,9 +10,12 @@ pub mod health;
 pub mod metrics;
 pub mod startup_error;
 pub mod store;
+pub mod tls;
 pub mod validate;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use chat_common::events::EventBus;
@@ -48,6 +51,11 @@ pub struct Application {
     drain_delay: Duration,
     attachments: attachments::AttachmentLimits,
     unattached_ttl: Duration,
+    /// The gRPC port's TLS config, when it runs mTLS, kept current with its files.
+    tls: Option<tokio::sync::watch::Receiver<std::sync::Arc<rustls::ServerConfig>>>,
+    tasks: TaskTracker,
+    /// Stops what runs until the very end: the reloads, the metrics port.
+    background: CancellationToken,
 }
 
 impl Application {
@@ -70,6 +78,11 @@ impl Application {
             .await
             .map_err(|cause| StartupError::Listen { addr: config.listen, cause })?;
         let metrics_listener = metrics::bind(config.metrics_addr).await?;
+        let (tasks, background) = (TaskTracker::new(), CancellationToken::new());
+        let tls = match config.server_tls() {
+            Some(files) => Some(chat_common::tls::watch(files, tls::server_config, background.clone(), &tasks)?),
+            None => None,
+        };
         let metrics = Metrics::with_pool(&store);
         let events = EventBus::new(
             config.backend.redis.publisher(redis),
@@ -88,6 +101,9 @@ impl Application {
             drain_delay: config.drain_delay(),
             attachments: config.attachment_limits(),
             unattached_ttl: config.unattached_ttl(),
+            tls,
+            tasks,
+            background,
         })
     }
 
@@ -105,9 +121,9 @@ impl Application {
     /// while still serving, then no new calls, and in-flight RPCs finish within the grace
     /// period, and the commits they queued after them.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
-        let tasks = TaskTracker::new();
+        let tasks = self.tasks.clone();
         // Scrapes go on through the drain; they stop with the background tasks.
-        let stopped_serving = CancellationToken::new();
+        let stopped_serving = self.background.clone();
         // Cancelled once new calls are refused: health watches end then, or they would
         // hold the graceful shutdown open until the grace period.
         let refusing = CancellationToken::new();
@@ -128,29 +144,36 @@ impl Application {
         tasks.spawn(health::report(reporter, readiness.clone(), store, events, shutdown.clone()));
         tasks.spawn(self.metrics.clone().serve(self.metrics_listener, readiness, stopped_serving.clone()));
 
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let stopped = shutdown.clone();
         let drain_delay = self.drain_delay;
+        let refused = refusing.clone();
         let refuse_calls = async move {
             stopped.cancelled().await;
             if !drain_delay.is_zero() {
                 tracing::info!(?drain_delay, "draining: NOT_SERVING, still serving calls");
                 tokio::time::sleep(drain_delay).await;
             }
-            refusing.cancel();
+            refused.cancel();
         };
-        let mut server = Box::pin(
-            tonic::transport::Server::builder()
-                .trace_fn(rpc_span)
-                .layer(self.metrics.rpc_timing())
-                .add_service(health_service)
-                .add_service(
-                    ChatServiceServer::new(handlers)
-                        .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                        .max_encoding_message_size(MAX_GRPC_MESSAGE),
-                )
-                .serve_with_incoming_shutdown(incoming, refuse_calls),
-        );
+        let router = tonic::transport::Server::builder()
+            .trace_fn(rpc_span)
+            .layer(self.metrics.rpc_timing())
+            .add_service(health_service)
+            .add_service(
+                ChatServiceServer::new(handlers)
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE),
+            );
+        let mut server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match self.tls {
+            Some(configs) => {
+                let incoming = tls::incoming(self.listener, configs, refusing.clone(), &tasks);
+                Box::pin(router.serve_with_incoming_shutdown(incoming, refuse_calls))
+            }
+            None => {
+                let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+                Box::pin(router.serve_with_incoming_shutdown(incoming, refuse_calls))
+            }
+        };
 
         let deadline = tokio::select! {
             res = &mut server => {

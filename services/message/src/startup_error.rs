@@ -18,6 +18,8 @@ pub enum StartupError {
     Schema(#[from] crate::store::schema::SchemaError),
     #[error(transparent)]
     Redis(#[from] chat_common::config::ConnectError),
+    #[error(transparent)]
+    Tls(#[from] chat_common::tls::TlsError),
     /// The I/O error is already part of the message, so it is not also a `source()`:
     /// the `Caused by:` chain would print it twice.
     #[error("cannot listen on {addr}: {cause}")]
