@@ -227,3 +227,38 @@ async fn the_grafana_dashboard_charts_the_metrics_the_services_really_expose() -
     })
     .await
 }
+
+#[tokio::test]
+async fn parent_based_ratio_sampling_keeps_or_drops_a_trace_whole() -> Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    // The prod overlay's sampler, at ratio 0: no trace starts here ...
+    let mut cluster = Cluster::builder()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        .env("OTEL_TRACES_SAMPLER_ARG", "0")
+        .start()
+        .await?;
+    // ... but a gateway that samples every trace it starts ...
+    let keeps = cluster.add_gateway_with(&[("OTEL_TRACES_SAMPLER", "always_on".to_owned())]).await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = alice.create_group(&["bob"]).await?;
+    alice.ack(json!({"type": "send", "room": room, "text": "dropped"})).await?;
+    let mut bob = cluster.client(keeps, "bob").await?;
+    bob.ack(json!({"type": "send", "room": room, "text": "kept"})).await?;
+
+    // ... has the message service follow it: its span joins the kept trace.
+    let trace =
+        trace_of(&receiver, "ws send", |t| t.iter().any(|s| s.name == "chat.v1.ChatService/SendMessage")).await?;
+    assert_eq!(one(&trace, "ws send").service, "chat-gateway");
+    // Alice's trace was dropped whole, on the gateway and on the message service: the
+    // message service's batch that carried bob's span would have carried hers, and her
+    // gateway exports every 100 ms.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let spans = receiver.spans();
+    for name in ["ws send", "chat.v1.ChatService/SendMessage"] {
+        let named: Vec<_> = spans.iter().filter(|s| s.name == name).collect();
+        assert_eq!(named.len(), 1, "{name}: only the kept trace's span, got {named:#?}");
+    }
+    Ok(())
+}
