@@ -339,6 +339,7 @@ async fn the_openapi_document_lists_every_route() -> Result<()> {
         ("get", "/v1/rooms"),
         ("get", "/v1/rooms/{id}/messages"),
         ("post", "/v1/rooms/{id}/messages"),
+        ("get", "/v1/search"),
         ("post", "/v1/attachments"),
         ("get", "/v1/attachments/{id}"),
         ("get", "/v1/me/status"),

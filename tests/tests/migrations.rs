@@ -12,7 +12,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::process::Command;
 
 /// This release's newest migration (services/message/migrations).
-const LATEST: i64 = 7;
+const LATEST: i64 = 8;
 
 /// `chat-message` with `args` against `db_url` and the given environment; its output.
 async fn chat_message(args: &[&str], db_url: &str, env: &[(&str, &str)]) -> Result<Output> {

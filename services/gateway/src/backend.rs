@@ -167,6 +167,11 @@ impl Backend {
         Ok(reply.into_inner().status == ServingStatus::Serving as i32)
     }
 
+    /// Messages matching a text query in the caller's rooms.
+    pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse, CommandError> {
+        Ok(call!(self, search, req))
+    }
+
     /// Creates a room owned by the caller.
     pub async fn create_room(&self, req: pb::CreateRoomRequest) -> Result<pb::Room, CommandError> {
         let reply = call!(self, create_room, req);

@@ -33,6 +33,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_room, list_rooms))
         .routes(routes!(history, send))
+        .routes(routes!(search))
         .routes(routes!(me_status))
         .routes(routes!(user_status))
         .routes(routes!(disconnect))
@@ -179,6 +180,30 @@ async fn list_rooms(
 ) -> ApiResult<Response> {
     let page = state.backend().list_rooms(caller(&user), client::rooms_limit(q.limit)?, q.after).await?;
     Ok(Json(json::rooms_body(&page)).into_response())
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: String,
+    room: Option<String>,
+    before_id: Option<String>,
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/search", tag = "rooms", params(("q" = String, Query, description = "words, \"quoted phrases\" and -excluded words"), ("room" = Option<String>, Query, description = "only this room"), ("before_id" = Option<String>, Query, description = "the last result's message id, for the next page"), ("limit" = Option<u32>, Query, description = "1..=50, default 20")), responses((status = 200, description = "`{results: [{message, snippet}], has_more}`, newest first"), (status = 400, description = "blank or over-long `q`, or invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "`room` is one the caller is not a member of"), (status = 404, description = "no such room"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
+/// `GET /v1/search?q=&room=&before_id=&limit=` → `{results, has_more}`: the `search`
+/// command over REST.
+#[tracing::instrument(skip_all, fields(user = %user.sub))]
+async fn search(
+    State(state): State<AppState>,
+    User(user): User,
+    Params(q): Params<SearchQuery>,
+) -> ApiResult<Response> {
+    let room = q.room.map(Id::parse).transpose()?;
+    let before_id = q.before_id.map(Id::parse).transpose()?;
+    let req = client::search_request(caller(&user), q.q, room, before_id, q.limit)?;
+    let page = state.backend().search(req).await?;
+    Ok(Json(json::search_body(&page)).into_response())
 }
 
 #[derive(Deserialize)]

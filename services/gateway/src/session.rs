@@ -148,6 +148,10 @@ impl Session {
                 };
                 Ok(server::page_ack(id, &backend.history(req).await?))
             }
+            Command::Search { q, room, before_id, limit } => {
+                let req = client::search_request(caller(&self.claims), q, room, before_id, limit)?;
+                Ok(server::search_ack(id, &backend.search(req).await?))
+            }
             Command::AddMembers { room, members } => {
                 let req = pb::AddMembersRequest { caller: self.who(), room_id: room.into_string(), members };
                 let reply = backend.add_members(req).await?;

@@ -11,7 +11,7 @@ use crate::attachments::AttachmentLimits;
 use crate::blobs::PART_BYTES;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
-use crate::store::{parse_rooms_cursor, Committer, NewMessage, Page, RoomsPage, Store};
+use crate::store::{parse_rooms_cursor, Committer, NewMessage, Page, RoomsPage, SearchQuery, Store};
 use crate::validate;
 
 /// The gRPC service: a store and the event bus.
@@ -132,6 +132,21 @@ impl ChatService for GrpcHandlers {
             Page { before_seq: req.before_seq, after_seq: req.after_seq, limit: validate::history_limit(req.limit)? };
         let (messages, has_more) = self.store.history(&caller, room_id, page).await?;
         Ok(Response::new(HistoryResponse { messages, has_more }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user))]
+    async fn search(&self, req: Request<SearchRequest>) -> Reply<SearchResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let query = SearchQuery {
+            q: validate::search_query(&req.q)?,
+            room_id: req.room_id.as_deref().map(validate::room_id).transpose()?,
+            before_id: req.before_id.as_deref().map(validate::before_id).transpose()?,
+            limit: validate::search_limit(req.limit)?,
+        };
+        let (hits, has_more) = self.store.search(&caller, &query).await?;
+        let results = hits.into_iter().map(|h| SearchHit { message: Some(h.message), snippet: h.snippet }).collect();
+        Ok(Response::new(SearchResponse { results, has_more }))
     }
 
     #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]

@@ -226,9 +226,53 @@ pub fn history_limit(limit: u32) -> Result<i64, ServiceError> {
     }
 }
 
+/// Longest search query, in characters: a query is words, not a document.
+pub const MAX_QUERY_CHARS: usize = 256;
+
+/// A search query: not blank, at most [`MAX_QUERY_CHARS`], storable (no U+0000).
+pub fn search_query(q: &str) -> Result<String, ServiceError> {
+    storable("q", q)?;
+    let q = q.trim();
+    if q.is_empty() {
+        return Err(invalid("q must not be blank"));
+    }
+    let n = q.chars().count();
+    if n > MAX_QUERY_CHARS {
+        return Err(invalid(format!("q is {n} characters; the limit is {MAX_QUERY_CHARS}")));
+    }
+    Ok(q.to_owned())
+}
+
+/// A search page size: 1..=50, 0 meaning the default 20.
+pub fn search_limit(limit: u32) -> Result<i64, ServiceError> {
+    match limit {
+        0 => Ok(20),
+        1..=50 => Ok(i64::from(limit)),
+        _ => Err(invalid("limit must be between 1 and 50")),
+    }
+}
+
+/// A `before_id` cursor: a message id, or the page would be wrong.
+pub fn before_id(raw: &str) -> Result<i64, ServiceError> {
+    ids::parse(raw).ok_or_else(|| invalid("before_id must be a message id"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn search_queries_are_trimmed_and_bounded_and_blank_ones_refused() {
+        assert_eq!(search_query("  hello world ").unwrap(), "hello world");
+        for bad in ["", "   ", "a\0b"] {
+            assert!(search_query(bad).is_err(), "{bad:?}");
+        }
+        assert!(search_query(&"é".repeat(MAX_QUERY_CHARS)).is_ok());
+        assert!(search_query(&"é".repeat(MAX_QUERY_CHARS + 1)).is_err());
+        assert_eq!(search_limit(0).unwrap(), 20);
+        assert!(search_limit(51).is_err());
+        assert!(before_id("nope").is_err());
+    }
 
     #[test]
     fn text_is_limited_to_4000_characters_not_bytes() {

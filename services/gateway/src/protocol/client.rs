@@ -119,6 +119,15 @@ pub enum Command {
     RefreshToken {
         token: String,
     },
+    Search {
+        q: String,
+        #[serde(default)]
+        room: Option<Id>,
+        #[serde(default)]
+        before_id: Option<Id>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 impl Command {
@@ -143,6 +152,7 @@ impl Command {
             Command::Read { .. } => "read",
             Command::Presence { .. } => "presence",
             Command::RefreshToken { .. } => "refresh_token",
+            Command::Search { .. } => "search",
         }
     }
 }
@@ -254,6 +264,32 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, CommandError> {
         Some(n @ 1..=100) => Ok(n),
         Some(_) => Err(CommandError::bad_request("limit must be between 1 and 100")),
     }
+}
+
+/// A search page size: absent means the default (20), 0 and above 50 are refused.
+pub fn search_limit(limit: Option<u32>) -> Result<u32, CommandError> {
+    match limit {
+        None => Ok(0),
+        Some(n @ 1..=50) => Ok(n),
+        Some(_) => Err(CommandError::bad_request("limit must be between 1 and 50")),
+    }
+}
+
+/// The search request of `caller`: the same for a WebSocket `search` and `GET /v1/search`.
+pub fn search_request(
+    caller: pb::Caller,
+    q: String,
+    room: Option<Id>,
+    before_id: Option<Id>,
+    limit: Option<u32>,
+) -> Result<pb::SearchRequest, CommandError> {
+    Ok(pb::SearchRequest {
+        caller: Some(caller),
+        q,
+        room_id: room.map(Id::into_string),
+        before_id: before_id.map(Id::into_string),
+        limit: search_limit(limit)?,
+    })
 }
 
 /// A `rooms` page size: absent means the service's default; 0 is refused here (the

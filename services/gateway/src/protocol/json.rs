@@ -179,6 +179,29 @@ pub fn page_body(page: &pb::HistoryResponse) -> impl Serialize + '_ {
 }
 
 #[derive(Serialize)]
+struct SearchBody<'a> {
+    results: Vec<HitJson<'a>>,
+    has_more: bool,
+}
+
+#[derive(Serialize)]
+struct HitJson<'a> {
+    message: MessageJson<'a>,
+    snippet: &'a str,
+}
+
+/// `{results: [{message, snippet}], has_more}`: the search ack and `GET /v1/search`.
+/// A hit without a message (a service that sent none) is left out.
+pub fn search_body(page: &pb::SearchResponse) -> impl Serialize + '_ {
+    let results = page
+        .results
+        .iter()
+        .filter_map(|h| Some(HitJson { message: MessageJson(h.message.as_ref()?), snippet: &h.snippet }))
+        .collect();
+    SearchBody { results, has_more: page.has_more }
+}
+
+#[derive(Serialize)]
 struct RoomsBody<'a> {
     rooms: Vec<RoomSummaryJson<'a>>,
     has_more: bool,

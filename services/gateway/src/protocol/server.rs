@@ -68,6 +68,11 @@ pub fn page_ack(id: Option<&str>, page: &pb::HistoryResponse) -> String {
     ack_with(id, json::page_body(page))
 }
 
+/// The search ack: `{results: [{message, snippet}], has_more}`.
+pub fn search_ack(id: Option<&str>, page: &pb::SearchResponse) -> String {
+    ack_with(id, json::search_body(page))
+}
+
 /// The rooms ack: `{rooms, has_more, next?}`.
 pub fn rooms_ack(id: Option<&str>, page: &pb::ListRoomsResponse) -> String {
     ack_with(id, json::rooms_body(page))

@@ -11,6 +11,7 @@ mod messages;
 mod notifications;
 mod rooms;
 pub mod schema;
+mod search;
 #[cfg(test)]
 mod tests;
 
@@ -19,6 +20,7 @@ pub use batch::{Committer, NewMessage};
 pub use messages::Page;
 pub use rooms::{parse_rooms_cursor, RoomsPage, RoomsPageOut};
 pub use schema::Schema;
+pub use search::{Hit, SearchQuery};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -128,6 +128,6 @@ mod tests {
 
     #[test]
     fn the_latest_version_is_the_last_migration_file() {
-        assert_eq!(latest_version(), 7);
+        assert_eq!(latest_version(), 8);
     }
 }

@@ -401,3 +401,64 @@ async fn a_worker_whose_connection_was_cut_answers_unavailable_once_then_stores_
     assert_eq!(stored_seqs(&db.store, room_id).await?, vec![1, 2]);
     Ok(())
 }
+
+/// The texts of a search's results, in order.
+async fn found(store: &Store, who: &str, q: &str, room_id: Option<i64>) -> Result<Vec<String>> {
+    let query = super::SearchQuery { q: q.to_owned(), room_id, before_id: None, limit: 50 };
+    let (hits, _) = store.search(&user(who), &query).await?;
+    Ok(hits.into_iter().map(|h| h.message.text.unwrap_or_default()).collect())
+}
+
+#[tokio::test]
+async fn search_finds_current_text_in_the_callers_rooms_only_newest_first() -> Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let ours = room(store, "alice", &["bob"]).await?;
+    let theirs = room(store, "carol", &[]).await?;
+    let alice = user("alice");
+    for (who, room_id, body) in [
+        (&alice, ours, "the red fox jumps"),
+        (&user("carol"), theirs, "a red herring in a room alice is not in"),
+        (&alice, ours, "Red sky at night"),
+        (&alice, ours, "blue fox"),
+        (&alice, ours, "soon deleted red"),
+        (&alice, ours, "soon edited red"),
+    ] {
+        stored(insert(store, &[(who.clone(), text(room_id, body))]).await?.remove(0))?;
+    }
+    let id_of = |body: &str| {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM messages WHERE body = $1")
+            .bind(body.to_owned())
+            .fetch_one(&store.pool)
+    };
+    store.delete_message(&alice, id_of("soon deleted red").await?).await?;
+    store.edit_message(&alice, id_of("soon edited red").await?, "now green").await?;
+
+    // Case-insensitive words, newest first; never another room's, a deleted message or
+    // an edited message's old text.
+    assert_eq!(found(store, "alice", "RED", None).await?, ["Red sky at night", "the red fox jumps"]);
+    assert_eq!(found(store, "alice", "green", None).await?, ["now green"]);
+    assert_eq!(found(store, "bob", "red", None).await?, ["Red sky at night", "the red fox jumps"]);
+    assert_eq!(found(store, "carol", "red", None).await?, ["a red herring in a room alice is not in"]);
+    // Phrases and exclusions.
+    assert_eq!(found(store, "alice", "\"red fox\"", None).await?, ["the red fox jumps"]);
+    assert_eq!(found(store, "alice", "fox -red", None).await?, ["blue fox"]);
+    // One room: the caller's own, or refused.
+    assert_eq!(found(store, "alice", "fox", Some(ours)).await?, ["blue fox", "the red fox jumps"]);
+    let refused = found(store, "alice", "red", Some(theirs)).await.unwrap_err();
+    assert!(matches!(refused.downcast_ref(), Some(ServiceError::Forbidden(_))), "{refused}");
+    // A query of nothing but punctuation matches nothing, and is no error.
+    assert!(found(store, "alice", "!!! -", None).await?.is_empty());
+
+    // Pages: `before_id` is the last result's id, `has_more` says whether to go on.
+    let page = |before_id| super::SearchQuery { q: "red OR fox".into(), room_id: None, before_id, limit: 2 };
+    let (first, more) = store.search(&alice, &page(None)).await?;
+    assert!(more);
+    let last: i64 = first[1].message.id.parse()?;
+    let (second, more) = store.search(&alice, &page(Some(last))).await?;
+    assert!(!more);
+    let texts: Vec<_> = first.iter().chain(&second).map(|h| h.message.text.clone().unwrap_or_default()).collect();
+    assert_eq!(texts, ["blue fox", "Red sky at night", "the red fox jumps"]);
+    assert!(second[0].snippet.contains("fox"), "a snippet shows the match: {:?}", second[0].snippet);
+    Ok(())
+}
