@@ -18,6 +18,11 @@
 # MESSAGE_ADDR (127.0.0.1:50051), METRICS_ADDR (127.0.0.1:9091), BIN_DIR (a directory of
 # built binaries, e.g. target/debug: no cargo build), PROFILE=debug (build debug).
 set -euo pipefail
+# `wait -n -p`, EPOCHREALTIME and associative arrays: bash 5.1 or later (macOS ships 3.2).
+if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) )); then
+  echo "run-local.sh needs bash 5.1 or later (this is $BASH_VERSION)" >&2
+  exit 1
+fi
 cd "$(dirname "$0")/.."
 
 # Loopback: TLS would only cost CPU (Debian's Postgres offers it, and the driver prefers it).

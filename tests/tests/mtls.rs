@@ -144,3 +144,25 @@ async fn renewed_files_are_taken_up_on_both_ends_without_a_restart() -> Result<(
     carol.ack(json!({"type": "send", "room": room, "text": "renewed"})).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_key_that_does_not_match_its_certificate_is_refused_at_start_naming_the_setting() -> Result<()> {
+    let (ours, theirs) = (certs().await?, certs().await?);
+    let db = chat_tests::TestDb::new();
+    let out = tokio::process::Command::new(bin("chat-message"))
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", chat_tests::redis_url())
+        .env("MESSAGE_ADDR", format!("127.0.0.1:{}", chat_tests::free_port()))
+        .env("METRICS_ADDR", format!("127.0.0.1:{}", chat_tests::free_port()))
+        .env("GRPC_TLS_CERT", ours.join("message.crt"))
+        .env("GRPC_TLS_KEY", theirs.join("message.key"))
+        .env("GRPC_TLS_CLIENT_CA", ours.join("ca.crt"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a key of another certificate");
+    assert!(stderr.contains("GRPC_TLS_KEY") && stderr.contains("is it the key of"), "{stderr}");
+    Ok(())
+}

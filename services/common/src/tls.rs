@@ -116,6 +116,24 @@ impl TlsFiles {
         Ok(TlsPem { cert: self.cert.read()?, key: self.key.read()?, ca: self.ca.read()? })
     }
 
+    /// The certificate chain and its private key, checked to belong together: a renewal
+    /// that replaced one file but not yet the other must not be taken up.
+    #[allow(clippy::type_complexity)]
+    pub fn identity(
+        &self,
+        pem: &TlsPem,
+    ) -> Result<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>), TlsError>
+    {
+        let certs = self.cert.certificates(&pem.cert)?;
+        let key = self.key.private_key(&pem.key)?;
+        let provider = rustls::crypto::ring::default_provider();
+        let signing = provider.key_provider.load_private_key(key.clone_key()).map_err(|e| self.key.invalid(e))?;
+        rustls::sign::CertifiedKey::new(certs.clone(), signing)
+            .keys_match()
+            .map_err(|e| self.key.invalid(format!("{e} (is it the key of {}?)", self.cert.path.display())))?;
+        Ok((certs, key))
+    }
+
     /// The paths, for logs.
     fn paths(&self) -> [&std::path::Path; 3] {
         [&self.cert.path, &self.key.path, &self.ca.path]

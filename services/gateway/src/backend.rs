@@ -94,12 +94,15 @@ pub struct Backend {
 /// by its setting, not at the first handshake.
 fn client_tls(files: &TlsFiles, pem: &TlsPem, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
     files.ca.certificates(&pem.ca)?;
-    files.cert.certificates(&pem.cert)?;
-    files.key.private_key(&pem.key)?;
-    Ok(ClientTlsConfig::new()
+    files.identity(pem)?;
+    let config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pem.ca))
         .identity(Identity::from_pem(&pem.cert, &pem.key))
-        .domain_name(server_name))
+        .domain_name(server_name);
+    // What every endpoint will do with it, once, here: a config that fails there would
+    // otherwise leave the balancer without endpoints and say nothing.
+    Endpoint::from_static("https://tls.check").tls_config(config.clone()).map_err(|e| files.cert.invalid(e))?;
+    Ok(config)
 }
 
 /// The identity sent with every call.

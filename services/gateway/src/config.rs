@@ -271,6 +271,11 @@ pub enum ConfigError {
          ALLOW_INSECURE_PRODUCTION=true to run without, or ENVIRONMENT=development for a local cluster"
     )]
     Unhardened(String),
+    #[error(
+        "ALLOWED_ORIGINS=* lets every web page open sockets; refused with ENVIRONMENT=production (the default): \
+         name the origins, or set ALLOW_INSECURE_PRODUCTION=true"
+    )]
+    EveryOrigin,
     #[error("MESSAGE_SERVICE_URL: {0}")]
     MessageServiceUrl(String),
     #[error(transparent)]
@@ -345,6 +350,9 @@ impl Config {
         at_least("ATTACHMENT_TRANSFERS_PER_USER", self.attachment_transfers_per_user as u64, 1)?;
         at_least("ATTACHMENT_STALL_SECS", self.attachment_stall_secs, 1)?;
         if self.environment == Environment::Production && !self.allow_insecure_production {
+            if self.allowed_origins.iter().any(|o| o.trim() == "*") {
+                return Err(ConfigError::EveryOrigin);
+            }
             let unset: Vec<&str> = [
                 ("ALLOWED_ORIGINS", self.allowed_origins.iter().all(|o| o.trim().is_empty())),
                 ("JWT_ISSUER", self.jwt_issuer.as_deref().is_none_or(str::is_empty)),
@@ -524,6 +532,8 @@ mod tests {
         assert!(message(&issuer_only).unwrap_err().starts_with("JWT_AUDIENCE not set;"));
         let hardened = [&issuer_only[..], &["--jwt-audience", "chat"]].concat();
         assert_eq!(message(&hardened), Ok(()));
+        let every_origin = [&hardened[..], &["--allowed-origins", "*"]].concat();
+        assert!(message(&every_origin).unwrap_err().starts_with("ALLOWED_ORIGINS=* lets every web page"));
         assert_eq!(message(&["--jwt-secret", STRONG, "--allow-insecure-production", "true"]), Ok(()));
         assert_eq!(message(&["--jwt-secret", STRONG, "--environment", "development"]), Ok(()));
     }

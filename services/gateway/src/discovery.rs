@@ -99,7 +99,15 @@ impl Endpoints {
             None => Endpoint::from_shared(format!("http://{addr}")).ok()?,
             Some(tls) => {
                 let config = ClientTlsConfig::clone(&tls.borrow());
-                Endpoint::from_shared(format!("https://{addr}")).ok()?.tls_config(config).ok()?
+                let endpoint = Endpoint::from_shared(format!("https://{addr}")).ok()?;
+                // Checked when the files were read (`backend::client_tls`).
+                match endpoint.tls_config(config) {
+                    Ok(endpoint) => endpoint,
+                    Err(err) => {
+                        tracing::warn!(%addr, %err, "no TLS endpoint for a message service address");
+                        return None;
+                    }
+                }
             }
         };
         Some((self.configure)(endpoint))
@@ -130,7 +138,7 @@ pub async fn balanced_channel(
     let (health_tx, mut health) = mpsc::channel(CHANGES);
     let mut watchers =
         Watchers { updates: health_tx, endpoints: endpoints.clone(), tasks: tasks.clone(), stops: HashMap::new() };
-    let mut balancer = Balancer::new(changes, endpoints.clone());
+    let mut balancer = Balancer::new(changes, endpoints.clone(), shutdown.clone());
     let mut tls = endpoints;
     // The first set is in place before the first call; later ones follow in the background.
     let addrs = targets.resolve().await;
@@ -176,6 +184,9 @@ fn wanted(resolved: &BTreeSet<SocketAddr>, not_serving: &HashSet<SocketAddr>) ->
 
 struct Balancer {
     changes: Sender<Change<SocketAddr, Endpoint>>,
+    /// The balancer reads changes only when a call comes: an idle gateway's queue can
+    /// fill, and a send waiting on it must still end at shutdown.
+    shutdown: CancellationToken,
     endpoints: Endpoints,
     resolved: BTreeSet<SocketAddr>,
     not_serving: HashSet<SocketAddr>,
@@ -183,8 +194,23 @@ struct Balancer {
 }
 
 impl Balancer {
-    fn new(changes: Sender<Change<SocketAddr, Endpoint>>, endpoints: Endpoints) -> Self {
-        Self { changes, endpoints, resolved: BTreeSet::new(), not_serving: HashSet::new(), current: HashSet::new() }
+    fn new(changes: Sender<Change<SocketAddr, Endpoint>>, endpoints: Endpoints, shutdown: CancellationToken) -> Self {
+        Self {
+            changes,
+            shutdown,
+            endpoints,
+            resolved: BTreeSet::new(),
+            not_serving: HashSet::new(),
+            current: HashSet::new(),
+        }
+    }
+
+    /// Queues `change`; false once the channel is gone or the gateway stops.
+    async fn send(&self, change: Change<SocketAddr, Endpoint>) -> bool {
+        tokio::select! {
+            sent = self.changes.send(change) => sent.is_ok(),
+            _ = self.shutdown.cancelled() => false,
+        }
     }
 
     /// Replaces every endpoint with one made now (under new TLS files); the balancer
@@ -192,7 +218,7 @@ impl Balancer {
     async fn rebuild(&mut self) -> bool {
         for &addr in &self.current {
             let Some(endpoint) = self.endpoints.endpoint(addr) else { continue };
-            if self.changes.send(Change::Insert(addr, endpoint)).await.is_err() {
+            if !self.send(Change::Insert(addr, endpoint)).await {
                 return false;
             }
         }
@@ -232,7 +258,7 @@ impl Balancer {
         for addr in gone {
             tracing::info!(%addr, "message service address removed");
             self.current.remove(&addr);
-            if self.changes.send(Change::Remove(addr)).await.is_err() {
+            if !self.send(Change::Remove(addr)).await {
                 return false;
             }
         }
@@ -243,7 +269,7 @@ impl Balancer {
             let Some(endpoint) = self.endpoints.endpoint(addr) else { continue };
             tracing::info!(%addr, "message service address added");
             self.current.insert(addr);
-            if self.changes.send(Change::Insert(addr, endpoint)).await.is_err() {
+            if !self.send(Change::Insert(addr, endpoint)).await {
                 return false;
             }
         }
@@ -371,7 +397,7 @@ mod tests {
     #[tokio::test]
     async fn the_balancer_follows_the_resolved_set_and_keeps_it_through_a_dns_outage() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        let mut balancer = Balancer::new(tx, Endpoints::new(|e| e, None));
+        let mut balancer = Balancer::new(tx, Endpoints::new(|e| e, None), CancellationToken::new());
         let [a, b, c] = addrs();
         assert!(balancer.resolved([a, b].into()).await);
         assert!(balancer.resolved([b, c].into()).await);
@@ -386,7 +412,7 @@ mod tests {
     #[tokio::test]
     async fn a_replica_not_serving_gets_no_calls_while_another_serves() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        let mut balancer = Balancer::new(tx, Endpoints::new(|e| e, None));
+        let mut balancer = Balancer::new(tx, Endpoints::new(|e| e, None), CancellationToken::new());
         let [a, b, c] = addrs();
         assert!(balancer.resolved([a, b].into()).await);
         assert!(balancer.health(a, false).await, "a drains");

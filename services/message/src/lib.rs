@@ -175,20 +175,18 @@ impl Application {
             }
         };
 
-        let deadline = tokio::select! {
-            res = &mut server => {
-                res?;
-                tokio::time::Instant::now() + self.grace
-            }
+        // A server error still stops and waits for the background tasks below.
+        let (served, deadline) = tokio::select! {
+            res = &mut server => (res, tokio::time::Instant::now() + self.grace),
             _ = shutdown.cancelled() => {
                 // After the drain delay the server stops accepting and finishes in-flight
                 // RPCs; bound that.
                 let deadline = tokio::time::Instant::now() + self.drain_delay + self.grace;
-                match tokio::time::timeout_at(deadline, &mut server).await {
-                    Ok(res) => res?,
-                    Err(_) => tracing::warn!(grace = ?self.grace, "in-flight RPCs still running after the grace period"),
-                }
-                deadline
+                let served = tokio::time::timeout_at(deadline, &mut server).await.unwrap_or_else(|_| {
+                    tracing::warn!(grace = ?self.grace, "in-flight RPCs still running after the grace period");
+                    Ok(())
+                });
+                (served, deadline)
             }
         };
         // Dropping the server drops the last committer handle: the workers finish what is
@@ -202,7 +200,7 @@ impl Application {
         }
         self.events.quit().await;
         tracing::info!("message service stopped");
-        Ok(())
+        served
     }
 }
 

@@ -10,7 +10,7 @@ use futures_util::Stream;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,10 +24,15 @@ const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server to take them; handshakes wait when full.
 const ACCEPTED: usize = 64;
 
+/// Handshakes under way at once. More connections wait in the listen backlog: a flood of
+/// half-open ones costs a bounded number of tasks, not one each.
+const HANDSHAKES: usize = 256;
+
 /// The server's TLS config from its certificate, its key and the client CA: TLS 1.2 and
 /// 1.3, HTTP/2 only, a client certificate required.
 pub fn server_config(files: &TlsFiles, pem: &TlsPem) -> Result<ServerConfig, TlsError> {
     let TlsFiles { cert, key, ca } = files;
+    let (certs, private_key) = files.identity(pem)?;
     let mut roots = RootCertStore::empty();
     for c in ca.certificates(&pem.ca)? {
         roots.add(c).map_err(|e| ca.invalid(e))?;
@@ -40,7 +45,7 @@ pub fn server_config(files: &TlsFiles, pem: &TlsPem) -> Result<ServerConfig, Tls
         .with_safe_default_protocol_versions()
         .map_err(|e| cert.invalid(e))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(cert.certificates(&pem.cert)?, key.private_key(&pem.key)?)
+        .with_single_cert(certs, private_key)
         .map_err(|e| key.invalid(e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
@@ -56,8 +61,16 @@ pub fn incoming(
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
     let (accepted, taken) = mpsc::channel(ACCEPTED);
     let handshakes = tasks.clone();
+    let slots = Arc::new(Semaphore::new(HANDSHAKES));
     tasks.spawn(async move {
         loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+            };
             let (tcp, peer) = tokio::select! {
                 conn = listener.accept() => match conn {
                     Ok(conn) => conn,
@@ -74,7 +87,9 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(configs.borrow().clone());
             let accepted = accepted.clone();
             handshakes.spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(tcp)).await;
+                drop(slot);
+                match handshake {
                     // Gone: the server stopped taking connections.
                     Ok(Ok(tls)) => drop(accepted.send(Ok(tls)).await),
                     Ok(Err(err)) => tracing::warn!(%peer, %err, "TLS handshake refused"),

@@ -86,6 +86,8 @@ pub async fn await_current(pool: &PgPool, retry: Retry) -> Result<(), SchemaErro
     loop {
         match check(pool).await {
             Ok(()) => return Ok(()),
+            // Edited migrations stay edited: waiting cannot help.
+            Err(err @ SchemaError::Changed { .. }) => return Err(err),
             Err(last) if attempt >= attempts => return Err(SchemaError::GaveUp { attempts, last: Box::new(last) }),
             Err(err) => tracing::warn!(%err, attempt, attempts, "waiting for the schema"),
         }
@@ -104,6 +106,9 @@ pub async fn grant_dml(pool: &PgPool, role: &str) -> Result<(), sqlx::Error> {
         format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
         format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
         format!("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}"),
+        // The migration history is the Job's: the service only reads it (to wait for
+        // its schema); a write would change what the next `migrate` does.
+        format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON _sqlx_migrations FROM {role}"),
     ] {
         // The role name is quoted; nothing else in the statement is configuration.
         sqlx::query(sqlx::AssertSqlSafe(grant)).execute(pool).await?;
