@@ -266,6 +266,52 @@ async fn connect_joins_sends_reads_history_and_shows_other_users_messages() -> R
 }
 
 #[tokio::test]
+async fn search_lists_hits_one_per_line_only_from_the_users_rooms_and_says_how_to_page_on() -> Result<()> {
+    let cluster = Cluster::builder().gateways(2).start().await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut carol = cluster.client(0, "carol").await?;
+    let room = alice.create_group(&["bob"]).await?;
+    let private = carol.create_group(&[]).await?;
+    carol.ack(json!({"type": "send", "room": private, "text": "the launch is secret"})).await?;
+    // One more match than a page (20), so the reply has more.
+    alice.ack(json!({"type": "send", "room": room, "text": "launch on friday"})).await?;
+    for step in 1..=20 {
+        alice.ack(json!({"type": "send", "room": room, "text": format!("launch step {step}")})).await?;
+    }
+
+    let mut bob = Interactive::start(chatctl(&cluster.gateways[1]), &["--user", "bob"]).await?;
+    bob.expect("connected as bob").await?;
+    bob.say("/search LAUNCH").await?;
+    bob.expect(r#"ack r1 search "LAUNCH": 20 result(s)"#).await?;
+    // The snippet is the server's choice of words around the match: only its start is certain.
+    let newest = bob.expect("  [room").await?;
+    assert!(newest.starts_with(&format!("  [room {room} #21] alice: launch")), "{newest}");
+    let more = bob.expect("more…").await?;
+    let (_, next_page) = more.split_once("next page: ").with_context(|| format!("no command in {more:?}"))?;
+    let next_page = next_page.strip_suffix(')').with_context(|| format!("unexpected {more:?}"))?;
+    assert!(!bob.seen.iter().any(|l| l.contains("secret")), "carol's room is not bob's: {:#?}", bob.seen);
+
+    // The command it prints is the next page: the one match left, and no more.
+    bob.say(next_page).await?;
+    let last = bob.expect("ack r2").await?;
+    assert!(last.contains("launch on friday") && last.contains(r#""has_more":false"#), "{last}");
+
+    bob.say(&format!(r#"/search #{room} "on friday""#)).await?;
+    bob.expect(&format!(r#"ack r3 search "\"on friday\"" in {room}: 1 result(s)"#)).await?;
+    let hit = bob.expect(&format!("  [room {room} #1] alice: ")).await?;
+    assert!(hit.contains("on friday"), "{hit}");
+    bob.say(&format!("/search #{private} launch")).await?;
+    let refused = bob.expect("error r4").await?;
+    assert!(refused.contains("forbidden: "), "{refused}");
+    bob.say("/search").await?;
+
+    let done = bob.finish().await?;
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(done.stderr.contains("usage: /search [#room] <query...>"), "{done:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn connect_with_a_piped_script_answers_everything_before_closing_and_json_prints_frames() -> Result<()> {
     let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;

@@ -340,6 +340,7 @@ async fn the_openapi_document_lists_every_route() -> Result<()> {
         ("get", "/v1/rooms/{id}/messages"),
         ("post", "/v1/rooms/{id}/messages"),
         ("get", "/v1/search"),
+        ("get", "/v1/rooms/{id}/receipts"),
         ("post", "/v1/attachments"),
         ("get", "/v1/attachments/{id}"),
         ("get", "/v1/me/status"),

@@ -1,6 +1,6 @@
 import { ChatError } from './errors.js';
 import { fetchAttachment, toHttpBaseUrl, toWebSocketUrl, uploadAttachment } from './http.js';
-import type { UploadBody, UploadOptions } from './http.js';
+import type { SearchOptions, SearchPage, UploadBody, UploadOptions } from './http.js';
 import type {
   AddMembersAck,
   Attachment,
@@ -17,6 +17,7 @@ import type {
   RoomKind,
   RoomsAck,
   RoomSummary,
+  SearchAck,
   SendAck,
   ServerEvents,
   Welcome,
@@ -130,7 +131,7 @@ const TOKEN_EXPIRED_JITTER_MS = 250;
  * reads, `join` (harmless twice) and `send` (always carries a `client_msg_id`, so the
  * server returns the stored message instead of storing a second one).
  */
-const REPEATABLE = new Set(['send', 'rooms', 'history', 'presence', 'join', 'ping']);
+const REPEATABLE = new Set(['send', 'rooms', 'history', 'presence', 'search', 'join', 'ping']);
 /** Event names the SDK emits itself; frames of these types from the server are not forwarded. */
 const SDK_EVENTS = new Set(['state', 'welcome', 'recovered', 'error']);
 
@@ -424,6 +425,22 @@ export class ChatClient {
       limit: opts.limit,
     });
     return { messages: ack.messages, hasMore: ack.has_more };
+  }
+
+  /**
+   * Messages matching `q` in the caller's rooms (or only `room`), newest first, each with
+   * a plain-text snippet around the match. `q` takes words (all must appear), `"quoted
+   * phrases"`, `-excluded` words and `or`; blank is `bad_request`. While `hasMore`, the
+   * next page is `beforeId` = the last result's `message.id`.
+   */
+  async search(q: string, opts: SearchOptions = {}): Promise<SearchPage> {
+    const ack = await this.request<SearchAck>('search', {
+      q,
+      room: opts.room,
+      before_id: opts.beforeId,
+      limit: opts.limit,
+    });
+    return { results: ack.results, hasMore: ack.has_more };
   }
 
   /** Members of the room with a live connection anywhere in the cluster. */

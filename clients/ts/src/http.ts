@@ -1,5 +1,5 @@
 import { ChatError } from './errors.js';
-import type { Attachment } from './types.js';
+import type { Attachment, SearchAck, SearchHit } from './types.js';
 
 /** Bytes an upload accepts. */
 export type UploadBody = Blob | ArrayBuffer | Uint8Array;
@@ -10,6 +10,22 @@ export interface UploadOptions {
   name: string;
   /** MIME type; the server keeps it only when it is on its allowlist (else `application/octet-stream`). */
   contentType: string;
+}
+
+/** What to search besides the query: `search` over the WebSocket and {@link searchMessages} alike. */
+export interface SearchOptions {
+  /** Only this room; one the caller is not a member of is `forbidden`, an unknown one `not_found`. */
+  room?: string;
+  /** The previous page's last `results[…].message.id`: only older messages. */
+  beforeId?: string;
+  /** 1–50 (default 20). */
+  limit?: number;
+}
+
+/** A page of search results, newest first; `hasMore`: pass the last result's `message.id` as `beforeId`. */
+export interface SearchPage {
+  results: SearchHit[];
+  hasMore: boolean;
 }
 
 /**
@@ -125,4 +141,26 @@ export async function fetchAttachment(baseUrl: string, token: string, attachment
   const res = await send(url, { headers: { authorization: `Bearer ${token}` } });
   if (!res.ok) throw await responseError(res);
   return res.blob();
+}
+
+/**
+ * Searches the caller's messages with `GET /v1/search`, for callers without a WebSocket
+ * (what `ChatClient.search` does over the WebSocket). Rejects with a {@link ChatError} carrying the
+ * HTTP `status`: 400 `bad_request` for a blank or over-long `q` or a bad `limit`, 403
+ * `forbidden` for a room the caller is not in, 404 `not_found` for an unknown room.
+ */
+export async function searchMessages(
+  baseUrl: string,
+  token: string,
+  q: string,
+  options: SearchOptions = {},
+): Promise<SearchPage> {
+  const params = new URLSearchParams({ q });
+  if (options.room !== undefined) params.set('room', options.room);
+  if (options.beforeId !== undefined) params.set('before_id', options.beforeId);
+  if (options.limit !== undefined) params.set('limit', String(options.limit));
+  const res = await send(`${baseUrl}/v1/search?${params}`, { headers: { authorization: `Bearer ${token}` } });
+  if (!res.ok) throw await responseError(res);
+  const reply = (await res.json()) as SearchAck;
+  return { results: reply.results, hasMore: reply.has_more };
 }

@@ -13,6 +13,6 @@ export type {
 } from './client.js';
 export { ChatError } from './errors.js';
 export type { ChatErrorCode, ChatErrorOptions } from './errors.js';
-export { fetchAttachment, toHttpBaseUrl, toWebSocketUrl, uploadAttachment } from './http.js';
-export type { UploadBody, UploadOptions } from './http.js';
+export { fetchAttachment, searchMessages, toHttpBaseUrl, toWebSocketUrl, uploadAttachment } from './http.js';
+export type { SearchOptions, SearchPage, UploadBody, UploadOptions } from './http.js';
 export type * from './types.js';

@@ -261,6 +261,30 @@ export interface HistoryAck {
   has_more: boolean;
 }
 
+/** `search` fields (v1.1). */
+export interface SearchParams {
+  /** Words (all must appear), `"quoted phrases"`, `-excluded` words, `or`; 1–256 characters, not blank. */
+  q: string;
+  /** Only this room (one the caller is a member of). */
+  room?: string;
+  /** Only messages older than this one: the last result's `message.id`, for the next page. */
+  before_id?: string;
+  /** 1–50, default 20. */
+  limit?: number;
+}
+/** One search result. */
+export interface SearchHit {
+  /** The message as it is now (a deleted message never matches). */
+  message: Message;
+  /** Plain text around the match (up to 24 words). */
+  snippet: string;
+}
+/** `search` ack (and `GET /v1/search`): newest first. */
+export interface SearchAck {
+  results: SearchHit[];
+  has_more: boolean;
+}
+
 /** `presence` fields. */
 export interface PresenceParams {
   room: string;
@@ -305,6 +329,7 @@ export interface Commands {
   presence: [PresenceParams, PresenceAck];
   ping: [PingParams, PongAck];
   refresh_token: [RefreshTokenParams, RefreshTokenAck];
+  search: [SearchParams, SearchAck];
 }
 
 /** A command's type. */

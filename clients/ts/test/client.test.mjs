@@ -9,7 +9,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import { after, afterEach, describe, test } from 'node:test';
 import WebSocket from 'ws';
 
-import { ChatClient, ChatError, toHttpBaseUrl, toWebSocketUrl } from '../dist/index.js';
+import { ChatClient, ChatError, searchMessages, toHttpBaseUrl, toWebSocketUrl } from '../dist/index.js';
 
 const GATEWAYS = (process.env.CHAT_GATEWAYS || 'http://127.0.0.1:8080,http://127.0.0.1:8081')
   .split(',')
@@ -358,6 +358,118 @@ describe('commands', () => {
   });
 });
 
+describe('search', () => {
+  // Words unique to this run: a shared database may hold other runs' messages, and
+  // other tests of this run put alice and bob in more rooms.
+  const word = `kiwi${RUN}`;
+  const other = `plum${RUN}`;
+
+  test('search finds matches in the callers rooms only, newest first, and pages by beforeId', BOUNDED, async () => {
+    const alice = await connected(user('alice'), A);
+    const bob = await connected(user('bob'), B);
+    const carol = await connected(user('carol'), A);
+    const room = await sharedRoom(alice, bob);
+    const carolsRoom = (await carol.createRoom({ kind: 'group', members: [] })).id;
+    await carol.send(carolsRoom, `carol's ${word} is private`);
+    const sent = [];
+    for (const text of [`one ${word}`, `two ${other}`, `three ${word} and ${other}`, `four ${word}`]) {
+      sent.push(await alice.send(room, text));
+    }
+    const gone = await alice.send(room, `deleted ${word}`);
+    await alice.deleteMessage(gone.id);
+
+    // Bob, on the other gateway: his room's matches only, newest first, as stored.
+    const all = await bob.search(word.toUpperCase());
+    assert.deepEqual(
+      all.results.map((hit) => hit.message.text),
+      [`four ${word}`, `three ${word} and ${other}`, `one ${word}`],
+    );
+    assert.equal(all.hasMore, false);
+    assert.deepEqual(all.results[0].message, sent[3]);
+    for (const hit of all.results) {
+      assert.equal(typeof hit.snippet, 'string');
+      assert.ok(hit.snippet.includes(word), `snippet ${JSON.stringify(hit.snippet)} shows the match`);
+    }
+    assert.deepEqual(Object.keys(all).sort(), ['hasMore', 'results'], 'camelCase page, like history');
+
+    // Pages of one, each after the previous page's last message, add up to the whole.
+    const paged = [];
+    let page = await bob.search(word, { room, limit: 1 });
+    while (true) {
+      paged.push(...page.results.map((hit) => hit.message.id));
+      if (!page.hasMore) break;
+      assert.ok(paged.length < 10, 'paging ends');
+      page = await bob.search(word, { room, limit: 1, beforeId: paged.at(-1) });
+    }
+    assert.deepEqual(
+      paged,
+      all.results.map((hit) => hit.message.id),
+    );
+
+    // Phrases and exclusions travel as typed.
+    const both = await bob.search(`${word} ${other}`);
+    assert.deepEqual(
+      both.results.map((hit) => hit.message.id),
+      [sent[2].id],
+    );
+    const without = await bob.search(`${word} -${other}`);
+    assert.deepEqual(
+      without.results.map((hit) => hit.message.id),
+      [sent[3].id, sent[0].id],
+    );
+    const mine = await carol.search(word);
+    assert.deepEqual(
+      mine.results.map((hit) => hit.message.room),
+      [carolsRoom],
+    );
+
+    await rejectsWith(bob.search(word, { room: carolsRoom }), 'forbidden');
+    await rejectsWith(bob.search(word, { room: '987654321' }), 'not_found');
+    await rejectsWith(bob.search('   '), 'bad_request');
+    await rejectsWith(bob.search(word, { limit: 51 }), 'bad_request');
+    await rejectsWith(bob.search('x'.repeat(257)), 'bad_request');
+    assert.equal(bob.state, 'open', 'refused searches leave the connection open');
+  });
+
+  test('searchMessages gives the same pages over HTTP, and HTTP errors with their status', BOUNDED, async () => {
+    const alice = await connected(user('alice'), A);
+    const room = (await alice.createRoom({ kind: 'group', members: [user('bob')] })).id;
+    const lonely = (await alice.createRoom({ kind: 'group', members: [] })).id;
+    for (const text of [`first ${word} & co`, `second ${word}`, `third ${word}`]) await alice.send(room, text);
+    const base = toHttpBaseUrl(B);
+    const bobToken = token(user('bob'));
+
+    const page = await searchMessages(base, bobToken, `"second ${word}" or "first ${word}"`, { room, limit: 1 });
+    assert.deepEqual(
+      page.results.map((hit) => hit.message.text),
+      [`second ${word}`],
+    );
+    assert.equal(page.hasMore, true);
+    const rest = await searchMessages(base, bobToken, `"second ${word}" or "first ${word}"`, {
+      room,
+      beforeId: page.results[0].message.id,
+    });
+    assert.deepEqual(
+      rest.results.map((hit) => hit.message.text),
+      [`first ${word} & co`],
+    );
+    assert.equal(rest.hasMore, false);
+    const overWs = await alice.search(word, { room });
+    const overHttp = await searchMessages(toHttpBaseUrl(A), token(user('alice')), word, { room });
+    assert.deepEqual(overHttp, overWs);
+
+    const status = async (promise, code, httpStatus) => {
+      const err = await rejectsWith(promise, code);
+      assert.equal(err.status, httpStatus);
+    };
+    await status(searchMessages(base, bobToken, word, { room: lonely }), 'forbidden', 403);
+    await status(searchMessages(base, bobToken, word, { room: '987654321' }), 'not_found', 404);
+    await status(searchMessages(base, bobToken, ' '), 'bad_request', 400);
+    await status(searchMessages(base, bobToken, word, { limit: 0 }), 'bad_request', 400);
+    await status(searchMessages(base, mint({ sub: user('bob'), exp: 1 }), word), 'unauthorized', 401);
+  });
+});
+
 describe('attachments', () => {
   test('upload and fetch round trip, for the uploader and for a room member', BOUNDED, async () => {
     const alice = await connected(user('alice'), A);
@@ -468,7 +580,7 @@ describe('reconnect', () => {
     );
   });
 
-  test('in flight at a drop: send is repeated once, other commands fail as disconnected', BOUNDED, async () => {
+  test('in flight at a drop: send and reads are repeated once, other commands fail as disconnected', BOUNDED, async () => {
     const alice = await connected(user('alice'), A);
     const { Recording, sockets } = recordingWebSocket();
     const bob = await connected(user('bob'), B, { WebSocket: Recording, reconnect: { initialDelayMs: 50 } });
@@ -476,10 +588,16 @@ describe('reconnect', () => {
     const clientMsgId = `inflight-${RUN}`;
     const sending = bob.send(room, 'in flight', { clientMsgId });
     const typing = bob.typing(room, true);
+    // Read-only, so repeated too: it answers from the new connection, the send included.
+    const searching = bob.search(`flight`, { room });
     sockets.at(-1).terminate();
     await rejectsWith(typing, 'disconnected');
     const sent = await sending;
     assert.equal(sent.client_msg_id, clientMsgId);
+    assert.deepEqual(
+      (await searching).results.map((hit) => hit.message.id),
+      [sent.id],
+    );
     const page = await alice.history(room);
     assert.deepEqual(
       page.messages.map((m) => m.client_msg_id),

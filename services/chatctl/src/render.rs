@@ -6,7 +6,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Writes one line to stdout. Unlike `println!`, a closed stdout (`chatctl … | head -1`)
 /// is an error to return rather than a panic.
@@ -28,6 +28,8 @@ pub enum Asked {
     History { room: String },
     /// `rooms`.
     Rooms,
+    /// `search`, with what it asked: the "more…" line spells out the next page's command.
+    Search { q: String, room: Option<String> },
     /// `create_room`.
     Create,
     /// `typing`.
@@ -66,12 +68,18 @@ pub fn welcome(frame: &Value) -> String {
     )
 }
 
-/// `[room 12 #3] alice: hello`, with markers for what the text alone does not show.
-pub fn message(m: &Value) -> String {
+/// `alice`, or `alice (Alice)` when the token carried another name.
+fn sender(m: &Value) -> String {
     let mut sender = text(&m["sender_id"]);
     if let Some(name) = m["sender_name"].as_str().filter(|n| !n.is_empty() && *n != sender) {
         sender.push_str(&format!(" ({name})"));
     }
+    sender
+}
+
+/// `[room 12 #3] alice: hello`, with markers for what the text alone does not show.
+pub fn message(m: &Value) -> String {
+    let sender = sender(m);
     let body = if m["deleted"] == true { "(deleted)".to_owned() } else { m["text"].as_str().unwrap_or("").to_owned() };
     let mut line = format!("[room {} #{}] {sender}: {body}", text(&m["room"]), text(&m["seq"]));
     if let Some(kind) = m["kind"].as_str().filter(|k| *k != "text") {
@@ -130,6 +138,14 @@ pub fn event(frame: &Value) -> String {
         "welcome" => welcome(frame),
         _ => format!("? {frame}"),
     }
+}
+
+/// `[room 12 #3] alice: …the launch plan…`: one search hit, its snippet for the text.
+pub fn hit(h: &Value) -> String {
+    let m = &h["message"];
+    // A snippet may span lines of a multi-line message; a hit must stay one line.
+    let snippet = h["snippet"].as_str().unwrap_or("?").split_whitespace().collect::<Vec<_>>().join(" ");
+    format!("[room {} #{}] {}: {snippet}", text(&m["room"]), text(&m["seq"]), sender(m))
 }
 
 /// `room 12 "general" (group): alice (owner), bob`.
@@ -216,6 +232,24 @@ fn ack(id: &str, asked: Option<&Asked>, frame: &Value) -> Vec<String> {
             }));
             lines
         }
+        Some(Asked::Search { q, room }) => {
+            let hits = frame["results"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let scope = room.as_ref().map(|r| format!(" in {r}")).unwrap_or_default();
+            let mut lines = vec![format!("ack{id} search {q:?}{scope}: {} result(s)", hits.len())];
+            lines.extend(hits.iter().map(|h| format!("  {}", hit(h))));
+            if frame["has_more"] == true {
+                // No slash command pages on; the exact frame of the next page can be pasted.
+                let mut next = json!({"type": "search", "q": q});
+                if let Some(room) = room {
+                    next["room"] = json!(room);
+                }
+                if let Some(last) = hits.last() {
+                    next["before_id"] = last["message"]["id"].clone();
+                }
+                lines.push(format!("  more… (next page: /raw {next})"));
+            }
+            lines
+        }
         Some(Asked::Create) => vec![format!("ack{id} created {}", room_summary(&frame["room"]))],
         Some(Asked::Typing) => vec![format!("ack{id} typing")],
         Some(Asked::Refresh) => vec![format!("ack{id} token refreshed, expires {}", text(&frame["expires_at"]))],
@@ -268,6 +302,38 @@ mod tests {
     }
 
     #[test]
+    fn search_hits_show_room_seq_sender_and_snippet_one_line_each_then_how_to_page_on() {
+        let mut named = msg(7, "the whole launch plan, which is long");
+        named["sender_name"] = json!("Alice");
+        let mut older = msg(2, "launch\nday");
+        older["id"] = json!("40");
+        older["room"] = json!("9");
+        let page = json!({"type":"ack","id":"r3","has_more":true,"results":[
+            {"message": named, "snippet": "whole launch plan"},
+            {"message": older, "snippet": "launch\nday"},
+        ]});
+        let asked = Asked::Search { q: "launch".into(), room: None };
+        assert_eq!(
+            reply(Some(&asked), &page),
+            vec![
+                r#"ack r3 search "launch": 2 result(s)"#,
+                "  [room 12 #7] alice (Alice): whole launch plan",
+                "  [room 9 #2] alice: launch day",
+                r#"  more… (next page: /raw {"before_id":"40","q":"launch","type":"search"})"#,
+            ]
+        );
+        let scoped = Asked::Search { q: "launch".into(), room: Some("9".into()) };
+        let last = reply(Some(&scoped), &page).pop().unwrap_or_default();
+        let next: Value =
+            serde_json::from_str(last.trim_start_matches("  more… (next page: /raw ").trim_end_matches(')'))
+                .unwrap_or_default();
+        assert_eq!(next, json!({"type":"search","q":"launch","room":"9","before_id":"40"}));
+        let mut last_page = page.clone();
+        last_page["has_more"] = json!(false);
+        assert!(!reply(Some(&asked), &last_page).iter().any(|l| l.contains("more…")));
+    }
+
+    #[test]
     fn replies_render_in_context() {
         let err = json!({"type":"error","id":"r4","code":"forbidden","message":"not a member of this room"});
         assert_eq!(reply(None, &err), vec!["error r4 forbidden: not a member of this room"]);
@@ -282,6 +348,11 @@ mod tests {
             vec!["ack r2 history of 12: 2 message(s)", "  [room 12 #1] alice: a", "  [room 12 #2] alice: b"]
         );
         assert_eq!(reply(Some(&Asked::Raw), &json!({"type":"ack","id":"x"})), vec!["ack x"]);
+        let none = json!({"type":"ack","id":"r5","results":[],"has_more":false});
+        assert_eq!(
+            reply(Some(&Asked::Search { q: "launch".into(), room: Some("12".into()) }), &none),
+            vec![r#"ack r5 search "launch" in 12: 0 result(s)"#]
+        );
         assert_eq!(reply(None, &json!({"type":"pong","id":"r9"})), vec!["pong r9"]);
     }
 }

@@ -27,11 +27,14 @@ commands:
   <text>                      send to the current room (after /join); start with // to send a leading /
   /history <room> [limit]     the newest messages (limit 1-100, default 50)
   /rooms                      your rooms, with unread counts
+  /search [#room] <query...>  search your rooms (or one) for words, \"phrases\", -excluded words; newest first
   /create <name> <member>...  create a group room with these members
   /typing [room]              tell the room you are typing (default: the current room)
   /raw <json>                 send any frame as is (objects without an id get one)
   /help                       this list
   /quit                       wait for pending replies, close with 1000 and exit (as does end of input)";
+
+const SEARCH_USAGE: &str = "usage: /search [#room] <query...>";
 
 /// What one input line asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +117,27 @@ pub fn parse(line: &str, current: Option<&str>) -> Result<Action, String> {
             json!({"type": "history", "room": room, "limit": number(limit, "limit")?}),
         )),
         ("history", _) => Err("usage: /history <room> [limit]".into()),
+        ("search", [first, ..]) => {
+            // `#` marks the room because a bare id would read as a query word. Search
+            // ignores punctuation, so a query never needs a leading `#` of its own.
+            let (room, q) = match first.strip_prefix('#') {
+                Some(room) => (Some(room), word(rest).1),
+                None => (None, rest),
+            };
+            let q = q.trim_end();
+            if q.is_empty() || room == Some("") {
+                return Err(SEARCH_USAGE.into());
+            }
+            let mut frame = Map::new();
+            frame.insert("type".into(), "search".into());
+            frame.insert("q".into(), q.into());
+            if let Some(room) = room {
+                frame.insert("room".into(), room.into());
+            }
+            let asked = Asked::Search { q: q.to_owned(), room: room.map(str::to_owned) };
+            Ok(Action::Command { asked, frame })
+        }
+        ("search", _) => Err(SEARCH_USAGE.into()),
         ("rooms", []) => Ok(command(Asked::Rooms, json!({"type": "rooms"}))),
         ("rooms", _) => Err("usage: /rooms".into()),
         ("create", [name, members @ ..]) => Ok(command(
@@ -345,10 +369,29 @@ mod tests {
             json!({"type":"create_room","kind":"group","name":"ops","members":["bob","carol"]})
         );
         assert_eq!(frame(parse("/typing", Some("3"))?), json!({"type":"typing","room":"3","active":true}));
+        assert_eq!(
+            frame(parse(r#"/search  launch  "at noon" -friday "#, Some("3"))?),
+            json!({"type":"search","q":r#"launch  "at noon" -friday"#}),
+            "all rooms, even with a current room; inner spacing and quotes kept"
+        );
+        assert_eq!(
+            frame(parse("/search #12 launch plan", None)?),
+            json!({"type":"search","room":"12","q":"launch plan"})
+        );
+        assert_eq!(frame(parse("/search 12 launch", None)?), json!({"type":"search","q":"12 launch"}));
         assert_eq!(frame(parse(r#"/raw {"type":"ping","id":"p"}"#, None)?), json!({"type":"ping","id":"p"}));
         assert_eq!(parse("/raw {oops", None)?, Action::Verbatim("{oops".into()));
         assert_eq!(parse("/quit", None)?, Action::Quit);
         assert_eq!(parse("   ", None)?, Action::Nothing);
+        Ok(())
+    }
+
+    #[test]
+    fn a_search_remembers_its_query_and_room_for_the_reply() -> Result<(), String> {
+        let Action::Command { asked, .. } = parse("/search #12 launch", None)? else {
+            return Err("not a command".into());
+        };
+        assert_eq!(asked, Asked::Search { q: "launch".into(), room: Some("12".into()) });
         Ok(())
     }
 
@@ -362,7 +405,18 @@ mod tests {
 
     #[test]
     fn bad_usage_is_explained() {
-        for line in ["/join", "/join 1 x", "/send 12", "/history 1 -3", "/nope", "/raw", "/typing"] {
+        for line in [
+            "/join",
+            "/join 1 x",
+            "/send 12",
+            "/history 1 -3",
+            "/nope",
+            "/raw",
+            "/typing",
+            "/search",
+            "/search #12 ",
+            "/search # x",
+        ] {
             assert!(parse(line, None).is_err(), "{line}");
         }
     }

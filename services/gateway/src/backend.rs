@@ -170,6 +170,17 @@ impl Backend {
         Ok(reply.into_inner().status == ServingStatus::Serving as i32)
     }
 
+    /// Stores coalesced delivered seqs (the service publishes `delivered` for each that moved).
+    pub async fn mark_delivered(&self, deliveries: Vec<pb::Delivery>) -> Result<(), CommandError> {
+        call!(self, mark_delivered, pb::MarkDeliveredRequest { deliveries });
+        Ok(())
+    }
+
+    /// Each member's delivered and read seqs.
+    pub async fn receipts(&self, caller: pb::Caller, room_id: String) -> Result<pb::ReceiptsResponse, CommandError> {
+        Ok(call!(self, receipts, pb::ReceiptsRequest { caller: Some(caller), room_id }))
+    }
+
     /// Messages matching a text query in the caller's rooms.
     pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse, CommandError> {
         Ok(call!(self, search, req))

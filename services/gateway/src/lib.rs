@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backend;
 pub mod capacity;
 pub mod config;
+pub mod delivery;
 pub mod devtoken;
 pub mod discovery;
 pub mod error;
@@ -96,6 +97,8 @@ impl Application {
         tasks.spawn(state.fanout().clone().run_dispatcher(dispatcher_stop.clone()));
         tasks.spawn(watch_backend(state.clone()));
         tasks.spawn(state.presence().clone().run_housekeeping(dispatcher_stop.clone()));
+        // Stops with the dispatcher, after the connections: what they reported last is stored.
+        tasks.spawn(state.deliveries().clone().run(state.backend().clone(), dispatcher_stop.clone()));
 
         // Drain in order: readiness 503 and new upgrades refused at once (the shutdown
         // token), then after the drain delay every connection is told to reconnect and

@@ -34,6 +34,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_room, list_rooms))
         .routes(routes!(history, send))
         .routes(routes!(search))
+        .routes(routes!(receipts))
         .routes(routes!(me_status))
         .routes(routes!(user_status))
         .routes(routes!(disconnect))
@@ -204,6 +205,15 @@ async fn search(
     let req = client::search_request(caller(&user), q.q, room, before_id, q.limit)?;
     let page = state.backend().search(req).await?;
     Ok(Json(json::search_body(&page)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/rooms/{id}/receipts", tag = "rooms", params(("id" = String, Path, description = "room id")), responses((status = 200, description = "`{members: [{user_id, delivered_seq, read_seq}]}`, by user id"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
+/// `GET /v1/rooms/{id}/receipts` → `{members}`: the `receipts` command over REST.
+#[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
+async fn receipts(State(state): State<AppState>, User(user): User, Path(room): Path<String>) -> ApiResult<Response> {
+    let room = Id::parse(room)?;
+    let receipts = state.backend().receipts(caller(&user), room.into_string()).await?;
+    Ok(Json(json::receipts_body(&receipts)).into_response())
 }
 
 #[derive(Deserialize)]

@@ -148,6 +148,21 @@ impl Session {
                 };
                 Ok(server::page_ack(id, &backend.history(req).await?))
             }
+            Command::Received { room, seq } => {
+                if seq < 0 {
+                    return Err(CommandError::bad_request("seq must not be negative"));
+                }
+                // A joined room was checked at `join`; another is checked now, as a join would.
+                if !self.state.fanout().is_joined(self.conn(), room.as_str()) {
+                    backend.join_room(caller(&self.claims), room.as_str().to_owned()).await?;
+                }
+                self.state.deliveries().record(room.as_str(), &self.claims.sub, seq);
+                Ok(server::received_ack(id, room.as_str(), seq))
+            }
+            Command::Receipts { room } => {
+                let receipts = backend.receipts(caller(&self.claims), room.into_string()).await?;
+                Ok(server::receipts_ack(id, &receipts))
+            }
             Command::Search { q, room, before_id, limit } => {
                 let req = client::search_request(caller(&self.claims), q, room, before_id, limit)?;
                 Ok(server::search_ack(id, &backend.search(req).await?))

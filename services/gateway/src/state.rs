@@ -13,6 +13,7 @@ use crate::auth::{AuthError, Claims, Verifier};
 use crate::backend::Backend;
 use crate::capacity::Capacity;
 use crate::config::Config;
+use crate::delivery::Deliveries;
 use crate::devtoken::DevTokens;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
@@ -48,6 +49,8 @@ struct Shared {
     backend: Backend,
     fanout: Fanout,
     presence: Presence,
+    /// Clients' `received` seqs, stored once a second.
+    deliveries: Deliveries,
     events: EventBus,
     limits: Limits,
     metrics: Metrics,
@@ -95,6 +98,7 @@ impl AppState {
                 backend,
                 fanout,
                 presence,
+                deliveries: Deliveries::default(),
                 events,
                 limits: Limits::new(config.rates()),
                 metrics,
@@ -133,6 +137,10 @@ impl AppState {
 
     pub fn presence(&self) -> &Presence {
         &self.inner.presence
+    }
+
+    pub fn deliveries(&self) -> &Deliveries {
+        &self.inner.deliveries
     }
 
     /// Publishes the events the gateway originates: typing, presence, admin pushes.

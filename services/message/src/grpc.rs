@@ -257,6 +257,24 @@ impl ChatService for GrpcHandlers {
         Ok(Response::new(MarkReadResponse { read_seq }))
     }
 
+    #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
+    async fn receipts(&self, req: Request<ReceiptsRequest>) -> Reply<ReceiptsResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let room_id = validate::room_id(&req.room_id)?;
+        Ok(Response::new(ReceiptsResponse { members: self.store.receipts(&caller, room_id).await? }))
+    }
+
+    #[tracing::instrument(skip_all, fields(deliveries = req.get_ref().deliveries.len()))]
+    async fn mark_delivered(&self, req: Request<MarkDeliveredRequest>) -> Reply<MarkDeliveredResponse> {
+        let deliveries = validate::deliveries(req.into_inner().deliveries)?;
+        let moved = self.store.mark_delivered(&deliveries).await?;
+        for delivery in &moved {
+            self.events.room(&delivery.room_id, Event::Delivered(delivery.clone())).await.unwrap_or_else(not_published);
+        }
+        Ok(Response::new(MarkDeliveredResponse { moved }))
+    }
+
     async fn room_seq(&self, req: Request<RoomSeqRequest>) -> Reply<RoomSeqResponse> {
         let room_id = validate::room_id(&req.get_ref().room_id)?;
         Ok(Response::new(RoomSeqResponse { last_seq: self.store.room_seq(room_id).await? }))

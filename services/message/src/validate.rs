@@ -226,6 +226,21 @@ pub fn history_limit(limit: u32) -> Result<i64, ServiceError> {
     }
 }
 
+/// Most deliveries in one `MarkDelivered`: a gateway's second of coalesced `received`s.
+pub const MAX_DELIVERIES: usize = 10_000;
+
+/// A gateway's coalesced deliveries as (room, user, seq): ids that name no room are left
+/// out (they would change nothing); a negative seq or an oversized batch is refused.
+pub fn deliveries(deliveries: Vec<chat_proto::v1::Delivery>) -> Result<Vec<(i64, String, i64)>, ServiceError> {
+    if deliveries.len() > MAX_DELIVERIES {
+        return Err(invalid(format!("at most {MAX_DELIVERIES} deliveries at once")));
+    }
+    if deliveries.iter().any(|d| d.seq < 0) {
+        return Err(invalid("seq must not be negative"));
+    }
+    Ok(deliveries.into_iter().filter_map(|d| Some((ids::parse(&d.room_id)?, d.user_id, d.seq))).collect())
+}
+
 /// Longest search query, in characters: a query is words, not a document.
 pub const MAX_QUERY_CHARS: usize = 256;
 

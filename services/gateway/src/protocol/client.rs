@@ -119,6 +119,13 @@ pub enum Command {
     RefreshToken {
         token: String,
     },
+    Received {
+        room: Id,
+        seq: i64,
+    },
+    Receipts {
+        room: Id,
+    },
     Search {
         q: String,
         #[serde(default)]
@@ -153,6 +160,8 @@ impl Command {
             Command::Presence { .. } => "presence",
             Command::RefreshToken { .. } => "refresh_token",
             Command::Search { .. } => "search",
+            Command::Received { .. } => "received",
+            Command::Receipts { .. } => "receipts",
         }
     }
 }

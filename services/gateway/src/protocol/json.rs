@@ -179,6 +179,29 @@ pub fn page_body(page: &pb::HistoryResponse) -> impl Serialize + '_ {
 }
 
 #[derive(Serialize)]
+struct ReceiptsBody<'a> {
+    members: Vec<ReceiptJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ReceiptJson<'a> {
+    user_id: &'a str,
+    delivered_seq: i64,
+    read_seq: i64,
+}
+
+/// `{members: [{user_id, delivered_seq, read_seq}]}`: the receipts ack and
+/// `GET /v1/rooms/{id}/receipts`.
+pub fn receipts_body(receipts: &pb::ReceiptsResponse) -> impl Serialize + '_ {
+    let members = receipts
+        .members
+        .iter()
+        .map(|m| ReceiptJson { user_id: &m.user_id, delivered_seq: m.delivered_seq, read_seq: m.read_seq })
+        .collect();
+    ReceiptsBody { members }
+}
+
+#[derive(Serialize)]
 struct SearchBody<'a> {
     results: Vec<HitJson<'a>>,
     has_more: bool,

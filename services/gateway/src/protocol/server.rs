@@ -68,6 +68,21 @@ pub fn page_ack(id: Option<&str>, page: &pb::HistoryResponse) -> String {
     ack_with(id, json::page_body(page))
 }
 
+/// The received ack: `{room, seq}`.
+pub fn received_ack(id: Option<&str>, room: &str, seq: i64) -> String {
+    #[derive(Serialize)]
+    struct Received<'a> {
+        room: &'a str,
+        seq: i64,
+    }
+    ack_with(id, Received { room, seq })
+}
+
+/// The receipts ack: `{members: [{user_id, delivered_seq, read_seq}]}`.
+pub fn receipts_ack(id: Option<&str>, receipts: &pb::ReceiptsResponse) -> String {
+    ack_with(id, json::receipts_body(receipts))
+}
+
 /// The search ack: `{results: [{message, snippet}], has_more}`.
 pub fn search_ack(id: Option<&str>, page: &pb::SearchResponse) -> String {
     ack_with(id, json::search_body(page))
@@ -264,6 +279,7 @@ pub fn event_frame(event: &pb::envelope::Event) -> Option<String> {
         ),
         E::Typing(e) => typing_event(&e.room_id, &e.user_id, e.active),
         E::Read(e) => frame("read", Read { room: &e.room_id, user_id: &e.user_id, seq: e.seq }),
+        E::Delivered(e) => frame("delivered", Read { room: &e.room_id, user_id: &e.user_id, seq: e.seq }),
         E::Presence(e) => frame(
             "presence",
             Presence { room: &e.room_id, user_id: &e.user_id, status: if e.online { "online" } else { "offline" } },

@@ -110,3 +110,23 @@ export async function fetchAttachment(baseUrl, token, attachment) {
         throw await responseError(res);
     return res.blob();
 }
+/**
+ * Searches the caller's messages with `GET /v1/search`, for callers without a WebSocket
+ * (what `ChatClient.search` does over the WebSocket). Rejects with a {@link ChatError} carrying the
+ * HTTP `status`: 400 `bad_request` for a blank or over-long `q` or a bad `limit`, 403
+ * `forbidden` for a room the caller is not in, 404 `not_found` for an unknown room.
+ */
+export async function searchMessages(baseUrl, token, q, options = {}) {
+    const params = new URLSearchParams({ q });
+    if (options.room !== undefined)
+        params.set('room', options.room);
+    if (options.beforeId !== undefined)
+        params.set('before_id', options.beforeId);
+    if (options.limit !== undefined)
+        params.set('limit', String(options.limit));
+    const res = await send(`${baseUrl}/v1/search?${params}`, { headers: { authorization: `Bearer ${token}` } });
+    if (!res.ok)
+        throw await responseError(res);
+    const reply = (await res.json());
+    return { results: reply.results, hasMore: reply.has_more };
+}

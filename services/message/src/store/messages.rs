@@ -215,8 +215,9 @@ impl Store {
             return Ok(target);
         }
         let read: i64 = sqlx::query_scalar(
-            "UPDATE room_members SET read_seq = GREATEST(read_seq, $3) WHERE room_id = $1 AND user_id = $2 \
-             RETURNING read_seq",
+            // Reading a message implies having it: delivered moves with read.
+            "UPDATE room_members SET read_seq = GREATEST(read_seq, $3), delivered_seq = GREATEST(delivered_seq, $3) \
+             WHERE room_id = $1 AND user_id = $2 RETURNING read_seq",
         )
         .bind(room_id)
         .bind(&caller.user_id)

@@ -9,6 +9,7 @@ mod batch;
 mod commit;
 mod messages;
 mod notifications;
+mod receipts;
 mod rooms;
 pub mod schema;
 mod search;
