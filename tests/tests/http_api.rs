@@ -341,6 +341,7 @@ async fn the_openapi_document_lists_every_route() -> Result<()> {
         ("post", "/v1/rooms/{id}/messages"),
         ("get", "/v1/search"),
         ("get", "/v1/rooms/{id}/receipts"),
+        ("get", "/v1/rooms/{id}/threads/{root_seq}"),
         ("post", "/v1/attachments"),
         ("get", "/v1/attachments/{id}"),
         ("get", "/v1/me/status"),

@@ -105,6 +105,14 @@ fn client_tls(files: &TlsFiles, pem: &TlsPem, server_name: &str) -> Result<Clien
     Ok(config)
 }
 
+/// A message and a page of the replies to it.
+#[derive(Debug, Clone)]
+pub struct Thread {
+    pub root: pb::Message,
+    pub replies: Vec<pb::Message>,
+    pub has_more: bool,
+}
+
 /// The identity sent with every call.
 pub fn caller(claims: &Claims) -> pb::Caller {
     pb::Caller { user_id: claims.sub.clone(), name: claims.name.clone(), admin: claims.is_admin() }
@@ -174,6 +182,13 @@ impl Backend {
     pub async fn mark_delivered(&self, deliveries: Vec<pb::Delivery>) -> Result<(), CommandError> {
         call!(self, mark_delivered, pb::MarkDeliveredRequest { deliveries });
         Ok(())
+    }
+
+    /// A message and a page of its replies.
+    pub async fn thread(&self, req: pb::ThreadRequest) -> Result<Thread, CommandError> {
+        let reply = call!(self, thread, req);
+        let root = reply.root.ok_or_else(missing)?;
+        Ok(Thread { root, replies: reply.replies, has_more: reply.has_more })
     }
 
     /// Each member's delivered and read seqs.

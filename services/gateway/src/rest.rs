@@ -35,6 +35,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(history, send))
         .routes(routes!(search))
         .routes(routes!(receipts))
+        .routes(routes!(thread))
         .routes(routes!(me_status))
         .routes(routes!(user_status))
         .routes(routes!(disconnect))
@@ -205,6 +206,33 @@ async fn search(
     let req = client::search_request(caller(&user), q.q, room, before_id, q.limit)?;
     let page = state.backend().search(req).await?;
     Ok(Json(json::search_body(&page)).into_response())
+}
+
+#[derive(Deserialize)]
+struct ThreadQuery {
+    after_seq: Option<i64>,
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/rooms/{id}/threads/{root_seq}", tag = "rooms", params(("id" = String, Path, description = "room id"), ("root_seq" = i64, Path, description = "the seq of the thread's first message"), ("after_seq" = Option<i64>, Query, description = "the last reply of the previous page"), ("limit" = Option<u32>, Query, description = "1..=100, default 50")), responses((status = 200, description = "`{root, replies, has_more}`: replies in seq order"), (status = 400, description = "invalid parameters"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room, or no message at root_seq"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
+/// `GET /v1/rooms/{id}/threads/{root_seq}?after_seq=&limit=` → `{root, replies, has_more}`.
+#[tracing::instrument(skip_all, fields(user = %user.sub, room = %room))]
+async fn thread(
+    State(state): State<AppState>,
+    User(user): User,
+    Path((room, root_seq)): Path<(String, i64)>,
+    Params(q): Params<ThreadQuery>,
+) -> ApiResult<Response> {
+    let room = Id::parse(room)?;
+    let req = pb::ThreadRequest {
+        caller: Some(caller(&user)),
+        room_id: room.into_string(),
+        root_seq,
+        after_seq: q.after_seq,
+        limit: client::page_limit(q.limit)?,
+    };
+    let thread = state.backend().thread(req).await?;
+    Ok(Json(json::thread_body(&thread)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/rooms/{id}/receipts", tag = "rooms", params(("id" = String, Path, description = "room id")), responses((status = 200, description = "`{members: [{user_id, delivered_seq, read_seq}]}`, by user id"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "not a member"), (status = 404, description = "no such room"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]

@@ -159,6 +159,16 @@ impl Session {
                 self.state.deliveries().record(room.as_str(), &self.claims.sub, seq);
                 Ok(server::received_ack(id, room.as_str(), seq))
             }
+            Command::Thread { room, root_seq, after_seq, limit } => {
+                let req = pb::ThreadRequest {
+                    caller: self.who(),
+                    room_id: room.into_string(),
+                    root_seq,
+                    after_seq,
+                    limit: client::page_limit(limit)?,
+                };
+                Ok(server::thread_ack(id, &backend.thread(req).await?))
+            }
             Command::Receipts { room } => {
                 let receipts = backend.receipts(caller(&self.claims), room.into_string()).await?;
                 Ok(server::receipts_ack(id, &receipts))

@@ -120,6 +120,9 @@ impl ChatService for GrpcHandlers {
         // Published after the commit, and again on a retry: a client retries when it did
         // not see the ack, which may also mean the first publish never happened.
         self.events.message_created(&message).await.unwrap_or_else(not_published);
+        if let Some(root) = message.reply_to.as_deref().and_then(chat_common::ids::parse) {
+            self.announce_root(root).await;
+        }
         Ok(Response::new(SendMessageResponse { message: Some(message), duplicate }))
     }
 
@@ -255,6 +258,16 @@ impl ChatService for GrpcHandlers {
         let event = Event::Read(ReadReceipt { room_id: req.room_id.clone(), user_id: caller.user_id, seq: read_seq });
         self.events.room(&req.room_id, event).await.unwrap_or_else(not_published);
         Ok(Response::new(MarkReadResponse { read_seq }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
+    async fn thread(&self, req: Request<ThreadRequest>) -> Reply<ThreadResponse> {
+        let req = req.into_inner();
+        let caller = caller(req.caller)?;
+        let room_id = validate::room_id(&req.room_id)?;
+        let page = Page { before_seq: None, after_seq: req.after_seq, limit: validate::history_limit(req.limit)? };
+        let (root, replies, has_more) = self.store.thread(&caller, room_id, req.root_seq, page).await?;
+        Ok(Response::new(ThreadResponse { root: Some(root), replies, has_more }))
     }
 
     #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]
@@ -407,6 +420,24 @@ impl ChatService for GrpcHandlers {
         let req = req.get_ref();
         let rooms = self.store.user_rooms(&req.user_id, req.limit).await?;
         Ok(Response::new(UserRoomsResponse { room_ids: rooms.into_iter().map(|id| id.to_string()).collect() }))
+    }
+}
+
+impl GrpcHandlers {
+    /// Tells the room's members a reply changed its root (count and newest time), with a
+    /// `message_edited` of the root as it stands. After the reply's own event, so a client
+    /// that counts replies sees the reply first; a failure is logged (the reply is stored,
+    /// and the next thread or history read shows the count).
+    async fn announce_root(&self, root_id: i64) {
+        match self.store.message(root_id).await {
+            Ok(Some(root)) => {
+                let room_id = root.room_id.clone();
+                let event = Event::MessageEdited(MessageEdited { message: Some(root) });
+                self.events.room(&room_id, event).await.unwrap_or_else(not_published);
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(%err, root_id, "reply stored; its root's new count not announced"),
+        }
     }
 }
 

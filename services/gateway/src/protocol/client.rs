@@ -126,6 +126,14 @@ pub enum Command {
     Receipts {
         room: Id,
     },
+    Thread {
+        room: Id,
+        root_seq: i64,
+        #[serde(default)]
+        after_seq: Option<i64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     Search {
         q: String,
         #[serde(default)]
@@ -162,6 +170,7 @@ impl Command {
             Command::Search { .. } => "search",
             Command::Received { .. } => "received",
             Command::Receipts { .. } => "receipts",
+            Command::Thread { .. } => "thread",
         }
     }
 }

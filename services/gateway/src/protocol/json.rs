@@ -50,6 +50,8 @@ impl Serialize for MessageJson<'_> {
         map.serialize_entry("created_at", &timestamp(m.created_at_ms))?;
         map.serialize_entry("edited_at", &m.edited_at_ms.map(timestamp))?;
         map.serialize_entry("deleted", &m.deleted)?;
+        map.serialize_entry("reply_count", &m.reply_count)?;
+        map.serialize_entry("last_reply_at", &m.last_reply_at_ms.map(timestamp))?;
         let reactions: BTreeMap<&str, &Vec<String>> =
             m.reactions.iter().map(|r| (r.emoji.as_str(), &r.user_ids)).collect();
         map.serialize_entry("reactions", &reactions)?;
@@ -176,6 +178,22 @@ struct PageBody<'a> {
 /// `{messages, has_more}`: a history page.
 pub fn page_body(page: &pb::HistoryResponse) -> impl Serialize + '_ {
     PageBody { messages: page.messages.iter().map(MessageJson).collect(), has_more: page.has_more }
+}
+
+#[derive(Serialize)]
+struct ThreadBody<'a> {
+    root: MessageJson<'a>,
+    replies: Vec<MessageJson<'a>>,
+    has_more: bool,
+}
+
+/// `{root, replies, has_more}`: the thread ack and `GET /v1/rooms/{id}/threads/{root_seq}`.
+pub fn thread_body(thread: &crate::backend::Thread) -> impl Serialize + '_ {
+    ThreadBody {
+        root: MessageJson(&thread.root),
+        replies: thread.replies.iter().map(MessageJson).collect(),
+        has_more: thread.has_more,
+    }
 }
 
 #[derive(Serialize)]

@@ -78,6 +78,11 @@ pub fn received_ack(id: Option<&str>, room: &str, seq: i64) -> String {
     ack_with(id, Received { room, seq })
 }
 
+/// The thread ack: `{root, replies, has_more}`.
+pub fn thread_ack(id: Option<&str>, thread: &crate::backend::Thread) -> String {
+    ack_with(id, json::thread_body(thread))
+}
+
 /// The receipts ack: `{members: [{user_id, delivered_seq, read_seq}]}`.
 pub fn receipts_ack(id: Option<&str>, receipts: &pb::ReceiptsResponse) -> String {
     ack_with(id, json::receipts_body(receipts))
@@ -328,6 +333,8 @@ mod tests {
             edited_at_ms: None,
             deleted: false,
             reactions: vec![pb::Reaction { emoji: "👍".into(), user_ids: vec!["bob".into()] }],
+            reply_count: 2,
+            last_reply_at_ms: Some(1_700_000_001_000),
         };
         let v: Value = serde_json::from_str(&message_event(&m)).unwrap();
         assert_eq!(
@@ -336,7 +343,8 @@ mod tests {
                 "id": "9", "room": "2", "seq": 4, "sender_id": "alice", "sender_name": "Alice",
                 "kind": "text", "text": "hello", "attachments": [], "reply_to": null,
                 "client_msg_id": "c", "created_at": "2023-11-14T22:13:20.123Z", "edited_at": null,
-                "deleted": false, "reactions": {"👍": ["bob"]}
+                "deleted": false, "reactions": {"👍": ["bob"]},
+                "reply_count": 2, "last_reply_at": "2023-11-14T22:13:21.000Z"
             }})
         );
     }

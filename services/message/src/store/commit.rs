@@ -218,6 +218,8 @@ impl StoredAnswer {
                     edited_at_ms: None,
                     deleted: false,
                     reactions: Vec::new(),
+                    reply_count: 0,
+                    last_reply_at_ms: None,
                 };
                 Ok((message, false))
             }

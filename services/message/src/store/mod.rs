@@ -15,6 +15,7 @@ pub mod schema;
 mod search;
 #[cfg(test)]
 mod tests;
+mod threads;
 
 pub use attachments::File;
 pub use batch::{Committer, NewMessage};
@@ -182,7 +183,7 @@ macro_rules! message_columns {
     () => {
         "id, room_id, seq, sender_id, sender_name, kind, \
          CASE WHEN deleted_at IS NULL THEN body END AS body, reply_to, client_msg_id, \
-         created_at, edited_at, deleted_at IS NOT NULL AS deleted"
+         created_at, edited_at, deleted_at IS NOT NULL AS deleted, reply_count, last_reply_at"
     };
 }
 use message_columns;
@@ -201,6 +202,8 @@ struct MessageRow {
     created_at: DateTime<Utc>,
     edited_at: Option<DateTime<Utc>>,
     deleted: bool,
+    reply_count: i32,
+    last_reply_at: Option<DateTime<Utc>>,
 }
 
 impl From<MessageRow> for Message {
@@ -220,6 +223,8 @@ impl From<MessageRow> for Message {
             edited_at_ms: r.edited_at.map(|t| t.timestamp_millis()),
             deleted: r.deleted,
             reactions: Vec::new(),
+            reply_count: i64::from(r.reply_count),
+            last_reply_at_ms: r.last_reply_at.map(|t| t.timestamp_millis()),
         }
     }
 }
