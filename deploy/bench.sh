@@ -5,7 +5,7 @@
 #
 # Environment: BENCH_QUICK=1 runs a smaller suite (for trying the tool, not for figures);
 # BENCH_ONLY="persist reconnect" runs only those scenarios (idle, light, ramp, fanout,
-# persist, persist-open, reconnect). Either writes its report under target/bench/ instead of docs/.
+# persist, persist-open, search, reconnect). Either writes its report under target/bench/ instead of docs/.
 # BENCH_BIN=dir takes every binary (chat-message, chat-gateway, chat-bench) from dir
 # instead of building them: A/B runs of two builds, with BENCH_ONLY.
 set -euo pipefail
@@ -116,8 +116,10 @@ sources="--sources 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
 
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
   IDLE=2000 ROOMS=20 RAMP=200,400 FAN_RATE=400 SECS=4 RECONNECT_ROOMS=20
+  SEARCH="--messages 100000 --queries 500 --seconds 20"
 else
   IDLE=19000 ROOMS=100 RAMP=250,500,1000,1500,2000 FAN_RATE=1500 SECS=10 RECONNECT_ROOMS=100
+  SEARCH="--messages 1000000 --queries 3000 --seconds 60"
 fi
 
 # Idle first, on a fresh gateway: its RSS growth is then the connections' alone.
@@ -137,6 +139,11 @@ run persist persist --rooms 1 --senders 100 --window 4 --seconds "$SECS" $backen
 # OPEN_RATE=2000 BENCH_ONLY=persist-open for another rate).
 # shellcheck disable=SC2086
 run persist-open persist --rooms 100 --senders 200 --rate "${OPEN_RATE:-10000}" --seconds "$SECS" $backend
+# #19: one-word searches over a million messages seeded into the cluster's database
+# (1,000 rooms, the searching users in 100 each), 4 clients. Up to about two minutes:
+# seeding takes 20-40 s here, the queries at most 90 s. Before reconnect, which kills a gateway.
+# shellcheck disable=SC2086
+run search search --database-url "$PG_BASE/$DB?sslmode=disable" $SEARCH $backend
 # Last: it kills gateway A.
 # shellcheck disable=SC2086
 run reconnect reconnect --rooms "$RECONNECT_ROOMS" --members 100 --rate 200 --kill-pid "$gw_a_pid" $sources

@@ -250,6 +250,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills the message service (SIGKILL) and starts it again on the same port with `env`
+    /// on top of the cluster's.
+    pub async fn restart_message_service_with(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        self.message.kill().await?;
+        let mut wiring = self.wiring.clone();
+        wiring.env.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        self.message = spawn_message(&self.grpc_addr, &self.message_metrics, &self.db.url, &wiring)?;
+        Ok(())
+    }
+
     /// The message service's gRPC health status for `service` (`""`: overall).
     pub async fn message_health(&self, service: &str) -> Result<i32> {
         grpc_health(&self.grpc_addr, service).await

@@ -20,6 +20,7 @@ mod shared;
 mod tokens;
 mod unique;
 mod wait;
+pub mod webhook_receiver;
 mod ws;
 
 pub use cluster::{Cluster, ClusterBuilder, Replica};

@@ -11,6 +11,7 @@ mod procstat;
 mod progress;
 mod reconnect;
 mod report;
+mod search;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -136,6 +137,33 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         warmup_seconds: u64,
     },
+    /// One-word `search` commands over a store seeded straight into the cluster's
+    /// database: round-trip latency through the gateways (#19).
+    Search {
+        #[command(flatten)]
+        common: Common,
+        /// The cluster's database (already migrated by the message service), to seed with
+        /// `psql`.
+        #[arg(long, env = "BENCH_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Messages to seed, spread evenly over the rooms.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 1_000)]
+        rooms: u64,
+        /// Rooms each searching client is a member of.
+        #[arg(long, default_value_t = 100)]
+        member_of: u64,
+        /// Concurrent searching clients, one query in flight each.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Queries of the ~1% words (a tenth as many of a rare and of a frequent word follow) ...
+        #[arg(long, default_value_t = 3_000)]
+        queries: u64,
+        /// ... or as many as these seconds allow (a quarter of them each for the other two).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// The floor: CPU µs of one non-blocking send() of a frame on loopback TCP, the
     /// receiving side included (no cluster needed).
     Floor {
@@ -235,6 +263,12 @@ async fn main() -> Result<()> {
                 reconnect::run(&target(&common), rooms, members, rate, kill_pid, Duration::from_secs(warmup_seconds))
                     .await?;
             emit(&common, summary)?;
+        }
+        Scenario::Search { common, database_url, messages, rooms, member_of, clients, queries, seconds } => {
+            let cpu = CpuProbe::new(common.pids.clone(), common.pid_names.clone());
+            let corpus = search::Corpus { messages, rooms, member_of };
+            let load = search::Load { clients, queries, within: Duration::from_secs(seconds) };
+            emit(&common, search::run(&target(&common), &database_url, corpus, load, &cpu).await?)?;
         }
         Scenario::Floor { frame_bytes, rate, seconds, out } => {
             let summary = tokio::task::spawn_blocking(move || floor::run(frame_bytes, rate, seconds)).await??;

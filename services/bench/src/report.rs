@@ -74,6 +74,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
     let hot = find(&results, "persist-hot-room");
     let open = find(&results, "persist-open");
     let reconnect = find(&results, "reconnect");
+    let search = find(&results, "search");
 
     let summary = json!({
         "date": date,
@@ -95,6 +96,8 @@ pub fn write(args: &ReportArgs) -> Result<()> {
         "reconnect_clients": reconnect.and_then(|r| num(r, "clients")),
         "reconnect_max_ms": reconnect.and_then(|r| num(r, "recovery_max_ms")),
         "reconnect_lost": reconnect.and_then(|r| num(r, "lost")),
+        "search_messages": search.and_then(|s| num(s, "messages")),
+        "search_p99_ms": search.and_then(|s| num(s, "p99_ms")),
     });
     append_line(&args.history, &summary)?;
     let history: Vec<Value> = std::fs::read_to_string(&args.history)
@@ -213,6 +216,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
             verdict(reconnect_ok),
         ],
     )?;
+    search_row(&mut md, search)?;
     writeln!(md)?;
 
     if let Some(steps) = ramp.and_then(|r| r["steps"].as_array()) {
@@ -249,7 +253,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
     writeln!(md, "\n### Earlier runs\n")?;
     writeln!(
         md,
-        "| date | commit | fan-out /s | p99 ms | µs CPU/delivery | light p99 | idle B/conn | persist /s | hot room /s | reconnect ms (clients) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| date | commit | fan-out /s | p99 ms | µs CPU/delivery | light p99 | idle B/conn | persist /s | hot room /s | reconnect ms (clients) | search p99 ms |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )?;
     for h in history.iter().rev() {
         let text = |key: &str| h[key].as_str().unwrap_or("").to_owned();
@@ -267,6 +271,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
                 &field(h, "persist_acks_per_s", 0),
                 &field(h, "hot_room_acks_per_s", 0),
                 &format!("{} ({})", field(h, "reconnect_max_ms", 0), field(h, "reconnect_clients", 0)),
+                &field(h, "search_p99_ms", 1),
             ],
         )?;
     }
@@ -280,6 +285,50 @@ pub fn write(args: &ReportArgs) -> Result<()> {
     std::fs::write(&args.out, updated)?;
     eprintln!("wrote {} and {}", args.out.display(), args.plot.display());
     Ok(())
+}
+
+/// The search row: the ~1% words' latency beside the target, the rare and the frequent
+/// word's p99 after it. The target is of a million messages: fewer is "not comparable".
+fn search_row(md: &mut String, search: Option<&Value>) -> std::fmt::Result {
+    let Some(s) = search else {
+        return row(md, &["search: one-word query over 1,000,000 messages", "—", "p99 ≤ 50 ms", verdict(None)]);
+    };
+    // The rare and the frequent word: p99, and how many failed (a query over the
+    // gateways' deadline fails as `unavailable`).
+    let word_p99 = |key: &str| {
+        let errors = num(&s[key], "errors")
+            .filter(|e| *e > 0.0)
+            .map_or(String::new(), |e| format!(" of {} answered, {e} failed", field(Some(&s[key]), "queries", 0)));
+        let word = s[key]["word"].as_str().unwrap_or("?");
+        format!("{key} word \"{word}\": p99 {} ms{errors}", field(Some(&s[key]), "p99_ms", 1))
+    };
+    let percent = num(s, "word_fraction").map_or("~1%".to_owned(), |f| format!("{:.2}%", f * 100.0));
+    // A wrong answer (a result from a room the caller is not in) fails whatever the speed.
+    let ok = (|| Some(num(s, "p99_ms")? <= 50.0 && num(s, "errors")? == 0.0 && num(s, "foreign_results")? == 0.0))();
+    let full = num(s, "messages").is_some_and(|m| m >= 1e6);
+    row(
+        md,
+        &[
+            &format!(
+                "search: one-word query (in {percent} of {} messages), caller in {} of {} rooms, {} clients",
+                field(Some(s), "messages", 0),
+                field(Some(s), "member_of", 0),
+                field(Some(s), "rooms", 0),
+                field(Some(s), "clients", 0)
+            ),
+            &format!(
+                "p50 {} ms, p99 {} ms, max {} ms, {} errors; {}, {}",
+                field(Some(s), "p50_ms", 1),
+                field(Some(s), "p99_ms", 1),
+                field(Some(s), "max_ms", 1),
+                field(Some(s), "errors", 0),
+                word_p99("rare"),
+                word_p99("frequent")
+            ),
+            "p99 ≤ 50 ms over 1,000,000",
+            if full { verdict(ok) } else { "not comparable (fewer messages)" },
+        ],
+    )
 }
 
 fn append_line(path: &Path, value: &Value) -> Result<()> {

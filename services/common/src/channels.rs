@@ -12,6 +12,13 @@ pub struct Channels {
     broadcast: String,
 }
 
+/// The key of a user's presence: a hash of gateway id → that gateway's connection
+/// count, present while the user has a connection anywhere (gateways keep it; the
+/// message service reads it to tell who was offline).
+pub fn presence_key(prefix: &str, user: &str) -> String {
+    format!("{prefix}:presence:{{{user}}}")
+}
+
 impl Channels {
     /// Channels under `prefix`, e.g. `chat` gives `chat:room:{42}`.
     pub fn new(prefix: &str) -> Self {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod events;
 pub mod fdlimit;
 pub mod ids;
+pub mod message_json;
 pub mod propagation;
 pub mod redis;
 pub mod service;

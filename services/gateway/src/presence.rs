@@ -137,7 +137,7 @@ impl Presence {
     }
 
     fn user_key(&self, user: &str) -> String {
-        format!("{}:presence:{{{user}}}", self.prefix)
+        chat_common::channels::presence_key(&self.prefix, user)
     }
 
     fn users_key(&self, gateway: &str) -> String {

@@ -90,6 +90,31 @@ pub struct Config {
     #[arg(long, env = "GRPC_TLS_CLIENT_CA")]
     pub grpc_tls_client_ca: Option<PathBuf>,
 
+    /// Where offline members' webhooks are POSTed (http:// or https://). Unset: none.
+    #[arg(long, env = "WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// `whsec_<base64>`: the Standard Webhooks secret the receiver verifies signatures with.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<SecretString>,
+
+    /// Seconds a webhook is retried (non-2xx, timeout, refused) before it is marked dead.
+    #[arg(long, env = "WEBHOOK_RETRY_FOR_SECS", default_value_t = 86_400)]
+    pub webhook_retry_for_secs: u64,
+
+    /// Milliseconds before the first retry; each later one doubles it, with jitter, up to
+    /// an hour.
+    #[arg(long, env = "WEBHOOK_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub webhook_retry_base_ms: u64,
+
+    /// Milliseconds one attempt may take, connection included.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
+
+    /// Milliseconds between two looks at the outbox and the due webhooks.
+    #[arg(long, env = "WEBHOOK_POLL_MS", default_value_t = 250)]
+    pub webhook_poll_ms: u64,
+
     /// Seconds that in-flight RPCs get to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -148,6 +173,12 @@ pub enum ConfigError {
     AppRole,
     #[error(transparent)]
     PartialTls(#[from] chat_common::tls::PartialTls),
+    #[error("WEBHOOK_URL must be an http:// or https:// URL")]
+    WebhookUrl,
+    #[error("WEBHOOK_SECRET must be set with WEBHOOK_URL: receivers verify every webhook's signature")]
+    NoWebhookSecret,
+    #[error(transparent)]
+    WebhookSecret(#[from] crate::webhooks::SecretError),
 }
 
 impl Config {
@@ -184,6 +215,7 @@ impl Config {
             return Err(ConfigError::Zero("ATTACHMENT_STREAMS"));
         }
         self.tls_files()?;
+        self.webhooks()?;
         if let Some(Command::Migrate { grant_to: Some(role) }) = &self.command {
             if role.is_empty() || role.len() > 63 {
                 return Err(ConfigError::AppRole);
@@ -230,6 +262,32 @@ impl Config {
             ("GRPC_TLS_KEY", &self.grpc_tls_key),
             ("GRPC_TLS_CLIENT_CA", &self.grpc_tls_client_ca),
         )
+    }
+
+    /// Where and how offline members' webhooks go, when `WEBHOOK_URL` is set.
+    pub fn webhooks(&self) -> Result<Option<crate::webhooks::WebhookConfig>, ConfigError> {
+        let Some(url) = &self.webhook_url else { return Ok(None) };
+        let url = reqwest::Url::parse(url).map_err(|_| ConfigError::WebhookUrl)?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::WebhookUrl);
+        }
+        let secret = self.webhook_secret.as_ref().ok_or(ConfigError::NoWebhookSecret)?;
+        for (setting, value) in
+            [("WEBHOOK_TIMEOUT_MS", self.webhook_timeout_ms), ("WEBHOOK_POLL_MS", self.webhook_poll_ms)]
+        {
+            if value == 0 {
+                return Err(ConfigError::Zero(setting));
+            }
+        }
+        Ok(Some(crate::webhooks::WebhookConfig {
+            url,
+            secret: crate::webhooks::Secret::parse(secret.expose_secret())?,
+            retry_for: Duration::from_secs(self.webhook_retry_for_secs),
+            retry_base: Duration::from_millis(self.webhook_retry_base_ms),
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+            poll: Duration::from_millis(self.webhook_poll_ms),
+            prefix: self.backend.redis_channel_prefix.clone(),
+        }))
     }
 
     /// What the service does with the schema at start.

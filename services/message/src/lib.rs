@@ -12,6 +12,7 @@ pub mod startup_error;
 pub mod store;
 pub mod tls;
 pub mod validate;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct Application {
     unattached_ttl: Duration,
     /// The gRPC port's TLS config, when it runs mTLS, kept current with its files.
     tls: Option<tokio::sync::watch::Receiver<std::sync::Arc<rustls::ServerConfig>>>,
+    /// Offline members' webhooks, when `WEBHOOK_URL` is set.
+    dispatcher: Option<webhooks::Dispatcher>,
     tasks: TaskTracker,
     /// Stops what runs until the very end: the reloads, the metrics port.
     background: CancellationToken,
@@ -64,11 +67,14 @@ impl Application {
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let retry = config.backend.startup_retry();
         let url = config.database_url();
+        // Validated at start (`Config::validate`): an error here cannot happen.
+        let webhooks = config.webhooks().ok().flatten();
         let store = Store::connect(
             url.expose_secret(),
             config.create_database,
             config.db_max_connections,
             config.schema(),
+            webhooks.is_some(),
             retry,
         )
         .await?
@@ -84,6 +90,13 @@ impl Application {
             None => None,
         };
         let metrics = Metrics::with_pool(&store);
+        let dispatcher = match webhooks {
+            Some(webhooks) => Some(
+                webhooks::Dispatcher::new(webhooks, store.clone(), redis.clone(), metrics.clone())
+                    .map_err(StartupError::WebhookClient)?,
+            ),
+            None => None,
+        };
         let events = EventBus::new(
             config.backend.redis.publisher(redis),
             config.backend.channels(),
@@ -102,6 +115,7 @@ impl Application {
             attachments: config.attachment_limits(),
             unattached_ttl: config.unattached_ttl(),
             tls,
+            dispatcher,
             tasks,
             background,
         })
@@ -139,6 +153,10 @@ impl Application {
         )
         .with_attachment_limits(self.attachments.clone());
         tasks.spawn(attachments::collect_unattached(self.store.clone(), self.unattached_ttl, shutdown.clone()));
+        if let Some(dispatcher) = self.dispatcher {
+            // Stops at SIGTERM: what it leased, another replica takes over once the lease ends.
+            tasks.spawn(dispatcher.run(shutdown.clone()));
+        }
         let readiness = health::Readiness::default();
         let (store, events) = (self.store.clone(), self.events.clone());
         tasks.spawn(health::report(reporter, readiness.clone(), store, events, shutdown.clone()));
@@ -229,7 +247,8 @@ fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
 pub async fn migrate(config: &Config, grant_to: Option<&str>) -> Result<(), StartupError> {
     let url = config.database_url();
     let retry = config.backend.startup_retry();
-    let store = Store::connect(url.expose_secret(), config.create_database, 2, store::Schema::Migrate, retry).await?;
+    let store =
+        Store::connect(url.expose_secret(), config.create_database, 2, store::Schema::Migrate, false, retry).await?;
     tracing::info!(version = store::schema::latest_version(), "schema migrated");
     if let Some(role) = grant_to {
         store::schema::grant_dml(store.pool(), role).await?;

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -15,7 +16,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -40,6 +41,14 @@ pub struct Metrics {
     pub redis_errors: Counter,
     /// Seconds per RPC served, by method and gRPC status.
     requests: Family<RpcLabels, Histogram>,
+    /// Webhooks answered 2xx.
+    pub webhooks_sent: Counter,
+    /// Webhook attempts that failed and will be tried again.
+    pub webhook_retries: Counter,
+    /// Webhooks that ran out of retries.
+    pub webhooks_dead: Counter,
+    /// Seconds since the oldest message still waiting for its webhooks was stored.
+    pub webhook_oldest_pending: Gauge<f64, AtomicU64>,
 }
 
 /// The labels of one served RPC.
@@ -76,11 +85,36 @@ impl Metrics {
             "Seconds per RPC served, by method and gRPC status code",
             requests.clone(),
         );
+        let webhooks_sent = Counter::default();
+        registry.register("webhooks_sent", "Webhooks answered 2xx", webhooks_sent.clone());
+        let webhook_retries = Counter::default();
+        registry.register(
+            "webhook_retries",
+            "Webhook attempts that failed and will be retried",
+            webhook_retries.clone(),
+        );
+        let webhooks_dead = Counter::default();
+        registry.register("webhooks_dead", "Webhooks that ran out of retries", webhooks_dead.clone());
+        let webhook_oldest_pending = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "webhook_oldest_pending_seconds",
+            "Seconds since the oldest message still waiting for its webhooks was stored",
+            webhook_oldest_pending.clone(),
+        );
         registry.register_collector(Box::new(chat_common::fdlimit::FdMetrics));
         if let Some(store) = store {
             registry.register_collector(Box::new(PoolMetrics(store)));
         }
-        Self { registry: Arc::new(registry), sends_persisted, redis_errors, requests }
+        Self {
+            registry: Arc::new(registry),
+            sends_persisted,
+            redis_errors,
+            requests,
+            webhooks_sent,
+            webhook_retries,
+            webhooks_dead,
+            webhook_oldest_pending,
+        }
     }
 
     /// A tower layer that times every RPC but health checks.

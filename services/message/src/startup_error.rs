@@ -20,6 +20,8 @@ pub enum StartupError {
     Redis(#[from] chat_common::config::ConnectError),
     #[error(transparent)]
     Tls(#[from] chat_common::tls::TlsError),
+    #[error("cannot build the webhook HTTP client: {0}")]
+    WebhookClient(reqwest::Error),
     /// The I/O error is already part of the message, so it is not also a `source()`:
     /// the `Caused by:` chain would print it twice.
     #[error("cannot listen on {addr}: {cause}")]

@@ -16,6 +16,7 @@ mod search;
 #[cfg(test)]
 mod tests;
 mod threads;
+pub mod webhooks;
 
 pub use attachments::File;
 pub use batch::{Committer, NewMessage};
@@ -73,15 +74,21 @@ impl Default for MembershipLimits {
 
 impl Store {
     /// Connects (creating the database if asked and missing), with bounded retries,
-    /// then applies the embedded migrations or waits for them, as `schema` says.
+    /// then applies the embedded migrations or waits for them, as `schema` says. With
+    /// `webhooks`, every message stored through this pool gets a webhook outbox row in
+    /// its transaction (the trigger of migration 0011 reads `chat.webhooks`).
     pub async fn connect(
         url: &str,
         create: bool,
         max_connections: u32,
         schema: Schema,
+        webhooks: bool,
         retry: Retry,
     ) -> Result<Self, StartupError> {
-        let options: PgConnectOptions = url.parse()?;
+        let mut options: PgConnectOptions = url.parse()?;
+        if webhooks {
+            options = options.options([("chat.webhooks", "on")]);
+        }
         if create {
             retry
                 .run("Postgres", || async {

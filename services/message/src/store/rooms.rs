@@ -365,7 +365,8 @@ mod tests {
     async fn store(limits: MembershipLimits) -> anyhow::Result<(Store, chat_tests::TestDb)> {
         let db = chat_tests::TestDb::new();
         let retry = chat_common::startup::Retry { attempts: 1, delay: std::time::Duration::ZERO };
-        let store = Store::connect(&db.url, true, 16, crate::store::Schema::Migrate, retry).await?.with_limits(limits);
+        let store =
+            Store::connect(&db.url, true, 16, crate::store::Schema::Migrate, false, retry).await?.with_limits(limits);
         Ok((store, db))
     }
 

@@ -133,6 +133,6 @@ mod tests {
 
     #[test]
     fn the_latest_version_is_the_last_migration_file() {
-        assert_eq!(latest_version(), 9);
+        assert_eq!(latest_version(), 12);
     }
 }

@@ -35,27 +35,37 @@ impl Store {
     /// newest first, in the caller's rooms or the one room named; deleted ones never.
     #[tracing::instrument(name = "db.search", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn search(&self, caller: &Caller, query: &SearchQuery) -> Result<(Vec<Hit>, bool), ServiceError> {
-        if let Some(room_id) = query.room_id {
-            self.readable(caller, room_id).await?;
-        }
-        // Rooms first (the caller's, or the one room), then their matches newest first:
-        // the GIN index finds the matches, the id order pages them.
+        let rooms: Vec<i64> = match query.room_id {
+            Some(room_id) => {
+                self.readable(caller, room_id).await?;
+                vec![room_id]
+            }
+            None => {
+                sqlx::query_scalar("SELECT room_id FROM room_members WHERE user_id = $1")
+                    .bind(&caller.user_id)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        // The rooms as a list, planned for each query (an unnamed statement): how common
+        // the word is decides the plan. A rare word is best found through the GIN index,
+        // a common one by walking the newest messages until the page is full; a prepared
+        // statement's generic plan, chosen after five runs, does one of them for every
+        // word and took seconds for common ones at 1M messages (docs/benchmarks.md).
         const SQL: &str = concat!(
-            "WITH q AS (SELECT websearch_to_tsquery('simple', $2) AS q) SELECT ",
+            "WITH q AS (SELECT websearch_to_tsquery('simple', $1) AS q) SELECT ",
             message_columns!(),
             ", ts_headline('simple', body, q.q, \
                 'StartSel=\"\", StopSel=\"\", MaxWords=24, MinWords=8, MaxFragments=1, FragmentDelimiter=\" … \"') AS snippet \
              FROM messages, q \
-             WHERE search @@ q.q AND deleted_at IS NULL \
-               AND room_id IN (SELECT $3::bigint WHERE $3 IS NOT NULL \
-                               UNION ALL SELECT room_id FROM room_members WHERE user_id = $1 AND $3 IS NULL) \
-               AND ($4::bigint IS NULL OR id < $4) \
-             ORDER BY id DESC LIMIT $5"
+             WHERE search @@ q.q AND deleted_at IS NULL AND room_id = ANY($2) \
+               AND ($3::bigint IS NULL OR id < $3) \
+             ORDER BY id DESC LIMIT $4"
         );
         let mut rows: Vec<HitRow> = sqlx::query_as(SQL)
-            .bind(&caller.user_id)
+            .persistent(false)
             .bind(&query.q)
-            .bind(query.room_id)
+            .bind(&rooms)
             .bind(query.before_id)
             .bind(query.limit + 1)
             .fetch_all(&self.pool)

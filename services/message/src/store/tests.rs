@@ -24,7 +24,7 @@ impl TestDb {
     async fn new() -> Result<Self> {
         let db = chat_tests::TestDb::new();
         let retry = Retry { attempts: 1, delay: Duration::ZERO };
-        let store = Store::connect(&db.url, true, 8, crate::store::Schema::Migrate, retry).await?;
+        let store = Store::connect(&db.url, true, 8, crate::store::Schema::Migrate, false, retry).await?;
         Ok(Self { store, _db: db })
     }
 }
