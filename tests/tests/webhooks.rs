@@ -107,3 +107,59 @@ async fn a_webhook_committed_before_the_service_was_killed_still_arrives() -> Re
     assert_eq!(body(&all[0])["user_id"], "carol");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_webhook_out_of_retries_is_dead_listed_for_admins_and_replayed_with_its_id() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let up = Arc::new(AtomicBool::new(false));
+    let receiver_up = up.clone();
+    let receiver =
+        WebhookReceiver::start(Box::new(move |_| if receiver_up.load(Ordering::Relaxed) { 200 } else { 503 })).await?;
+    let cluster = webhooks(Cluster::builder(), &receiver).env("WEBHOOK_RETRY_FOR_SECS", "1").start().await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = alice.create_group(&["carol", "dave"]).await?;
+    alice.ack(json!({"type": "send", "room": room, "text": "nobody home"})).await?;
+
+    let gateway = &cluster.gateways[0];
+    let admin =
+        chat_tests::token_with(json!({"sub": "ops", "role": "admin", "exp": chrono::Utc::now().timestamp() + 3600}));
+    let dead = async || -> Result<Value> {
+        Ok(chat_tests::http_json(gateway, "GET", "/v1/admin/webhooks/dead", Some(&admin), None).await?.body)
+    };
+    eventually(WITHIN, async || dead().await.is_ok_and(|d| d["webhooks"].as_array().is_some_and(|w| w.len() == 2)))
+        .await?;
+    let listed = dead().await?;
+    let first = &listed["webhooks"][0];
+    assert_eq!((first["room"].as_str(), first["seq"].as_i64()), (Some(room.as_str()), Some(1)), "{listed}");
+    assert!(
+        first["attempts"].as_i64().unwrap_or(0) >= 1 && first["last_error"].as_str().unwrap_or("").contains("503"),
+        "{listed}"
+    );
+    let metrics = Metrics::scrape(&cluster.message_metrics).await?;
+    assert_eq!(metrics.value("chat_message_webhooks_dead_total"), 2.0);
+    // Not for everyone.
+    let refused =
+        chat_tests::http_json(gateway, "GET", "/v1/admin/webhooks/dead", Some(&chat_tests::token("carol")), None)
+            .await?;
+    assert_eq!(refused.status, 403);
+
+    // The receiver is back: one replayed by id, then the rest, each with its own id.
+    up.store(true, Ordering::Relaxed);
+    let id = first["id"].as_str().unwrap_or_default().to_owned();
+    let one =
+        chat_tests::http_json(gateway, "POST", &format!("/v1/admin/webhooks/dead/{id}/replay"), Some(&admin), None)
+            .await?;
+    assert_eq!((one.status, &one.body["replayed"]), (200, &json!(1)), "{one:?}");
+    eventually(WITHIN, async || receiver.received().iter().any(|r| r.status == 200 && r.headers["webhook-id"] == id))
+        .await?;
+    let again =
+        chat_tests::http_json(gateway, "POST", &format!("/v1/admin/webhooks/dead/{id}/replay"), Some(&admin), None)
+            .await?;
+    assert_eq!(again.status, 404, "no longer dead: {again:?}");
+    let rest = chat_tests::http_json(gateway, "POST", "/v1/admin/webhooks/dead/replay", Some(&admin), None).await?;
+    assert_eq!(rest.body["replayed"], 1, "{rest:?}");
+    eventually(WITHIN, async || receiver.received().iter().filter(|r| r.status == 200).count() == 2).await?;
+    assert_eq!(dead().await?["webhooks"], json!([]));
+    Ok(())
+}

@@ -191,6 +191,16 @@ impl Backend {
         Ok(Thread { root, replies: reply.replies, has_more: reply.has_more })
     }
 
+    /// Webhooks that ran out of retries (admin).
+    pub async fn dead_webhooks(&self, caller: pb::Caller, limit: u32) -> Result<Vec<pb::DeadWebhook>, CommandError> {
+        Ok(call!(self, dead_webhooks, pb::DeadWebhooksRequest { caller: Some(caller), limit }).webhooks)
+    }
+
+    /// Sends one dead webhook, or all, again (admin); how many.
+    pub async fn replay_webhooks(&self, caller: pb::Caller, id: Option<String>) -> Result<u64, CommandError> {
+        Ok(call!(self, replay_webhooks, pb::ReplayWebhooksRequest { caller: Some(caller), id }).replayed)
+    }
+
     /// Each member's delivered and read seqs.
     pub async fn receipts(&self, caller: pb::Caller, room_id: String) -> Result<pb::ReceiptsResponse, CommandError> {
         Ok(call!(self, receipts, pb::ReceiptsRequest { caller: Some(caller), room_id }))

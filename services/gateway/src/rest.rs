@@ -36,6 +36,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(search))
         .routes(routes!(receipts))
         .routes(routes!(thread))
+        .routes(routes!(dead_webhooks))
+        .routes(routes!(replay_webhook))
+        .routes(routes!(replay_webhooks))
         .routes(routes!(me_status))
         .routes(routes!(user_status))
         .routes(routes!(disconnect))
@@ -206,6 +209,43 @@ async fn search(
     let req = client::search_request(caller(&user), q.q, room, before_id, q.limit)?;
     let page = state.backend().search(req).await?;
     Ok(Json(json::search_body(&page)).into_response())
+}
+
+#[derive(Deserialize)]
+struct DeadQuery {
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/admin/webhooks/dead", tag = "admin", params(("limit" = Option<u32>, Query, description = "1..=1000, default 100")), responses((status = 200, description = "`{webhooks: [{id, user_id, room, seq, attempts, last_error, created_at}]}`, oldest first"), (status = 400, description = "invalid limit"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
+/// `GET /v1/admin/webhooks/dead` (admin) → the webhooks that ran out of retries.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub))]
+async fn dead_webhooks(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Params(q): Params<DeadQuery>,
+) -> ApiResult<Response> {
+    let webhooks = state.backend().dead_webhooks(caller(&admin), q.limit.unwrap_or(0)).await?;
+    Ok(Json(json::dead_webhooks_body(&webhooks)).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/admin/webhooks/dead/{id}/replay", tag = "admin", params(("id" = String, Path, description = "the webhook-id")), responses((status = 200, description = "`{replayed: 1}`: sent again, with a fresh retry window and the same webhook-id"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 404, description = "no dead webhook with this id"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
+/// `POST /v1/admin/webhooks/dead/{id}/replay` (admin) → `{replayed}`.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub, webhook = %id))]
+async fn replay_webhook(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let replayed = state.backend().replay_webhooks(caller(&admin), Some(id)).await?;
+    Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/admin/webhooks/dead/replay", tag = "admin", responses((status = 200, description = "`{replayed}`: every dead webhook sent again"), (status = 401, description = "no valid Bearer token"), (status = 403, description = "admin only"), (status = 429, description = "over the caller's request rate; `Retry-After` says when to retry")))]
+/// `POST /v1/admin/webhooks/dead/replay` (admin) → `{replayed}`.
+#[tracing::instrument(skip_all, fields(admin = %admin.sub))]
+async fn replay_webhooks(State(state): State<AppState>, Admin(admin): Admin) -> ApiResult<Response> {
+    let replayed = state.backend().replay_webhooks(caller(&admin), None).await?;
+    Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())
 }
 
 #[derive(Deserialize)]

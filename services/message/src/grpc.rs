@@ -26,6 +26,8 @@ pub struct GrpcHandlers {
     metrics: Metrics,
     /// Upload quota and download streams.
     attachments: AttachmentLimits,
+    /// A replayed dead webhook's new retry window (`WEBHOOK_RETRY_FOR_SECS`).
+    webhook_retry_for: std::time::Duration,
 }
 
 impl GrpcHandlers {
@@ -33,7 +35,14 @@ impl GrpcHandlers {
     /// [`GrpcHandlers::with_attachment_limits`] sets one.
     pub fn new(store: Store, committer: Committer, events: EventBus, max_text_chars: usize, metrics: Metrics) -> Self {
         let attachments = AttachmentLimits::new(0, std::time::Duration::ZERO, DEFAULT_STREAMS);
-        Self { store, committer, events, max_text_chars, metrics, attachments }
+        let webhook_retry_for = std::time::Duration::from_secs(86_400);
+        Self { store, committer, events, max_text_chars, metrics, attachments, webhook_retry_for }
+    }
+
+    /// The same service replaying dead webhooks for `retry_for`.
+    pub fn with_webhook_retry_for(mut self, retry_for: std::time::Duration) -> Self {
+        self.webhook_retry_for = retry_for;
+        self
     }
 
     /// The same service with these attachment limits.
@@ -52,6 +61,15 @@ fn upload_id(id: &str) -> Result<i64, ServiceError> {
 }
 
 /// Every request must say who is calling; the gateway fills this from the verified token.
+/// Admins only (the gateway checked the token; this checks the claim it forwarded).
+fn admin(caller: Caller) -> Result<Caller, ServiceError> {
+    if caller.admin {
+        Ok(caller)
+    } else {
+        Err(ServiceError::Forbidden("admin only"))
+    }
+}
+
 fn caller(caller: Option<Caller>) -> Result<Caller, ServiceError> {
     let caller = caller.ok_or_else(|| ServiceError::InvalidArgument("caller is required".into()))?;
     validate::user_id(&caller.user_id)?;
@@ -268,6 +286,44 @@ impl ChatService for GrpcHandlers {
         let page = Page { before_seq: None, after_seq: req.after_seq, limit: validate::history_limit(req.limit)? };
         let (root, replies, has_more) = self.store.thread(&caller, room_id, req.root_seq, page).await?;
         Ok(Response::new(ThreadResponse { root: Some(root), replies, has_more }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn dead_webhooks(&self, req: Request<DeadWebhooksRequest>) -> Reply<DeadWebhooksResponse> {
+        let req = req.into_inner();
+        admin(caller(req.caller)?)?;
+        let limit = match req.limit {
+            0 => 100,
+            n @ 1..=1000 => i64::from(n),
+            _ => return Err(ServiceError::InvalidArgument("limit must be between 1 and 1000".into()).into()),
+        };
+        let webhooks = self
+            .store
+            .dead_webhooks(limit)
+            .await?
+            .into_iter()
+            .map(|d| DeadWebhook {
+                id: d.id,
+                user_id: d.user_id,
+                room_id: d.room_id.to_string(),
+                seq: d.seq,
+                attempts: d.attempts,
+                last_error: d.last_error,
+                created_at_ms: d.created_at.timestamp_millis(),
+            })
+            .collect();
+        Ok(Response::new(DeadWebhooksResponse { webhooks }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn replay_webhooks(&self, req: Request<ReplayWebhooksRequest>) -> Reply<ReplayWebhooksResponse> {
+        let req = req.into_inner();
+        admin(caller(req.caller)?)?;
+        let replayed = self.store.replay_webhooks(req.id.as_deref(), self.webhook_retry_for).await?;
+        if replayed == 0 && req.id.is_some() {
+            return Err(ServiceError::NotFound("dead webhook").into());
+        }
+        Ok(Response::new(ReplayWebhooksResponse { replayed }))
     }
 
     #[tracing::instrument(skip_all, fields(user, room = %req.get_ref().room_id))]

@@ -56,6 +56,7 @@ pub struct Application {
     tls: Option<tokio::sync::watch::Receiver<std::sync::Arc<rustls::ServerConfig>>>,
     /// Offline members' webhooks, when `WEBHOOK_URL` is set.
     dispatcher: Option<webhooks::Dispatcher>,
+    webhook_retry_for: Duration,
     tasks: TaskTracker,
     /// Stops what runs until the very end: the reloads, the metrics port.
     background: CancellationToken,
@@ -116,6 +117,7 @@ impl Application {
             unattached_ttl: config.unattached_ttl(),
             tls,
             dispatcher,
+            webhook_retry_for: Duration::from_secs(config.webhook_retry_for_secs),
             tasks,
             background,
         })
@@ -151,7 +153,8 @@ impl Application {
             self.max_text_chars,
             self.metrics.clone(),
         )
-        .with_attachment_limits(self.attachments.clone());
+        .with_attachment_limits(self.attachments.clone())
+        .with_webhook_retry_for(self.webhook_retry_for);
         tasks.spawn(attachments::collect_unattached(self.store.clone(), self.unattached_ttl, shutdown.clone()));
         if let Some(dispatcher) = self.dispatcher {
             // Stops at SIGTERM: what it leased, another replica takes over once the lease ends.

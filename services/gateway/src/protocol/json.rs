@@ -144,6 +144,34 @@ pub fn thread_body(thread: &crate::backend::Thread) -> impl Serialize + '_ {
 }
 
 #[derive(Serialize)]
+struct DeadWebhookJson<'a> {
+    id: &'a str,
+    user_id: &'a str,
+    room: &'a str,
+    seq: i64,
+    attempts: i32,
+    last_error: Option<&'a str>,
+    created_at: String,
+}
+
+/// `{webhooks: [{id, user_id, room, seq, attempts, last_error, created_at}]}`.
+pub fn dead_webhooks_body(webhooks: &[pb::DeadWebhook]) -> Value {
+    let webhooks: Vec<DeadWebhookJson<'_>> = webhooks
+        .iter()
+        .map(|w| DeadWebhookJson {
+            id: &w.id,
+            user_id: &w.user_id,
+            room: &w.room_id,
+            seq: w.seq,
+            attempts: w.attempts,
+            last_error: w.last_error.as_deref(),
+            created_at: timestamp(w.created_at_ms),
+        })
+        .collect();
+    json!({ "webhooks": webhooks })
+}
+
+#[derive(Serialize)]
 struct ReceiptsBody<'a> {
     members: Vec<ReceiptJson<'a>>,
 }
