@@ -61,6 +61,28 @@ async function signIn({ page }, user) {
 
 const shot = (who, file) => who.page.screenshot({ path: join(ARTIFACTS, file) });
 const messageText = (who, text) => who.page.locator('#messages li .text', { hasText: text });
+const ticks = (who, seq) => who.page.locator(`#messages li[data-seq="${seq}"] .ticks`);
+
+/**
+ * Records, in the page, every state the ticks of each of the user's messages pass
+ * through (seq → ['sent', 'delivered', …]), so no step can be missed between two looks.
+ */
+async function recordTicks({ page }) {
+  await page.evaluate(() => {
+    window.__ticks = {};
+    const look = () => {
+      for (const span of document.querySelectorAll('#messages .ticks')) {
+        const seq = span.closest('li').dataset.seq;
+        const seen = (window.__ticks[seq] ??= []);
+        if (seen.at(-1) !== span.dataset.ticks) seen.push(span.dataset.ticks);
+      }
+    };
+    new MutationObserver(look).observe(document.getElementById('messages'),
+      { subtree: true, childList: true, attributes: true, attributeFilter: ['data-ticks'] });
+  });
+}
+const ticksSeen = ({ page }, seq) => page.evaluate((s) => window.__ticks[s] ?? [], String(seq));
+const tickColour = (who, seq) => ticks(who, seq).evaluate((el) => getComputedStyle(el).color);
 
 async function main() {
   mkdirSync(ARTIFACTS, { recursive: true });
@@ -84,15 +106,28 @@ async function main() {
     const bobsRoom = bob.page.locator('#rooms li', { hasText: roomName });
     await bobsRoom.waitFor();
 
-    // A message from Alice on gateway A reaches Bob on gateway B, unread first.
+    // A message from Alice on gateway A reaches Bob on gateway B, unread first. Her
+    // ticks go ✓ (stored), then ✓✓ (Bob's browser has it, though he has not opened the
+    // room), then coloured ✓✓ once he reads it.
+    await recordTicks(alice);
     await alice.page.fill('#composer', 'hello bob');
     await alice.page.click('#send');
     await bobsRoom.locator('.badge', { hasText: '1' }).waitFor();
     await shot(bob, '02-unread-badge.png');
+    await alice.page.locator('#messages li[data-seq="1"] .ticks[data-ticks="delivered"]').waitFor();
+    assert.equal(await ticks(alice, 1).textContent(), '✓✓');
+    const deliveredColour = await tickColour(alice, 1);
+    await shot(alice, '02-delivered-ticks.png');
     await bobsRoom.click();
     await messageText(bob, 'hello bob').waitFor();
     await bob.page.waitForSelector(`#members li[data-user="${aliceId}"] .dot.online`);
-    log('message sent and received');
+    await alice.page.locator('#messages li[data-seq="1"] .ticks[data-ticks="read"]').waitFor();
+    assert.equal(await ticks(alice, 1).textContent(), '✓✓');
+    assert.notEqual(await tickColour(alice, 1), deliveredColour, 'read ticks are coloured');
+    assert.deepEqual(await ticksSeen(alice, 1), ['sent', 'delivered', 'read'], 'the ticks of the first message');
+    assert.equal(await bob.page.locator('#messages .ticks').count(), 0, "no ticks on other people's messages");
+    await shot(alice, '02-read-ticks.png');
+    log('message sent and received; ticks ✓, ✓✓, read ✓✓');
 
     // Bob types; Alice sees it.
     await bob.page.type('#composer', 'typing something', { delay: 20 });
@@ -111,9 +146,17 @@ async function main() {
     await alice.page.fill('#composer', 'sent while you were away');
     await alice.page.click('#send');
     await messageText(alice, 'sent while you were away').waitFor();
+    // Stored, but Bob's browser cannot have it: one tick.
+    assert.equal(await ticks(alice, 2).getAttribute('data-ticks'), 'sent');
+    assert.equal(await ticks(alice, 2).textContent(), '✓');
+    await shot(alice, '04-sent-tick.png');
     await restarted;
     await bob.page.waitForSelector('#conn-state[data-state="open"]');
     await messageText(bob, 'sent while you were away').waitFor();
+    // Recovered into the room Bob has open: received and read, so Alice's ticks colour.
+    await alice.page.locator('#messages li[data-seq="2"] .ticks[data-ticks="read"]').waitFor();
+    const away = await ticksSeen(alice, 2);
+    assert.equal(away[0], 'sent', `ticks of the message sent while Bob was away: ${away}`);
     assert.equal(await messageText(bob, 'hello bob').count(), 1, 'a message was duplicated after the reconnect');
     const seqs = await bob.page.$$eval('#messages li', (items) => items.map((li) => Number(li.dataset.seq)));
     assert.deepEqual(seqs, [1, 2], 'Bob should hold seqs 1 and 2 exactly');
@@ -189,6 +232,34 @@ async function main() {
     assert.ok(await bob.page.locator('#older').isHidden(), 'nothing older is left to load');
     await shot(bob, '08-scrolled-back.png');
     log('history scroll-back');
+
+    // Threads: Bob replies to Alice's first message in the side panel; Alice sees
+    // "1 reply" under it, opens the thread and answers there; Bob's open panel shows it.
+    const root = (who) => who.page.locator('#messages li[data-seq="1"]');
+    await root(bob).hover();
+    await root(bob).locator('button.reply').click();
+    await bob.page.locator('#thread-root li[data-seq="1"] .text', { hasText: 'hello bob (edited)' }).waitFor();
+    assert.equal(await bob.page.locator('#thread-replies li').count(), 0);
+    await bob.page.fill('#thread-composer', 'a reply in the thread');
+    await bob.page.click('#thread-send');
+    await bob.page.locator('#thread-replies li .text', { hasText: 'a reply in the thread' }).waitFor();
+    await root(alice).locator('button.replies', { hasText: '1 reply' }).click();
+    await alice.page.locator('#thread-replies li .text', { hasText: 'a reply in the thread' }).waitFor();
+    assert.equal(await alice.page.textContent('#thread-root li .text'), 'hello bob (edited)');
+    assert.equal(await alice.page.textContent('#thread-title'), 'Thread · 1 reply');
+    await alice.page.fill('#thread-composer', 'and one from alice');
+    await alice.page.press('#thread-composer', 'Enter');
+    await bob.page.locator('#thread-replies li .text', { hasText: 'and one from alice' }).waitFor();
+    assert.deepEqual(await bob.page.$$eval('#thread-replies li .text', (items) => items.map((el) => el.textContent)),
+      ['a reply in the thread', 'and one from alice']);
+    await root(bob).locator('button.replies', { hasText: '2 replies' }).waitFor();
+    await bob.page.waitForFunction(() => document.getElementById('thread-title').textContent === 'Thread · 2 replies');
+    // Alice's reply carries her ticks in the panel as anywhere else.
+    await alice.page.locator('#thread-replies li .ticks').first().waitFor();
+    await shot(bob, '09-thread.png');
+    await alice.page.click('#thread-close');
+    assert.ok(await alice.page.locator('#thread').isHidden(), 'the thread panel closes');
+    log('thread opened, replied to and updated live');
   } catch (err) {
     await Promise.allSettled([shot(alice, 'failure-alice.png'), shot(bob, 'failure-bob.png')]);
     throw err;

@@ -78,9 +78,17 @@ async fn two_people_chat_in_browsers_across_gateways_and_survive_a_restart() -> 
         Err(_) => bail!("the browser scenario took over {LIMIT:?}; its log:\n{log}"),
     };
     ensure!(status.success(), "the browser scenario failed ({status}); its log:\n{log}");
-    for shot in
-        ["02-unread-badge.png", "03-typing.png", "05-recovered.png", "06-markup-as-text.png", "07-attachment.png"]
-    {
+    for shot in [
+        "02-unread-badge.png",
+        "02-delivered-ticks.png",
+        "02-read-ticks.png",
+        "03-typing.png",
+        "04-sent-tick.png",
+        "05-recovered.png",
+        "06-markup-as-text.png",
+        "07-attachment.png",
+        "09-thread.png",
+    ] {
         ensure!(artifacts.join(shot).exists(), "screenshot {shot} is missing");
     }
     Ok(())

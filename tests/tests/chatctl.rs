@@ -312,6 +312,59 @@ async fn search_lists_hits_one_per_line_only_from_the_users_rooms_and_says_how_t
 }
 
 #[tokio::test]
+async fn thread_lists_the_root_then_its_replies_and_receipts_list_each_members_seqs() -> Result<()> {
+    let cluster = Cluster::builder().gateways(2).start().await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let mut bob = cluster.client(1, "bob").await?;
+    let room = alice.create_group(&["bob", "carol"]).await?;
+    alice.ack(json!({"type": "join", "room": room})).await?;
+    let root = alice.ack(json!({"type": "send", "room": room, "text": "lunch?"})).await?["message"]["id"].clone();
+    let root = root.as_str().context("a message id")?.to_owned();
+    bob.ack(json!({"type": "send", "room": room, "text": "yes", "reply_to": root})).await?;
+    alice.ack(json!({"type": "send", "room": room, "text": "not in the thread"})).await?;
+    bob.ack(json!({"type": "send", "room": room, "text": "noon", "reply_to": root})).await?;
+    // Bob's device has all four and he read two; alice read everything.
+    bob.ack(json!({"type": "received", "room": room, "seq": 4})).await?;
+    bob.ack(json!({"type": "read", "room": room, "seq": 2})).await?;
+    alice.ack(json!({"type": "read", "room": room, "seq": 4})).await?;
+    // `received` is stored within about a second; its `delivered` event says it is.
+    loop {
+        let delivered = alice.event("delivered").await?;
+        if delivered["user_id"] == "bob" && delivered["seq"] == 4 {
+            break;
+        }
+    }
+
+    let mut carol = Interactive::start(chatctl(&cluster.gateways[1]), &["--user", "carol"]).await?;
+    carol.expect("connected as carol").await?;
+    carol.say(&format!("/thread {room} 1")).await?;
+    carol.expect(&format!("ack r1 thread of {room} #1: 2 replies")).await?;
+    let lines = [
+        format!("  [room {room} #1] alice: lunch? [2 replies]"),
+        format!("    [room {room} #2] bob: yes (reply to {root})"),
+        format!("    [room {room} #4] bob: noon (reply to {root})"),
+    ];
+    for line in &lines {
+        assert_eq!(&carol.expect("[room").await?, line, "{:#?}", carol.seen);
+    }
+
+    carol.say(&format!("/receipts {room}")).await?;
+    carol.expect(&format!("ack r2 receipts of {room}: 3 member(s)")).await?;
+    for line in ["  alice: delivered #4, read #4", "  bob: delivered #4, read #2", "  carol: delivered #0, read #0"] {
+        assert_eq!(carol.expect(": delivered #").await?, line, "{:#?}", carol.seen);
+    }
+
+    carol.say(&format!("/thread {room} 99")).await?;
+    let missing = carol.expect("error r3").await?;
+    assert!(missing.contains("not_found: "), "{missing}");
+    carol.say(&format!("/thread {room}")).await?;
+    let done = carol.finish().await?;
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(done.stderr.contains("usage: /thread <room> <root_seq>"), "{done:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn connect_with_a_piped_script_answers_everything_before_closing_and_json_prints_frames() -> Result<()> {
     let cluster = Cluster::builder().start().await?;
     let mut alice = cluster.client(0, "alice").await?;

@@ -1,6 +1,6 @@
 import { ChatError } from './errors.js';
 import { fetchAttachment, toHttpBaseUrl, toWebSocketUrl, uploadAttachment } from './http.js';
-import type { SearchOptions, SearchPage, UploadBody, UploadOptions } from './http.js';
+import type { SearchOptions, SearchPage, ThreadOptions, ThreadPage, UploadBody, UploadOptions } from './http.js';
 import type {
   AddMembersAck,
   Attachment,
@@ -12,6 +12,9 @@ import type {
   MessageKind,
   PresenceAck,
   ReadAck,
+  Receipt,
+  ReceiptsAck,
+  ReceivedAck,
   RefreshTokenAck,
   Room,
   RoomKind,
@@ -20,6 +23,7 @@ import type {
   SearchAck,
   SendAck,
   ServerEvents,
+  ThreadAck,
   Welcome,
 } from './types.js';
 
@@ -58,6 +62,16 @@ export interface ChatClientOptions {
   reconnect?: boolean | ReconnectOptions;
   /** How long a command may wait for its reply, queueing included (default 15 000 ms). */
   requestTimeoutMs?: number;
+  /**
+   * Tell the server, by itself, which messages this client has received (default
+   * `true`): for each joined room, the highest seq delivered as a `message` event goes
+   * out as `received`, at most about once a second per room (the first at once, the
+   * rest of a burst a second later in one frame), and never when nothing new came.
+   * Messages the user sent themself count too: their device has them. This is what
+   * gives senders their "delivered" ticks (`delivered` events, `receipts`).
+   * `false`: only {@link ChatClient.received} calls report anything.
+   */
+  autoReceived?: boolean;
 }
 
 /** The `state` event: the connection state changed. */
@@ -131,7 +145,23 @@ const TOKEN_EXPIRED_JITTER_MS = 250;
  * reads, `join` (harmless twice) and `send` (always carries a `client_msg_id`, so the
  * server returns the stored message instead of storing a second one).
  */
-const REPEATABLE = new Set(['send', 'rooms', 'history', 'presence', 'search', 'join', 'ping']);
+const REPEATABLE = new Set([
+  'send',
+  'rooms',
+  'history',
+  'presence',
+  'search',
+  'receipts',
+  'thread',
+  // Forward only: the same seq twice changes nothing.
+  'received',
+  'join',
+  'ping',
+]);
+/** Automatic `received` reports go out at most this often per room. */
+const RECEIVED_INTERVAL_MS = 1000;
+/** A failed automatic `received` with one of these codes is reported again with the next batch. */
+const RECEIVED_RETRY = new Set(['disconnected', 'timeout', 'rate_limited', 'unavailable', 'internal']);
 /** Event names the SDK emits itself; frames of these types from the server are not forwarded. */
 const SDK_EVENTS = new Set(['state', 'welcome', 'recovered', 'error']);
 
@@ -201,6 +231,16 @@ export class ChatClient {
   /** Joined rooms → the highest message seq delivered in each. */
   private readonly joined = new Map<string, number>();
   private readonly handlers = new Map<string, Set<(ev: any) => void>>();
+  /** Report received seqs by itself (`options.autoReceived`). */
+  private readonly autoReceived: boolean;
+  /** Joined rooms → the highest seq delivered there and not yet reported with `received`. */
+  private readonly unreported = new Map<string, number>();
+  /** Joined rooms → the highest seq reported with `received` (sent; its ack may be pending). */
+  private readonly reported = new Map<string, number>();
+  /** The next batch of `received` reports, when one is due. */
+  private receivedTimer: ReturnType<typeof setTimeout> | undefined;
+  /** When the latest batch went out (`Date.now()`), for the once-a-second pace. */
+  private receivedAt = 0;
 
   constructor(options: ChatClientOptions) {
     this.wsUrl = toWebSocketUrl(options.url);
@@ -214,6 +254,7 @@ export class ChatClient {
     const reconnect = options.reconnect ?? true;
     this.backoff = reconnect === false ? null : { ...DEFAULT_BACKOFF, ...(reconnect === true ? {} : reconnect) };
     this.timeoutMs = options.requestTimeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.autoReceived = options.autoReceived ?? true;
   }
 
   /** The connection state. */
@@ -267,6 +308,8 @@ export class ChatClient {
     this.generation++;
     clearTimeout(this.reconnectTimer);
     clearTimeout(this.handshakeTimer);
+    clearTimeout(this.receivedTimer);
+    this.receivedTimer = undefined;
     const socket = this.socket;
     this.socket = null;
     this.welcomed = false;
@@ -359,7 +402,7 @@ export class ChatClient {
 
   /** Leaves a room: no more of its events, and it is not re-joined after a reconnect. */
   async leave(room: string): Promise<void> {
-    this.joined.delete(room);
+    this.forget(room);
     await this.request('leave', { room });
   }
 
@@ -441,6 +484,42 @@ export class ChatClient {
       limit: opts.limit,
     });
     return { results: ack.results, hasMore: ack.has_more };
+  }
+
+  /**
+   * Tells the server this user's device has every message of `room` up to `seq`: their
+   * delivered seq there moves forward (never back), and the room's joined connections
+   * get a `delivered` event (coalesced, within about a second). The client does this by
+   * itself for joined rooms unless `autoReceived` is off. Resolves with the ack.
+   */
+  received(room: string, seq: number): Promise<{ room: string; seq: number }> {
+    return this.request<ReceivedAck>('received', { room, seq });
+  }
+
+  /**
+   * Every member's `delivered_seq` and `read_seq` in the room (`delivered_seq >=
+   * read_seq`). A `received` of the last second may not show yet; follow `delivered`
+   * and `read` events to keep the picture current.
+   */
+  async receipts(room: string): Promise<Receipt[]> {
+    return (await this.request<ReceiptsAck>('receipts', { room })).members;
+  }
+
+  /**
+   * A page of the thread of the message at `rootSeq`: the root and the messages that
+   * reply to it (one level), ascending seq. While `hasMore`, the next page is `afterSeq`
+   * = the last reply's `seq`. New replies arrive as `message` events (with `reply_to` =
+   * the root's id), each followed by `message_edited` for the root with its new
+   * `reply_count`.
+   */
+  async thread(room: string, rootSeq: number, opts: ThreadOptions = {}): Promise<ThreadPage> {
+    const ack = await this.request<ThreadAck>('thread', {
+      room,
+      root_seq: rootSeq,
+      after_seq: opts.afterSeq,
+      limit: opts.limit,
+    });
+    return { root: ack.root, replies: ack.replies, hasMore: ack.has_more };
   }
 
   /** Members of the room with a live connection anywhere in the cluster. */
@@ -624,9 +703,10 @@ export class ChatClient {
         return;
       case 'message':
         if (!this.isNew(frame)) return;
+        this.noteReceived(String(frame.room), frame.message?.seq);
         break;
       case 'room_removed':
-        this.joined.delete(String(frame.room));
+        this.forget(String(frame.room));
         break;
       case 'reconnect':
         this.minDelayMs = Math.max(0, Number(frame.after_ms) || 0);
@@ -689,7 +769,7 @@ export class ChatClient {
       const e = err instanceof ChatError ? err : new ChatError('internal', describe(err));
       if (e.code === 'forbidden' || e.code === 'not_found') {
         // Removed from the room (or it is gone) while disconnected: stop following it.
-        this.joined.delete(room);
+        this.forget(room);
         this.emit('error', new ChatError(e.code, `room ${room} could not be re-joined: ${e.message}`));
         return 'gone';
       }
@@ -705,10 +785,63 @@ export class ChatClient {
     this.minDelayMs = 0;
     this.everOpen = true;
     for (const p of this.pending.values()) if (!p.sent) this.transmit(p);
+    this.scheduleReceived();
     const connecting = this.connecting;
     this.connecting = null;
     if (this.lastWelcome) connecting?.resolve(this.lastWelcome);
     this.emitState(previous);
+  }
+
+  // -------------------------------------------------------------------------------
+  // Internals: automatic `received`
+
+  /** Stops following a room: it is not re-joined, and nothing more is reported for it. */
+  private forget(room: string): void {
+    this.joined.delete(room);
+    this.unreported.delete(room);
+    this.reported.delete(room);
+  }
+
+  /** A message event delivered `seq` in `room`: due for the next `received` report. */
+  private noteReceived(room: string, seq: unknown): void {
+    if (!this.autoReceived || typeof seq !== 'number' || !this.joined.has(room)) return;
+    if (seq <= (this.reported.get(room) ?? 0) || seq <= (this.unreported.get(room) ?? 0)) return;
+    this.unreported.set(room, seq);
+    this.scheduleReceived();
+  }
+
+  /**
+   * Schedules the next batch: at once after a quiet second, else a second after the
+   * previous batch. Only while open; {@link open} calls it again after a reconnect.
+   */
+  private scheduleReceived(): void {
+    if (this.receivedTimer !== undefined || this.unreported.size === 0 || this.current !== 'open') return;
+    const delay = Math.max(0, this.receivedAt + RECEIVED_INTERVAL_MS - Date.now());
+    this.receivedTimer = setTimeout(() => {
+      this.receivedTimer = undefined;
+      this.flushReceived();
+    }, delay);
+  }
+
+  /** Sends one `received` per room with something new, fire and forget. */
+  private flushReceived(): void {
+    if (this.current !== 'open' || this.closedByUser) return;
+    this.receivedAt = Date.now();
+    const batch = [...this.unreported];
+    this.unreported.clear();
+    for (const [room, seq] of batch) {
+      if (!this.joined.has(room)) continue; // left meanwhile
+      this.reported.set(room, seq);
+      this.issue<ReceivedAck>('received', { room, seq }, false).catch((err: unknown) => {
+        // Left or removed (`forbidden`), or closed: nothing to report any more. A
+        // passing failure: report it again with the next batch (unless a newer seq
+        // went out meanwhile).
+        const code = err instanceof ChatError ? err.code : 'internal';
+        if (!RECEIVED_RETRY.has(code) || this.reported.get(room) !== seq) return;
+        this.reported.delete(room);
+        this.noteReceived(room, seq);
+      });
+    }
   }
 
   // -------------------------------------------------------------------------------

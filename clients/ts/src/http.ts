@@ -1,5 +1,5 @@
 import { ChatError } from './errors.js';
-import type { Attachment, SearchAck, SearchHit } from './types.js';
+import type { Attachment, Message, Receipt, ReceiptsAck, SearchAck, SearchHit, ThreadAck } from './types.js';
 
 /** Bytes an upload accepts. */
 export type UploadBody = Blob | ArrayBuffer | Uint8Array;
@@ -25,6 +25,21 @@ export interface SearchOptions {
 /** A page of search results, newest first; `hasMore`: pass the last result's `message.id` as `beforeId`. */
 export interface SearchPage {
   results: SearchHit[];
+  hasMore: boolean;
+}
+
+/** Which replies of a thread to get: `thread` over the WebSocket and {@link fetchThread} alike. */
+export interface ThreadOptions {
+  /** Only replies after this seq: the previous page's last reply's `seq`. */
+  afterSeq?: number;
+  /** 1–100 (default 50). */
+  limit?: number;
+}
+
+/** A page of a thread: its root and direct replies in ascending seq; `hasMore`: pass the last reply's `seq` as `afterSeq`. */
+export interface ThreadPage {
+  root: Message;
+  replies: Message[];
   hasMore: boolean;
 }
 
@@ -163,4 +178,42 @@ export async function searchMessages(
   if (!res.ok) throw await responseError(res);
   const reply = (await res.json()) as SearchAck;
   return { results: reply.results, hasMore: reply.has_more };
+}
+
+/**
+ * Every member's delivered and read seq in `room`, with `GET /v1/rooms/{id}/receipts`
+ * (what `ChatClient.receipts` does over the WebSocket). Rejects with a {@link ChatError}
+ * carrying the HTTP `status`: 403 `forbidden` for a room the caller is not in, 404
+ * `not_found` for an unknown one.
+ */
+export async function fetchReceipts(baseUrl: string, token: string, room: string): Promise<Receipt[]> {
+  const url = `${baseUrl}/v1/rooms/${encodeURIComponent(room)}/receipts`;
+  const res = await send(url, { headers: { authorization: `Bearer ${token}` } });
+  if (!res.ok) throw await responseError(res);
+  return ((await res.json()) as ReceiptsAck).members;
+}
+
+/**
+ * A page of the thread of the message at `rootSeq` in `room`, with
+ * `GET /v1/rooms/{id}/threads/{root_seq}` (what `ChatClient.thread` does over the
+ * WebSocket). Rejects with a {@link ChatError} carrying the HTTP `status`: 404
+ * `not_found` when there is no message at `rootSeq`, 403 `forbidden` for a room the
+ * caller is not in, 400 `bad_request` for a bad `limit`.
+ */
+export async function fetchThread(
+  baseUrl: string,
+  token: string,
+  room: string,
+  rootSeq: number,
+  options: ThreadOptions = {},
+): Promise<ThreadPage> {
+  const params = new URLSearchParams();
+  if (options.afterSeq !== undefined) params.set('after_seq', String(options.afterSeq));
+  if (options.limit !== undefined) params.set('limit', String(options.limit));
+  const query = params.toString() === '' ? '' : `?${params}`;
+  const url = `${baseUrl}/v1/rooms/${encodeURIComponent(room)}/threads/${encodeURIComponent(String(rootSeq))}${query}`;
+  const res = await send(url, { headers: { authorization: `Bearer ${token}` } });
+  if (!res.ok) throw await responseError(res);
+  const reply = (await res.json()) as ThreadAck;
+  return { root: reply.root, replies: reply.replies, hasMore: reply.has_more };
 }

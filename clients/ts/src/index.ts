@@ -13,6 +13,14 @@ export type {
 } from './client.js';
 export { ChatError } from './errors.js';
 export type { ChatErrorCode, ChatErrorOptions } from './errors.js';
-export { fetchAttachment, searchMessages, toHttpBaseUrl, toWebSocketUrl, uploadAttachment } from './http.js';
-export type { SearchOptions, SearchPage, UploadBody, UploadOptions } from './http.js';
+export {
+  fetchAttachment,
+  fetchReceipts,
+  fetchThread,
+  searchMessages,
+  toHttpBaseUrl,
+  toWebSocketUrl,
+  uploadAttachment,
+} from './http.js';
+export type { SearchOptions, SearchPage, ThreadOptions, ThreadPage, UploadBody, UploadOptions } from './http.js';
 export type * from './types.js';

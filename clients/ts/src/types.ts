@@ -56,6 +56,14 @@ export interface Message {
   deleted: boolean;
   /** Emoji → ids of the users who reacted with it. */
   reactions: Record<string, string[]>;
+  /**
+   * (v1.1) How many messages reply to this one (`reply_to` = its id), deleted ones
+   * included: the size of its thread. As of when the object was sent; after each reply
+   * the room gets `message_edited` for this message with the new count.
+   */
+  reply_count: number;
+  /** (v1.1) The newest reply's `created_at`; `null` without replies. */
+  last_reply_at: string | null;
 }
 
 /** A room member. */
@@ -285,6 +293,54 @@ export interface SearchAck {
   has_more: boolean;
 }
 
+/** `received` fields (v1.1): this device has every message of `room` up to `seq`. */
+export interface ReceivedParams {
+  room: string;
+  /** ≥ 0. Moves the caller's delivered seq forward only, at most to the room's newest. */
+  seq: number;
+}
+/** `received` ack: the room and the `seq` as sent (a lower one changed nothing). */
+export interface ReceivedAck {
+  room: string;
+  seq: number;
+}
+
+/** `receipts` fields (v1.1). */
+export interface ReceiptsParams {
+  room: string;
+}
+/** One member's delivery state in a room. `delivered_seq >= read_seq` always. */
+export interface Receipt {
+  user_id: string;
+  /** The highest seq this member's devices have said they received (`received`, or `read`). */
+  delivered_seq: number;
+  /** The member's read position (`read`). */
+  read_seq: number;
+}
+/** `receipts` ack (and `GET /v1/rooms/{id}/receipts`): every member, by user id. */
+export interface ReceiptsAck {
+  members: Receipt[];
+}
+
+/** `thread` fields (v1.1). */
+export interface ThreadParams {
+  room: string;
+  /** The seq of the thread's root message. */
+  root_seq: number;
+  /** Only replies after this seq: the previous page's last reply's seq. */
+  after_seq?: number;
+  /** 1–100, default 50. */
+  limit?: number;
+}
+/** `thread` ack (and `GET /v1/rooms/{id}/threads/{root_seq}`). */
+export interface ThreadAck {
+  /** The root message (returned deleted when it is). */
+  root: Message;
+  /** The messages whose `reply_to` is the root (one level), ascending seq. */
+  replies: Message[];
+  has_more: boolean;
+}
+
 /** `presence` fields. */
 export interface PresenceParams {
   room: string;
@@ -330,6 +386,9 @@ export interface Commands {
   ping: [PingParams, PongAck];
   refresh_token: [RefreshTokenParams, RefreshTokenAck];
   search: [SearchParams, SearchAck];
+  received: [ReceivedParams, ReceivedAck];
+  receipts: [ReceiptsParams, ReceiptsAck];
+  thread: [ThreadParams, ThreadAck];
 }
 
 /** A command's type. */
@@ -387,6 +446,18 @@ export interface ReadEvent {
   seq: number;
 }
 
+/**
+ * `delivered` (v1.1): a member's delivered seq moved forward (their `received`).
+ * Coalesced: at most about one per member and room a second, always the latest value. A
+ * `read` moves delivered too, without this event: the `read` event says it.
+ */
+export interface DeliveredEvent {
+  type: 'delivered';
+  room: string;
+  user_id: string;
+  seq: number;
+}
+
 /** `presence`: a member's first connection anywhere, or their last one gone. */
 export interface PresenceEvent {
   type: 'presence';
@@ -434,6 +505,7 @@ export interface ServerEvents {
   reaction: ReactionEvent;
   typing: TypingEvent;
   read: ReadEvent;
+  delivered: DeliveredEvent;
   presence: PresenceEvent;
   room_added: RoomAddedEvent;
   room_removed: RoomRemovedEvent;

@@ -9,7 +9,15 @@ import { createHmac, randomBytes } from 'node:crypto';
 import { after, afterEach, describe, test } from 'node:test';
 import WebSocket from 'ws';
 
-import { ChatClient, ChatError, searchMessages, toHttpBaseUrl, toWebSocketUrl } from '../dist/index.js';
+import {
+  ChatClient,
+  ChatError,
+  fetchReceipts,
+  fetchThread,
+  searchMessages,
+  toHttpBaseUrl,
+  toWebSocketUrl,
+} from '../dist/index.js';
 
 const GATEWAYS = (process.env.CHAT_GATEWAYS || 'http://127.0.0.1:8080,http://127.0.0.1:8081')
   .split(',')
@@ -49,6 +57,25 @@ function recordingWebSocket() {
   }
   return { Recording, sockets };
 }
+
+/** A `ws` subclass that records every frame the client sends, parsed, with when (`at`). */
+function framesSent() {
+  const frames = [];
+  class Counting extends WebSocket {
+    send(data, ...rest) {
+      try {
+        frames.push({ ...JSON.parse(data), at: Date.now() });
+      } catch {
+        frames.push({ at: Date.now() });
+      }
+      return super.send(data, ...rest);
+    }
+  }
+  return { Counting, frames, sent: (type) => frames.filter((f) => f.type === type) };
+}
+
+/** Every member's `[user_id, delivered_seq, read_seq]`, by user id. */
+const receiptRows = (members) => members.map((m) => [m.user_id, m.delivered_seq, m.read_seq]).sort();
 
 /** A gate a token provider can wait on: closed, nobody (re)connects until it opens again. */
 function gate() {
@@ -467,6 +494,153 @@ describe('search', () => {
     await status(searchMessages(base, bobToken, ' '), 'bad_request', 400);
     await status(searchMessages(base, bobToken, word, { limit: 0 }), 'bad_request', 400);
     await status(searchMessages(base, mint({ sub: user('bob'), exp: 1 }), word), 'unauthorized', 401);
+  });
+});
+
+describe('delivery ticks', () => {
+  test('received goes out by itself, coalesced, and shows in receipts and delivered events', BOUNDED, async () => {
+    const alice = await connected(user('alice'), A);
+    const { Counting, sent } = framesSent();
+    const bob = await connected(user('bob'), B, { WebSocket: Counting });
+    const carol = await connected(user('carol'), A, { autoReceived: false });
+    const room = await sharedRoom(alice, bob, carol);
+    assert.deepEqual(receiptRows(await bob.receipts(room)), [
+      [user('alice'), 0, 0],
+      [user('bob'), 0, 0],
+      [user('carol'), 0, 0],
+    ]);
+
+    // Three messages at once: bob's client reports them without being asked, in at most
+    // two frames (the first at once, the rest of the burst a second later).
+    const delivered = nextEvent(alice, 'delivered', (ev) => ev.user_id === user('bob') && ev.seq === 3);
+    const bobGotThree = nextEvent(bob, 'message', (ev) => ev.room === room && ev.message.seq === 3);
+    const sentAt = Date.now();
+    for (const text of ['one', 'two', 'three']) await alice.send(room, text);
+    await bobGotThree;
+    assert.deepEqual(await delivered, { type: 'delivered', room, user_id: user('bob'), seq: 3 });
+    // The server stores a second's reports at once: receipts show them within about two
+    // seconds of the messages (bounded at three for a loaded machine). Alice's own client
+    // reports her own messages too; carol's reports nothing.
+    const delivered3 = (rows, who) => rows.find(([id]) => id === user(who))[1] === 3;
+    let rows;
+    while (true) {
+      rows = receiptRows(await alice.receipts(room));
+      if (delivered3(rows, 'bob') && delivered3(rows, 'alice')) break;
+      assert.ok(Date.now() - sentAt < 3000, `delivered seqs not in receipts after 3 s: ${JSON.stringify(rows)}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.deepEqual(rows, [
+      [user('alice'), 3, 0],
+      [user('bob'), 3, 0],
+      [user('carol'), 0, 0],
+    ]);
+    const reports = sent('received');
+    assert.ok(reports.length >= 1, 'bob reported');
+    assert.deepEqual(
+      reports.at(-1) && { room: reports.at(-1).room, seq: reports.at(-1).seq },
+      { room, seq: 3 },
+    );
+    for (let i = 1; i < reports.length; i++) {
+      const gap = reports[i].at - reports[i - 1].at;
+      assert.ok(gap >= 900, `two reports for one room ${gap} ms apart: ${JSON.stringify(reports)}`);
+    }
+
+    // Nothing new, nothing sent.
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(sent('received').length, reports.length, 'no report without new messages');
+
+    // Carol reports by hand; a lower seq later acks and changes nothing.
+    const carolDelivered = nextEvent(bob, 'delivered', (ev) => ev.user_id === user('carol'));
+    assert.deepEqual(await carol.received(room, 2), { room, seq: 2 });
+    assert.deepEqual(await carol.received(room, 1), { room, seq: 1 });
+    assert.equal((await carolDelivered).seq, 2);
+    // A read moves delivered too.
+    await carol.read(room, 3);
+    const after = receiptRows(await bob.receipts(room));
+    assert.deepEqual(after.find(([id]) => id === user('carol')), [user('carol'), 3, 3]);
+  });
+
+  test('messages replayed after a reconnect are reported too', BOUNDED, async () => {
+    const alice = await connected(user('alice'), A);
+    const { client: bob, sockets, gate: bobGate } = await gatedClient(user('bob'), B);
+    const room = await sharedRoom(alice, bob);
+    bobGate.close();
+    sockets.at(-1).terminate();
+    await until(() => bob.state === 'reconnecting', 'bob reconnecting');
+    for (const text of ['while', 'you', 'were', 'away']) await alice.send(room, text);
+    const delivered = nextEvent(alice, 'delivered', (ev) => ev.user_id === user('bob') && ev.seq === 4);
+    bobGate.open();
+    await delivered;
+  });
+});
+
+describe('threads', () => {
+  test('thread and receipts work across gateways, over WebSocket and HTTP alike', BOUNDED, async () => {
+    // Reports off: receipts must stay put between the WebSocket and the HTTP look.
+    const alice = await connected(user('alice'), A, { autoReceived: false });
+    const bob = await connected(user('bob'), B, { autoReceived: false });
+    const room = await sharedRoom(alice, bob);
+    const root = await alice.send(room, 'lunch?');
+    assert.equal(root.reply_count, 0);
+    assert.equal(root.last_reply_at, null);
+
+    // Bob replies on the other gateway; alice hears each reply, then the root's new count.
+    const counted = nextEvent(alice, 'message_edited', (ev) => ev.message.id === root.id && ev.message.reply_count === 2);
+    const first = await bob.send(room, 'yes', { replyTo: root.id });
+    assert.equal(first.reply_to, root.id);
+    await alice.send(room, 'not in the thread');
+    await bob.send(room, 'noon', { replyTo: root.id });
+    const edited = (await counted).message;
+    assert.equal(typeof edited.last_reply_at, 'string');
+
+    const page = await alice.thread(room, root.seq);
+    assert.deepEqual(Object.keys(page).sort(), ['hasMore', 'replies', 'root'], 'camelCase page, like history');
+    assert.equal(page.root.id, root.id);
+    assert.equal(page.root.reply_count, 2);
+    assert.deepEqual(
+      page.replies.map((m) => m.text),
+      ['yes', 'noon'],
+    );
+    assert.equal(page.hasMore, false);
+    const one = await bob.thread(room, root.seq, { limit: 1 });
+    assert.deepEqual(
+      [one.replies.map((m) => m.text), one.hasMore],
+      [['yes'], true],
+    );
+    const rest = await bob.thread(room, root.seq, { afterSeq: one.replies[0].seq });
+    assert.deepEqual(
+      rest.replies.map((m) => m.text),
+      ['noon'],
+    );
+    assert.deepEqual(await fetchThread(toHttpBaseUrl(B), token(user('bob')), room, root.seq), page);
+    assert.deepEqual(
+      await fetchThread(toHttpBaseUrl(A), token(user('alice')), room, root.seq, { afterSeq: first.seq, limit: 5 }),
+      rest,
+    );
+
+    // Receipts: bob read up to the first reply; the same over both transports.
+    await bob.read(room, first.seq);
+    const members = await alice.receipts(room);
+    assert.deepEqual(receiptRows(members), [
+      [user('alice'), 0, 0],
+      [user('bob'), first.seq, first.seq],
+    ]);
+    assert.deepEqual(receiptRows(await fetchReceipts(toHttpBaseUrl(B), token(user('bob')), room)), receiptRows(members));
+
+    const mallory = await connected(user('mallory'), B);
+    await rejectsWith(alice.thread(room, 99), 'not_found');
+    await rejectsWith(mallory.thread(room, root.seq), 'forbidden');
+    await rejectsWith(mallory.receipts(room), 'forbidden');
+    await rejectsWith(alice.thread(room, root.seq, { limit: 101 }), 'bad_request');
+    const status = async (promise, code, httpStatus) => {
+      const err = await rejectsWith(promise, code);
+      assert.equal(err.status, httpStatus);
+    };
+    const malloryToken = token(user('mallory'));
+    await status(fetchReceipts(toHttpBaseUrl(A), malloryToken, room), 'forbidden', 403);
+    await status(fetchReceipts(toHttpBaseUrl(A), malloryToken, '987654321'), 'not_found', 404);
+    await status(fetchThread(toHttpBaseUrl(A), malloryToken, room, root.seq), 'forbidden', 403);
+    await status(fetchThread(toHttpBaseUrl(A), token(user('alice')), room, 99), 'not_found', 404);
   });
 });
 

@@ -30,6 +30,10 @@ pub enum Asked {
     Rooms,
     /// `search`, with what it asked: the "more…" line spells out the next page's command.
     Search { q: String, room: Option<String> },
+    /// `thread`, with the room and root: the "more…" line spells out the next page's command.
+    Thread { room: String, root_seq: u64 },
+    /// `receipts`.
+    Receipts { room: String },
     /// `create_room`.
     Create,
     /// `typing`.
@@ -94,12 +98,20 @@ pub fn message(m: &Value) -> String {
     if !m["edited_at"].is_null() {
         line.push_str(" (edited)");
     }
+    if let Some(n) = m["reply_count"].as_u64().filter(|n| *n > 0) {
+        line.push_str(&format!(" [{}]", replies(n)));
+    }
     if let Some(reactions) = m["reactions"].as_object().filter(|r| !r.is_empty()) {
         let shown: Vec<String> =
             reactions.iter().map(|(emoji, users)| format!("{emoji}{}", users.as_array().map_or(0, Vec::len))).collect();
         line.push_str(&format!(" {{{}}}", shown.join(" ")));
     }
     line
+}
+
+/// `1 reply`, `2 replies`.
+fn replies(n: u64) -> String {
+    format!("{n} repl{}", if n == 1 { "y" } else { "ies" })
 }
 
 /// One line for a server event (a frame without an `id`).
@@ -119,6 +131,7 @@ pub fn event(frame: &Value) -> String {
         "typing" if frame["active"] == false => format!("* {user} stopped typing in {room}"),
         "typing" => format!("* {user} is typing in {room}"),
         "read" => format!("* {user} read {room} up to #{}", text(&frame["seq"])),
+        "delivered" => format!("* {user} received {room} up to #{}", text(&frame["seq"])),
         "presence" => format!("* {user} {} in {room}", text(&frame["status"])),
         "room_added" => format!("* added to {}", room_summary(&frame["room"])),
         "room_removed" => format!("* removed from room {room}"),
@@ -250,6 +263,36 @@ fn ack(id: &str, asked: Option<&Asked>, frame: &Value) -> Vec<String> {
             }
             lines
         }
+        Some(Asked::Thread { room, root_seq }) => {
+            let replies_shown = frame["replies"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let mut lines = vec![format!(
+                "ack{id} thread of {room} #{root_seq}: {}",
+                replies(u64::try_from(replies_shown.len()).unwrap_or(u64::MAX))
+            )];
+            lines.push(format!("  {}", message(&frame["root"])));
+            lines.extend(replies_shown.iter().map(|m| format!("    {}", message(m))));
+            if frame["has_more"] == true {
+                let mut next = json!({"type": "thread", "room": room, "root_seq": root_seq});
+                if let Some(last) = replies_shown.last() {
+                    next["after_seq"] = last["seq"].clone();
+                }
+                lines.push(format!("  more… (next page: /raw {next})"));
+            }
+            lines
+        }
+        Some(Asked::Receipts { room }) => {
+            let members = frame["members"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let mut lines = vec![format!("ack{id} receipts of {room}: {} member(s)", members.len())];
+            lines.extend(members.iter().map(|m| {
+                format!(
+                    "  {}: delivered #{}, read #{}",
+                    text(&m["user_id"]),
+                    text(&m["delivered_seq"]),
+                    text(&m["read_seq"])
+                )
+            }));
+            lines
+        }
         Some(Asked::Create) => vec![format!("ack{id} created {}", room_summary(&frame["room"]))],
         Some(Asked::Typing) => vec![format!("ack{id} typing")],
         Some(Asked::Refresh) => vec![format!("ack{id} token refreshed, expires {}", text(&frame["expires_at"]))],
@@ -331,6 +374,62 @@ mod tests {
         let mut last_page = page.clone();
         last_page["has_more"] = json!(false);
         assert!(!reply(Some(&asked), &last_page).iter().any(|l| l.contains("more…")));
+    }
+
+    #[test]
+    fn a_thread_shows_its_root_then_each_reply_one_per_line_then_how_to_page_on() {
+        let mut root = msg(3, "lunch?");
+        root["reply_count"] = json!(3);
+        let answer = |seq: i64, text: &str| {
+            let mut m = msg(seq, text);
+            m["sender_id"] = json!("bob");
+            m["reply_to"] = json!("41");
+            m
+        };
+        let page =
+            json!({"type":"ack","id":"r2","root":root,"replies":[answer(4,"yes"), answer(6,"noon")],"has_more":true});
+        let asked = Asked::Thread { room: "12".into(), root_seq: 3 };
+        assert_eq!(
+            reply(Some(&asked), &page),
+            vec![
+                "ack r2 thread of 12 #3: 2 replies",
+                "  [room 12 #3] alice: lunch? [3 replies]",
+                "    [room 12 #4] bob: yes (reply to 41)",
+                "    [room 12 #6] bob: noon (reply to 41)",
+                r#"  more… (next page: /raw {"after_seq":6,"room":"12","root_seq":3,"type":"thread"})"#,
+            ]
+        );
+        let mut single = msg(3, "lunch?");
+        single["reply_count"] = json!(1);
+        let last = json!({"type":"ack","id":"r3","root":single,"replies":[answer(9,"ok")],"has_more":false});
+        assert_eq!(
+            reply(Some(&asked), &last),
+            vec![
+                "ack r3 thread of 12 #3: 1 reply",
+                "  [room 12 #3] alice: lunch? [1 reply]",
+                "    [room 12 #9] bob: ok (reply to 41)"
+            ]
+        );
+    }
+
+    #[test]
+    fn receipts_show_one_member_per_line_and_delivered_events_one_line() {
+        let ack = json!({"type":"ack","id":"r4","members":[
+            {"user_id":"alice","delivered_seq":7,"read_seq":7},
+            {"user_id":"bob","delivered_seq":5,"read_seq":2},
+        ]});
+        assert_eq!(
+            reply(Some(&Asked::Receipts { room: "12".into() }), &ack),
+            vec![
+                "ack r4 receipts of 12: 2 member(s)",
+                "  alice: delivered #7, read #7",
+                "  bob: delivered #5, read #2"
+            ]
+        );
+        assert_eq!(
+            event(&json!({"type":"delivered","room":"12","user_id":"bob","seq":5})),
+            "* bob received 12 up to #5"
+        );
     }
 
     #[test]

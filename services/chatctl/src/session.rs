@@ -28,6 +28,8 @@ commands:
   /history <room> [limit]     the newest messages (limit 1-100, default 50)
   /rooms                      your rooms, with unread counts
   /search [#room] <query...>  search your rooms (or one) for words, \"phrases\", -excluded words; newest first
+  /thread <room> <root_seq>   a message and its replies, one per line
+  /receipts <room>            each member's delivered and read seq
   /create <name> <member>...  create a group room with these members
   /typing [room]              tell the room you are typing (default: the current room)
   /raw <json>                 send any frame as is (objects without an id get one)
@@ -138,6 +140,18 @@ pub fn parse(line: &str, current: Option<&str>) -> Result<Action, String> {
             Ok(Action::Command { asked, frame })
         }
         ("search", _) => Err(SEARCH_USAGE.into()),
+        ("thread", [room, root_seq]) => {
+            let root_seq = number(root_seq, "root_seq")?;
+            Ok(command(
+                Asked::Thread { room: room.to_string(), root_seq },
+                json!({"type": "thread", "room": room, "root_seq": root_seq}),
+            ))
+        }
+        ("thread", _) => Err("usage: /thread <room> <root_seq>".into()),
+        ("receipts", [room]) => {
+            Ok(command(Asked::Receipts { room: room.to_string() }, json!({"type": "receipts", "room": room})))
+        }
+        ("receipts", _) => Err("usage: /receipts <room>".into()),
         ("rooms", []) => Ok(command(Asked::Rooms, json!({"type": "rooms"}))),
         ("rooms", _) => Err("usage: /rooms".into()),
         ("create", [name, members @ ..]) => Ok(command(
@@ -379,6 +393,8 @@ mod tests {
             json!({"type":"search","room":"12","q":"launch plan"})
         );
         assert_eq!(frame(parse("/search 12 launch", None)?), json!({"type":"search","q":"12 launch"}));
+        assert_eq!(frame(parse("/thread 12 3", None)?), json!({"type":"thread","room":"12","root_seq":3}));
+        assert_eq!(frame(parse("/receipts 12", Some("3"))?), json!({"type":"receipts","room":"12"}));
         assert_eq!(frame(parse(r#"/raw {"type":"ping","id":"p"}"#, None)?), json!({"type":"ping","id":"p"}));
         assert_eq!(parse("/raw {oops", None)?, Action::Verbatim("{oops".into()));
         assert_eq!(parse("/quit", None)?, Action::Quit);
@@ -392,6 +408,15 @@ mod tests {
             return Err("not a command".into());
         };
         assert_eq!(asked, Asked::Search { q: "launch".into(), room: Some("12".into()) });
+        Ok(())
+    }
+
+    #[test]
+    fn a_thread_remembers_its_room_and_root_for_the_reply() -> Result<(), String> {
+        let Action::Command { asked, .. } = parse("/thread 12 3", None)? else {
+            return Err("not a command".into());
+        };
+        assert_eq!(asked, Asked::Thread { room: "12".into(), root_seq: 3 });
         Ok(())
     }
 
@@ -416,6 +441,13 @@ mod tests {
             "/search",
             "/search #12 ",
             "/search # x",
+            "/thread",
+            "/thread 12",
+            "/thread 12 x",
+            "/thread 12 -1",
+            "/thread 12 3 4",
+            "/receipts",
+            "/receipts 12 13",
         ] {
             assert!(parse(line, None).is_err(), "{line}");
         }

@@ -1,9 +1,10 @@
 // The browser chat client: sign-in, rooms with unread badges, messages with scroll-back,
-// edits, deletes, reactions, attachments, typing, presence and a visible connection
-// state. The SDK (./sdk, the TypeScript client's build) does the protocol, reconnects
-// with backoff and recovers each joined room with `since_seq`.
+// edits, deletes, reactions, attachments, typing, presence, delivery ticks, threads and a
+// visible connection state. The SDK (./sdk, the TypeScript client's build) does the
+// protocol, reconnects with backoff, recovers each joined room with `since_seq` and
+// reports what arrived (`received`), which is what other members' ticks are made of.
 import { ChatClient } from './sdk/index.js';
-import { h, memberItem, messageItem, roomItem } from './view.js';
+import { h, memberItem, messageItem, roomItem, setTicks, threadTitle } from './view.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'chat.token';
@@ -21,9 +22,14 @@ const app = {
   client: null,
   me: null,
   admin: false,
-  /** id → {id, name, kind, last_seq, unread, members: [user ids] | null, online: Set, messages: Map<seq, message>, loaded, hasOlder} */
+  /**
+   * id → {id, name, kind, last_seq, unread, members: [user ids] | null, online: Set,
+   * messages: Map<seq, message>, loaded, hasOlder, receipts: Map<user id, {delivered, read}>}
+   */
   rooms: new Map(),
   current: null,
+  /** The open thread panel: {room, root, replies: Map<seq, message>}, or null. Always of the current room. */
+  thread: null,
   /** room id → Map<user id, timer> of who is typing there. */
   typing: new Map(),
   myTyping: { active: false, sentAt: 0, idleTimer: 0 },
@@ -71,9 +77,12 @@ async function signIn(token) {
   client.on('message', onMessage);
   client.on('message_edited', ({ room, message }) => putMessage(room, message));
   client.on('message_deleted', ({ room, message_id, seq }) => {
-    const msg = app.rooms.get(room)?.messages.get(seq);
+    const msg = findMessage(room, (m) => m.seq === seq);
     if (msg && msg.id === message_id) putMessage(room, { ...msg, deleted: true, text: null, attachments: [] });
   });
+  client.on('delivered', ({ room, user_id, seq }) => moveReceipt(room, user_id, { delivered: seq }));
+  // Reading implies having received: a `read` moves delivered too (without a `delivered` event).
+  client.on('read', ({ room, user_id, seq }) => moveReceipt(room, user_id, { delivered: seq, read: seq }));
   client.on('reaction', onReaction);
   client.on('typing', onTyping);
   client.on('presence', ({ room, user_id, status }) => {
@@ -87,6 +96,9 @@ async function signIn(token) {
   client.on('recovered', ({ room, truncated }) => {
     // More was missed than a re-join replays: read the newest page again.
     if (truncated) reloadRoom(room).catch(showError);
+    // Receipt events are not replayed: ask again what was missed while away.
+    const entry = app.rooms.get(room);
+    if (entry) loadReceipts(entry).catch(() => {});
   });
   try {
     const welcome = await client.connect();
@@ -132,13 +144,59 @@ async function trackRoom(room) {
   const entry = {
     id: room.id, name: room.name, kind: room.kind, last_seq: room.last_seq ?? 0, unread: room.unread ?? 0,
     members: room.members ? room.members.map((m) => m.user_id) : null,
-    online: new Set(), messages: new Map(), loaded: false, hasOlder: false,
+    online: new Set(), messages: new Map(), loaded: false, hasOlder: false, receipts: new Map(),
   };
+  for (const user of entry.members ?? []) entry.receipts.set(user, { delivered: 0, read: 0 });
   app.rooms.set(room.id, entry);
   const ack = await app.client.join(room.id);
   entry.online = new Set(ack.online);
   entry.last_seq = Math.max(entry.last_seq, ack.last_seq);
+  // Without receipts the page still works: own messages just stay at ✓.
+  await loadReceipts(entry).catch(() => {});
   return entry;
+}
+
+// ---- delivery ticks -----------------------------------------------------------------
+
+/** Every member's delivered and read seq, merged forward into what events already said. */
+async function loadReceipts(room) {
+  const members = await app.client.receipts(room.id);
+  for (const m of members) moveReceipt(room.id, m.user_id, { delivered: m.delivered_seq, read: m.read_seq }, false);
+  refreshTicks(room.id);
+}
+
+/** Moves a member's seqs forward (never back: events and replies may cross). */
+function moveReceipt(roomId, userId, { delivered = 0, read = 0 }, redraw = true) {
+  const room = app.rooms.get(roomId);
+  if (!room) return;
+  const r = room.receipts.get(userId) ?? { delivered: 0, read: 0 };
+  r.read = Math.max(r.read, read);
+  r.delivered = Math.max(r.delivered, r.read, delivered);
+  room.receipts.set(userId, r);
+  if (redraw) refreshTicks(roomId);
+}
+
+/**
+ * ✓ once the message is stored (this page shows no message before its ack or event), ✓✓
+ * once every other member's devices have it, coloured ✓✓ once every other member read it.
+ */
+function tickState(room, msg) {
+  const others = [...room.receipts].filter(([user]) => user !== app.me).map(([, r]) => r);
+  if (others.length === 0) return 'sent';
+  if (others.every((r) => r.read >= msg.seq)) return 'read';
+  if (others.every((r) => r.delivered >= msg.seq)) return 'delivered';
+  return 'sent';
+}
+
+/** Redraws the ticks of one's own messages on screen, in place. */
+function refreshTicks(roomId) {
+  const room = app.rooms.get(roomId);
+  if (!room || roomId !== app.current) return;
+  for (const span of document.querySelectorAll('#messages .ticks, #thread .ticks')) {
+    const li = span.closest('li');
+    const msg = findMessage(roomId, (m) => m.seq === Number(li.dataset.seq));
+    if (msg) setTicks(span, tickState(room, msg));
+  }
 }
 
 async function addRoom(room) {
@@ -152,6 +210,7 @@ async function addRoom(room) {
 
 function removeRoom(roomId) {
   app.rooms.delete(roomId);
+  if (app.thread?.room === roomId) closeThread();
   if (app.current === roomId) {
     app.current = null;
     renderRoom();
@@ -183,6 +242,7 @@ async function openRoom(roomId) {
   const room = app.rooms.get(roomId);
   if (!room) return;
   stopTyping();
+  if (app.thread && app.thread.room !== roomId) closeThread();
   app.current = roomId;
   $('room-error').textContent = '';
   if (!room.loaded) await loadNewest(room);
@@ -256,10 +316,14 @@ function onMessage({ room: roomId, message }) {
   }
 }
 
-/** Stores a new or changed message and redraws it if its room is open. */
+/** Stores a new or changed message and redraws it if its room is open (in the thread panel too). */
 function putMessage(roomId, message) {
   const room = app.rooms.get(roomId);
   if (!room) return;
+  putThreadMessage(roomId, message);
+  // A change to a message older than the loaded page (a thread reply the panel shows, a
+  // thread's root) is not put in the timeline: it would leave a gap there.
+  if (!room.messages.has(message.seq) && room.messages.size > 0 && message.seq < Math.min(...room.messages.keys())) return;
   room.messages.set(message.seq, message);
   if (roomId !== app.current) return;
   const list = $('messages');
@@ -270,9 +334,18 @@ function putMessage(roomId, message) {
   list.insertBefore(item, next ?? null);
 }
 
-function onReaction({ room: roomId, message_id, user_id, emoji, added }) {
+/** A message of the room the page holds (its timeline, else the open thread) matching `pred`. */
+function findMessage(roomId, pred) {
   const room = app.rooms.get(roomId);
-  const msg = room && [...room.messages.values()].find((m) => m.id === message_id);
+  const fromRoom = room && [...room.messages.values()].find(pred);
+  if (fromRoom) return fromRoom;
+  const t = app.thread;
+  if (!t || t.room !== roomId) return undefined;
+  return pred(t.root) ? t.root : [...t.replies.values()].find(pred);
+}
+
+function onReaction({ room: roomId, message_id, user_id, emoji, added }) {
+  const msg = findMessage(roomId, (m) => m.id === message_id);
   if (!msg) return;
   const users = new Set(msg.reactions?.[emoji] ?? []);
   if (added) users.add(user_id); else users.delete(user_id);
@@ -283,6 +356,9 @@ function itemContext(room, message) {
   return {
     me: app.me,
     online: room.online.has(message.sender_id),
+    ticks: tickState(room, message),
+    openThread: (msg) => openThread(room.id, msg).catch(showThreadError),
+    threadRoot: (msg) => findMessage(room.id, (m) => m.id === msg.reply_to),
     canDelete: app.admin,
     edit: (msg, text) => app.client.edit(msg.id, text).catch(showError),
     remove: (msg) => app.client.deleteMessage(msg.id).catch(showError),
@@ -335,6 +411,101 @@ function scrollToBottom() {
   const s = $('scroller');
   s.scrollTop = s.scrollHeight;
 }
+
+// ---- threads ------------------------------------------------------------------------
+
+/** Opens the side panel on `root`'s thread: the root, then every reply, oldest first. */
+async function openThread(roomId, root) {
+  const thread = { room: roomId, root, replies: new Map() };
+  app.thread = thread;
+  $('thread-error').textContent = '';
+  renderThread();
+  let afterSeq;
+  for (;;) {
+    const page = await app.client.thread(roomId, root.seq, { afterSeq, limit: 100 });
+    if (app.thread !== thread) return; // closed or another opened meanwhile
+    thread.root = page.root;
+    for (const reply of page.replies) thread.replies.set(reply.seq, reply);
+    if (!page.hasMore || page.replies.length === 0) break;
+    afterSeq = page.replies[page.replies.length - 1].seq;
+  }
+  renderThread();
+  scrollThreadToBottom();
+  $('thread-composer').focus();
+}
+
+function closeThread() {
+  app.thread = null;
+  renderThread();
+}
+
+/** Keeps the open thread current: its root's new count and text, new and changed replies. */
+function putThreadMessage(roomId, message) {
+  const t = app.thread;
+  if (!t || t.room !== roomId) return;
+  if (message.id === t.root.id) {
+    t.root = message;
+  } else if (message.reply_to === t.root.id) {
+    const atBottom = isThreadAtBottom();
+    t.replies.set(message.seq, message);
+    renderThread();
+    if (atBottom) scrollThreadToBottom();
+    return;
+  } else {
+    return;
+  }
+  renderThread();
+}
+
+function renderThread() {
+  const t = app.thread;
+  $('thread').hidden = !t;
+  if (!t) {
+    $('thread-root').replaceChildren();
+    $('thread-replies').replaceChildren();
+    return;
+  }
+  const room = app.rooms.get(t.room);
+  if (!room) return;
+  // Inside the panel there is no thread to open: one level only.
+  const context = (msg) => ({ ...itemContext(room, msg), openThread: undefined });
+  $('thread-title').textContent = threadTitle(t.root);
+  $('thread-root').replaceChildren(messageItem(t.root, context(t.root)));
+  const replies = [...t.replies.values()].sort((a, b) => a.seq - b.seq);
+  $('thread-replies').replaceChildren(...replies.map((msg) => messageItem(msg, context(msg))));
+}
+
+function isThreadAtBottom() {
+  const s = $('thread-scroller');
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 40;
+}
+
+function scrollThreadToBottom() {
+  const s = $('thread-scroller');
+  s.scrollTop = s.scrollHeight;
+}
+
+function showThreadError(err) {
+  $('thread-error').textContent = err?.message ?? String(err);
+}
+
+$('thread-close').addEventListener('click', closeThread);
+
+$('thread-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const t = app.thread;
+  const text = $('thread-composer').value.trim();
+  if (!text || !t) return;
+  $('thread-composer').value = '';
+  try {
+    const reply = await app.client.send(t.room, text, { replyTo: t.root.id });
+    putThreadMessage(t.room, reply); // the `message` event may come first or later: same seq
+    $('thread-error').textContent = '';
+  } catch (err) {
+    $('thread-composer').value = text;
+    showThreadError(err);
+  }
+});
 
 // ---- composing ----------------------------------------------------------------------
 

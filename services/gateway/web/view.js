@@ -35,10 +35,37 @@ export function memberItem(userId, online) {
   return h('li', { dataset: { user: userId } }, h('span', { class: online ? 'dot online' : 'dot' }), userId);
 }
 
+/** What the ticks on one's own message say: `sent` ✓, `delivered` ✓✓, `read` ✓✓ in colour. */
+const TICKS = {
+  sent: ['✓', 'Sent'],
+  delivered: ['✓✓', 'Delivered to everyone'],
+  read: ['✓✓', 'Read by everyone'],
+};
+
+/** The ticks of one's own message, in `state` (`sent`, `delivered`, `read`). */
+export function ticksItem(state) {
+  const span = h('span', { class: 'ticks' });
+  setTicks(span, state);
+  return span;
+}
+
+/** Moves existing ticks to `state`, in place (a message's element is not rebuilt for them). */
+export function setTicks(span, state) {
+  const [marks, title] = TICKS[state] ?? TICKS.sent;
+  if (span.dataset.ticks === state) return;
+  span.dataset.ticks = state;
+  span.title = title;
+  span.textContent = marks;
+}
+
+const replies = (n) => `${n} ${n === 1 ? 'reply' : 'replies'}`;
+
 /**
- * One message. `ctx` carries who is looking (`me`), whether the sender is online, and
- * the actions: `edit(msg, text)`, `remove(msg)`, `toggleReaction(msg, emoji)`,
- * `showAttachment(attachment, img)`.
+ * One message. `ctx` carries who is looking (`me`), whether the sender is online, the
+ * ticks of one's own message (`ticks`), and the actions: `edit(msg, text)`,
+ * `remove(msg)`, `toggleReaction(msg, emoji)`, `showAttachment(attachment, img)`,
+ * `openThread(msg)` (absent inside the thread panel), `threadRoot(msg)` (the loaded
+ * message a reply answers).
  */
 export function messageItem(msg, ctx) {
   const mine = msg.sender_id === ctx.me;
@@ -46,6 +73,7 @@ export function messageItem(msg, ctx) {
   const text = h('div', { class: 'text' }, msg.deleted ? 'message deleted' : msg.text ?? '');
   const actions = msg.deleted ? null : h('span', { class: 'actions' },
     QUICK_REACTIONS.map((emoji) => h('button', { type: 'button', title: `React ${emoji}`, onclick: () => ctx.toggleReaction(msg, emoji) }, emoji)),
+    ctx.openThread ? h('button', { type: 'button', class: 'reply', onclick: () => ctx.openThread(msg) }, 'Reply') : null,
     mine ? h('button', { type: 'button', class: 'edit', onclick: () => startEdit(li, text, msg, ctx) }, 'Edit') : null,
     mine || ctx.canDelete ? deleteButton(msg, ctx) : null);
   li.append(
@@ -54,6 +82,8 @@ export function messageItem(msg, ctx) {
       h('span', { class: 'sender' }, msg.sender_name || msg.sender_id),
       h('time', { datetime: msg.created_at }, time.format(new Date(msg.created_at))),
       msg.edited_at && !msg.deleted ? h('span', { class: 'edited' }, '(edited)') : null,
+      mine && ctx.ticks && !msg.deleted ? ticksItem(ctx.ticks) : null,
+      inThread(msg, ctx),
       actions),
     text);
   if (!msg.deleted) {
@@ -65,7 +95,24 @@ export function messageItem(msg, ctx) {
           onclick: () => ctx.toggleReaction(msg, emoji) }, `${emoji} ${users.length}`))));
     }
   }
+  if (msg.reply_count > 0 && ctx.openThread) {
+    li.append(h('button', { type: 'button', class: 'replies', onclick: () => ctx.openThread(msg) }, replies(msg.reply_count)));
+  }
   return li;
+}
+
+/** On a reply in the timeline: a link to its thread when its root is loaded, else a plain mark. */
+function inThread(msg, ctx) {
+  if (msg.reply_to == null || !ctx.openThread) return null;
+  const root = ctx.threadRoot?.(msg);
+  if (!root) return h('span', { class: 'in-thread' }, '↪ reply');
+  return h('button', { type: 'button', class: 'in-thread', title: 'Open the thread', onclick: () => ctx.openThread(root) },
+    `↪ reply to ${root.sender_name || root.sender_id}`);
+}
+
+/** The thread panel's heading: how many replies the root has. */
+export function threadTitle(root) {
+  return root.reply_count > 0 ? `Thread · ${replies(root.reply_count)}` : 'Thread';
 }
 
 function deleteButton(msg, ctx) {

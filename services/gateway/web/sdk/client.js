@@ -13,7 +13,23 @@ const TOKEN_EXPIRED_JITTER_MS = 250;
  * reads, `join` (harmless twice) and `send` (always carries a `client_msg_id`, so the
  * server returns the stored message instead of storing a second one).
  */
-const REPEATABLE = new Set(['send', 'rooms', 'history', 'presence', 'search', 'join', 'ping']);
+const REPEATABLE = new Set([
+    'send',
+    'rooms',
+    'history',
+    'presence',
+    'search',
+    'receipts',
+    'thread',
+    // Forward only: the same seq twice changes nothing.
+    'received',
+    'join',
+    'ping',
+]);
+/** Automatic `received` reports go out at most this often per room. */
+const RECEIVED_INTERVAL_MS = 1000;
+/** A failed automatic `received` with one of these codes is reported again with the next batch. */
+const RECEIVED_RETRY = new Set(['disconnected', 'timeout', 'rate_limited', 'unavailable', 'internal']);
 /** Event names the SDK emits itself; frames of these types from the server are not forwarded. */
 const SDK_EVENTS = new Set(['state', 'welcome', 'recovered', 'error']);
 /** 128 random bits as hex, for `client_msg_id`s. */
@@ -71,6 +87,12 @@ export class ChatClient {
         /** Joined rooms → the highest message seq delivered in each. */
         this.joined = new Map();
         this.handlers = new Map();
+        /** Joined rooms → the highest seq delivered there and not yet reported with `received`. */
+        this.unreported = new Map();
+        /** Joined rooms → the highest seq reported with `received` (sent; its ack may be pending). */
+        this.reported = new Map();
+        /** When the latest batch went out (`Date.now()`), for the once-a-second pace. */
+        this.receivedAt = 0;
         this.wsUrl = toWebSocketUrl(options.url);
         this.httpBase = toHttpBaseUrl(this.wsUrl);
         this.tokenSource = options.token;
@@ -82,6 +104,7 @@ export class ChatClient {
         const reconnect = options.reconnect ?? true;
         this.backoff = reconnect === false ? null : { ...DEFAULT_BACKOFF, ...(reconnect === true ? {} : reconnect) };
         this.timeoutMs = options.requestTimeoutMs ?? DEFAULT_TIMEOUT_MS;
+        this.autoReceived = options.autoReceived ?? true;
     }
     /** The connection state. */
     get state() {
@@ -133,6 +156,8 @@ export class ChatClient {
         this.generation++;
         clearTimeout(this.reconnectTimer);
         clearTimeout(this.handshakeTimer);
+        clearTimeout(this.receivedTimer);
+        this.receivedTimer = undefined;
         const socket = this.socket;
         this.socket = null;
         this.welcomed = false;
@@ -221,7 +246,7 @@ export class ChatClient {
     }
     /** Leaves a room: no more of its events, and it is not re-joined after a reconnect. */
     async leave(room) {
-        this.joined.delete(room);
+        this.forget(room);
         await this.request('leave', { room });
     }
     /**
@@ -287,6 +312,39 @@ export class ChatClient {
             limit: opts.limit,
         });
         return { results: ack.results, hasMore: ack.has_more };
+    }
+    /**
+     * Tells the server this user's device has every message of `room` up to `seq`: their
+     * delivered seq there moves forward (never back), and the room's joined connections
+     * get a `delivered` event (coalesced, within about a second). The client does this by
+     * itself for joined rooms unless `autoReceived` is off. Resolves with the ack.
+     */
+    received(room, seq) {
+        return this.request('received', { room, seq });
+    }
+    /**
+     * Every member's `delivered_seq` and `read_seq` in the room (`delivered_seq >=
+     * read_seq`). A `received` of the last second may not show yet; follow `delivered`
+     * and `read` events to keep the picture current.
+     */
+    async receipts(room) {
+        return (await this.request('receipts', { room })).members;
+    }
+    /**
+     * A page of the thread of the message at `rootSeq`: the root and the messages that
+     * reply to it (one level), ascending seq. While `hasMore`, the next page is `afterSeq`
+     * = the last reply's `seq`. New replies arrive as `message` events (with `reply_to` =
+     * the root's id), each followed by `message_edited` for the root with its new
+     * `reply_count`.
+     */
+    async thread(room, rootSeq, opts = {}) {
+        const ack = await this.request('thread', {
+            room,
+            root_seq: rootSeq,
+            after_seq: opts.afterSeq,
+            limit: opts.limit,
+        });
+        return { root: ack.root, replies: ack.replies, hasMore: ack.has_more };
     }
     /** Members of the room with a live connection anywhere in the cluster. */
     async presence(room) {
@@ -478,9 +536,10 @@ export class ChatClient {
             case 'message':
                 if (!this.isNew(frame))
                     return;
+                this.noteReceived(String(frame.room), frame.message?.seq);
                 break;
             case 'room_removed':
-                this.joined.delete(String(frame.room));
+                this.forget(String(frame.room));
                 break;
             case 'reconnect':
                 this.minDelayMs = Math.max(0, Number(frame.after_ms) || 0);
@@ -549,7 +608,7 @@ export class ChatClient {
             const e = err instanceof ChatError ? err : new ChatError('internal', describe(err));
             if (e.code === 'forbidden' || e.code === 'not_found') {
                 // Removed from the room (or it is gone) while disconnected: stop following it.
-                this.joined.delete(room);
+                this.forget(room);
                 this.emit('error', new ChatError(e.code, `room ${room} could not be re-joined: ${e.message}`));
                 return 'gone';
             }
@@ -566,11 +625,65 @@ export class ChatClient {
         for (const p of this.pending.values())
             if (!p.sent)
                 this.transmit(p);
+        this.scheduleReceived();
         const connecting = this.connecting;
         this.connecting = null;
         if (this.lastWelcome)
             connecting?.resolve(this.lastWelcome);
         this.emitState(previous);
+    }
+    // -------------------------------------------------------------------------------
+    // Internals: automatic `received`
+    /** Stops following a room: it is not re-joined, and nothing more is reported for it. */
+    forget(room) {
+        this.joined.delete(room);
+        this.unreported.delete(room);
+        this.reported.delete(room);
+    }
+    /** A message event delivered `seq` in `room`: due for the next `received` report. */
+    noteReceived(room, seq) {
+        if (!this.autoReceived || typeof seq !== 'number' || !this.joined.has(room))
+            return;
+        if (seq <= (this.reported.get(room) ?? 0) || seq <= (this.unreported.get(room) ?? 0))
+            return;
+        this.unreported.set(room, seq);
+        this.scheduleReceived();
+    }
+    /**
+     * Schedules the next batch: at once after a quiet second, else a second after the
+     * previous batch. Only while open; {@link open} calls it again after a reconnect.
+     */
+    scheduleReceived() {
+        if (this.receivedTimer !== undefined || this.unreported.size === 0 || this.current !== 'open')
+            return;
+        const delay = Math.max(0, this.receivedAt + RECEIVED_INTERVAL_MS - Date.now());
+        this.receivedTimer = setTimeout(() => {
+            this.receivedTimer = undefined;
+            this.flushReceived();
+        }, delay);
+    }
+    /** Sends one `received` per room with something new, fire and forget. */
+    flushReceived() {
+        if (this.current !== 'open' || this.closedByUser)
+            return;
+        this.receivedAt = Date.now();
+        const batch = [...this.unreported];
+        this.unreported.clear();
+        for (const [room, seq] of batch) {
+            if (!this.joined.has(room))
+                continue; // left meanwhile
+            this.reported.set(room, seq);
+            this.issue('received', { room, seq }, false).catch((err) => {
+                // Left or removed (`forbidden`), or closed: nothing to report any more. A
+                // passing failure: report it again with the next batch (unless a newer seq
+                // went out meanwhile).
+                const code = err instanceof ChatError ? err.code : 'internal';
+                if (!RECEIVED_RETRY.has(code) || this.reported.get(room) !== seq)
+                    return;
+                this.reported.delete(room);
+                this.noteReceived(room, seq);
+            });
+        }
     }
     // -------------------------------------------------------------------------------
     // Internals: commands

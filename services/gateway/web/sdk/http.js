@@ -130,3 +130,37 @@ export async function searchMessages(baseUrl, token, q, options = {}) {
     const reply = (await res.json());
     return { results: reply.results, hasMore: reply.has_more };
 }
+/**
+ * Every member's delivered and read seq in `room`, with `GET /v1/rooms/{id}/receipts`
+ * (what `ChatClient.receipts` does over the WebSocket). Rejects with a {@link ChatError}
+ * carrying the HTTP `status`: 403 `forbidden` for a room the caller is not in, 404
+ * `not_found` for an unknown one.
+ */
+export async function fetchReceipts(baseUrl, token, room) {
+    const url = `${baseUrl}/v1/rooms/${encodeURIComponent(room)}/receipts`;
+    const res = await send(url, { headers: { authorization: `Bearer ${token}` } });
+    if (!res.ok)
+        throw await responseError(res);
+    return (await res.json()).members;
+}
+/**
+ * A page of the thread of the message at `rootSeq` in `room`, with
+ * `GET /v1/rooms/{id}/threads/{root_seq}` (what `ChatClient.thread` does over the
+ * WebSocket). Rejects with a {@link ChatError} carrying the HTTP `status`: 404
+ * `not_found` when there is no message at `rootSeq`, 403 `forbidden` for a room the
+ * caller is not in, 400 `bad_request` for a bad `limit`.
+ */
+export async function fetchThread(baseUrl, token, room, rootSeq, options = {}) {
+    const params = new URLSearchParams();
+    if (options.afterSeq !== undefined)
+        params.set('after_seq', String(options.afterSeq));
+    if (options.limit !== undefined)
+        params.set('limit', String(options.limit));
+    const query = params.toString() === '' ? '' : `?${params}`;
+    const url = `${baseUrl}/v1/rooms/${encodeURIComponent(room)}/threads/${encodeURIComponent(String(rootSeq))}${query}`;
+    const res = await send(url, { headers: { authorization: `Bearer ${token}` } });
+    if (!res.ok)
+        throw await responseError(res);
+    const reply = (await res.json());
+    return { root: reply.root, replies: reply.replies, hasMore: reply.has_more };
+}

@@ -4,4 +4,4 @@
  */
 export { ChatClient } from './client.js';
 export { ChatError } from './errors.js';
-export { fetchAttachment, searchMessages, toHttpBaseUrl, toWebSocketUrl, uploadAttachment } from './http.js';
+export { fetchAttachment, fetchReceipts, fetchThread, searchMessages, toHttpBaseUrl, toWebSocketUrl, uploadAttachment, } from './http.js';

@@ -109,10 +109,7 @@ impl Dispatcher {
         let mut out = Vec::new();
         for q in queued {
             let Some(message) = self.store.message(q.message_id).await? else { continue };
-            for user in q.members {
-                let key = chat_common::channels::presence_key(&self.config.prefix, &user);
-                // Unknown while Redis is down: the rows stay in the outbox until it is back.
-                let online: bool = self.redis.exists(key).await?;
+            for (user, online) in self.online(&q.members).await? {
                 if online {
                     continue;
                 }
@@ -124,14 +121,31 @@ impl Dispatcher {
                 })
                 .to_string();
                 out.push(NewDelivery {
-                    id: delivery_id(q.message_id, &user),
+                    id: delivery_id(q.message_id, user),
                     message_id: q.message_id,
                     room_id: q.room_id,
                     seq: q.seq,
-                    user_id: user,
+                    user_id: user.clone(),
                     body,
                 });
             }
+        }
+        Ok(out)
+    }
+
+    /// Whether each of `users` has a connection anywhere now: one pipelined round trip
+    /// per chunk. Unknown while Redis is down: the message stays in the outbox until it
+    /// is back.
+    async fn online<'a>(&self, users: &'a [String]) -> Result<Vec<(&'a String, bool)>, DispatchError> {
+        const CHUNK: usize = 500;
+        let mut out = Vec::with_capacity(users.len());
+        for chunk in users.chunks(CHUNK) {
+            let pipeline = self.redis.pipeline();
+            for user in chunk {
+                let _: () = pipeline.exists(chat_common::channels::presence_key(&self.config.prefix, user)).await?;
+            }
+            let flags: Vec<i64> = pipeline.all().await?;
+            out.extend(chunk.iter().zip(flags.into_iter().map(|n| n > 0)));
         }
         Ok(out)
     }
