@@ -53,7 +53,7 @@ wait_ready() { # host:port
 
 export RUST_LOG=warn REDIS_CHANNEL_PREFIX=$PREFIX JWT_SECRET=$SECRET ENVIRONMENT=development
 # Limits meant for abusive clients are off: the bench is one client doing a lot.
-export RATE_CONN_PER_SEC=0 RATE_USER_PER_SEC=0 MAX_CONNECTIONS_PER_USER=0
+export RATE_CONN_PER_SEC=0 RATE_USER_PER_SEC=0 RATE_SEARCH_PER_SEC=0 MAX_CONNECTIONS_PER_USER=0
 
 start_gateway() { # addr
   GATEWAY_ADDR=$1 MESSAGE_SERVICE_URL=http://$MSG "$BIN/chat-gateway" &

@@ -14,7 +14,8 @@ fn texts(reply: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn search_finds_current_text_in_the_callers_rooms_on_either_gateway() -> Result<()> {
-    let cluster = Cluster::builder().gateways(2).start().await?;
+    // More searches in a row than a person's burst: the rate has its own test below.
+    let cluster = Cluster::builder().gateways(2).env("RATE_SEARCH_BURST", "100").start().await?;
     let mut alice = cluster.client(0, "alice").await?;
     let mut bob = cluster.client(1, "bob").await?;
     let mut carol = cluster.client(1, "carol").await?;
@@ -82,5 +83,35 @@ async fn search_finds_current_text_in_the_callers_rooms_on_either_gateway() -> R
         let reply = http_json(&cluster.gateways[0], "GET", path, token.as_deref(), None).await?;
         assert_eq!(reply.status, status, "{path} → {reply:?}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_users_search_flood_is_refused_and_leaves_others_searching_and_sending() -> Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let mut mallory = cluster.client(0, "mallory").await?;
+    let mut alice = cluster.client(0, "alice").await?;
+    let room = alice.create_group(&["mallory"]).await?;
+    alice.ack(json!({"type": "send", "room": room, "text": "needle in the haystack"})).await?;
+
+    // Far past the burst (10): the excess is refused with the wait, the connection stays.
+    let mut refused = 0;
+    for _ in 0..40 {
+        let reply = mallory.request(json!({"type": "search", "q": "needle"})).await?;
+        if reply["code"] == "rate_limited" {
+            assert!(reply["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{reply}");
+            refused += 1;
+        } else {
+            assert_eq!(texts(&reply), ["needle in the haystack"], "{reply}");
+        }
+    }
+    assert!(refused >= 25, "only {refused} of 40 refused");
+    let rest = http_json(&cluster.gateways[0], "GET", "/v1/search?q=needle", Some(&token("mallory")), None).await?;
+    assert_eq!(rest.status, 429, "REST shares the bucket: {rest:?}");
+
+    // Everyone else is untouched: alice searches and sends, and mallory still chats.
+    assert_eq!(texts(&alice.ack(json!({"type": "search", "q": "needle"})).await?), ["needle in the haystack"]);
+    alice.ack(json!({"type": "send", "room": room, "text": "still here"})).await?;
+    mallory.ack(json!({"type": "send", "room": room, "text": "me too"})).await?;
     Ok(())
 }

@@ -213,6 +213,17 @@ pub struct Config {
     #[arg(long, env = "REST_RATE_BURST", default_value_t = 100)]
     pub rest_rate_burst: u32,
 
+    /// Searches per second one user may run on a gateway, WebSocket and REST together
+    /// (0: unlimited); past it, `rate_limited`. A search costs Postgres milliseconds, a
+    /// send microseconds: the command rate alone would let one user's searches take a
+    /// database core from everyone else.
+    #[arg(long, env = "RATE_SEARCH_PER_SEC", default_value_t = 2)]
+    pub rate_search_per_sec: u32,
+
+    /// ... and how many at once.
+    #[arg(long, env = "RATE_SEARCH_BURST", default_value_t = 10)]
+    pub rate_search_burst: u32,
+
     /// Attachment uploads and downloads a gateway streams at once.
     #[arg(long, env = "ATTACHMENT_TRANSFERS", default_value_t = 16)]
     pub attachment_transfers: usize,
@@ -424,6 +435,11 @@ impl Config {
     }
 
     /// `/v1` request rates per user.
+    /// Searches per user.
+    pub fn search_rates(&self) -> crate::rest_limits::RestRates {
+        crate::rest_limits::RestRates { per_sec: self.rate_search_per_sec, burst: self.rate_search_burst }
+    }
+
     pub fn rest_rates(&self) -> crate::rest_limits::RestRates {
         crate::rest_limits::RestRates { per_sec: self.rest_rate_per_sec, burst: self.rest_rate_burst }
     }

@@ -204,6 +204,7 @@ async fn search(
     User(user): User,
     Params(q): Params<SearchQuery>,
 ) -> ApiResult<Response> {
+    state.spend_search(&user.sub)?;
     let room = q.room.map(Id::parse).transpose()?;
     let before_id = q.before_id.map(Id::parse).transpose()?;
     let req = client::search_request(caller(&user), q.q, room, before_id, q.limit)?;

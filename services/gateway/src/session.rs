@@ -174,6 +174,7 @@ impl Session {
                 Ok(server::receipts_ack(id, &receipts))
             }
             Command::Search { q, room, before_id, limit } => {
+                self.state.spend_search(&self.claims.sub)?;
                 let req = client::search_request(caller(&self.claims), q, room, before_id, limit)?;
                 Ok(server::search_ack(id, &backend.search(req).await?))
             }

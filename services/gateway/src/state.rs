@@ -15,6 +15,7 @@ use crate::capacity::Capacity;
 use crate::config::Config;
 use crate::delivery::Deliveries;
 use crate::devtoken::DevTokens;
+use crate::error::CommandError;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::outbox::Registry;
@@ -58,6 +59,8 @@ struct Shared {
     dev_tokens: Option<DevTokens>,
     /// `/v1` request rates per user.
     rest_limits: RestLimits,
+    /// Searches per user (WebSocket and REST), the costly command.
+    search_limits: RestLimits,
     /// Attachment uploads and downloads in flight.
     transfers: Transfers,
     shutdown: CancellationToken,
@@ -105,6 +108,7 @@ impl AppState {
                 settings: config.conn_settings(),
                 dev_tokens: config.dev_tokens(),
                 rest_limits: RestLimits::new(config.rest_rates()),
+                search_limits: RestLimits::new(config.search_rates()),
                 transfers: config.transfers(),
                 shutdown,
                 open: Registry::default(),
@@ -163,6 +167,15 @@ impl AppState {
     }
 
     /// `/v1` request rates per user.
+    /// Takes one of `user`'s searches, or refuses with `rate_limited` and the wait.
+    pub fn spend_search(&self, user: &str) -> Result<(), CommandError> {
+        self.inner.search_limits.check(user, Instant::now()).map_err(|wait| {
+            self.inner.metrics.rate_limited.inc();
+            let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            CommandError::rate_limited(format!("too many searches; retry in {ms} ms"), ms)
+        })
+    }
+
     pub fn rest_limits(&self) -> &RestLimits {
         &self.inner.rest_limits
     }
