@@ -55,8 +55,7 @@ impl Store {
             .bind(page.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > page.limit;
-        rows.truncate(page.limit as usize);
+        let has_more = super::trim_page(&mut rows, page.limit as usize);
         if !forwards {
             rows.reverse();
         }

@@ -47,6 +47,14 @@ pub struct Store {
     limits: MembershipLimits,
 }
 
+/// A page read with one row more than `limit`: keeps `limit` and says whether more lie
+/// beyond (the extra row is there).
+fn trim_page<T>(rows: &mut Vec<T>, limit: usize) -> bool {
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    has_more
+}
+
 /// How many of the pool's connections are busy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolUse {

@@ -76,8 +76,7 @@ impl Store {
         .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        let has_more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
+        let has_more = super::trim_page(&mut rows, limit as usize);
         let unread: i64 =
             sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL")
                 .bind(user_id)

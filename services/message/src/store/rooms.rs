@@ -258,8 +258,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let mut rows = rows;
-        let has_more = rows.len() > page.limit as usize;
-        rows.truncate(page.limit as usize);
+        let has_more = super::trim_page(&mut rows, page.limit as usize);
         let next = if has_more { rows.last().map(|r| format!("{}.{}", r.last_seq, r.id)) } else { None };
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let last: Vec<MessageRow> = sqlx::query_as(concat!(

@@ -70,8 +70,7 @@ impl Store {
             .bind(query.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > query.limit;
-        rows.truncate(query.limit as usize);
+        let has_more = super::trim_page(&mut rows, query.limit as usize);
         let (rows, snippets): (Vec<MessageRow>, Vec<String>) = rows.into_iter().map(|r| (r.message, r.snippet)).unzip();
         let messages = self.decorate(rows).await?;
         let hits = messages.into_iter().zip(snippets).map(|(message, snippet)| Hit { message, snippet }).collect();
